@@ -1,0 +1,24 @@
+//! loramux's engine: one base LLM in memory, many LoRA adapters beside it, and batches
+//! that mix sequences of different adapters in one forward pass.
+
+pub mod attention;
+pub mod chat;
+pub mod config;
+pub mod engine;
+pub mod error;
+mod kernels;
+pub mod kv;
+pub mod lora;
+pub mod model;
+pub mod registry;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use config::{Architecture, ModelConfig};
+pub use engine::{Completion, Engine, EngineOptions, FinishReason, Prompt, Request, Sequence};
+pub use error::{EngineError, Result};
+pub use lora::manager::LoraLimits;
+pub use registry::{resolve_model, ModelLocation};
+pub use sampling::{SampledToken, SamplingParams};

@@ -1,0 +1,85 @@
+//! LoRA adapters served unmerged beside one base model, named after vLLM's `vllm/lora/`:
+//! [`config`] reads PEFT's `adapter_config.json`, [`model`] holds one adapter's weights
+//! checked against the base (`LoRAModel`), [`manager`] owns the resident set, its slots
+//! and LRU (`LoRAModelManager`), and [`punica`] applies many adapters to one batch, each
+//! only on its own rows (shrink then expand, vLLM's Punica wrapper).
+
+pub mod config;
+pub mod manager;
+pub mod model;
+pub mod punica;
+
+pub use config::PeftConfig;
+pub use manager::{AdapterInfo, LoraManager, LoraManagerStats, LoraSlot};
+pub use model::{LoraLayerWeights, LoraModel};
+pub use punica::LoraBatch;
+
+/// The projections an adapter may target, in the order the model stores them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoraModule {
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl LoraModule {
+    /// Every targetable projection (PEFT's `all-linear` on these models).
+    pub const ALL: [LoraModule; 7] = [
+        LoraModule::QProj,
+        LoraModule::KProj,
+        LoraModule::VProj,
+        LoraModule::OProj,
+        LoraModule::GateProj,
+        LoraModule::UpProj,
+        LoraModule::DownProj,
+    ];
+
+    /// Position in [`LoraModule::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The module's path inside a decoder layer, as in Hugging Face names.
+    pub fn path(self) -> &'static str {
+        match self {
+            LoraModule::QProj => "self_attn.q_proj",
+            LoraModule::KProj => "self_attn.k_proj",
+            LoraModule::VProj => "self_attn.v_proj",
+            LoraModule::OProj => "self_attn.o_proj",
+            LoraModule::GateProj => "mlp.gate_proj",
+            LoraModule::UpProj => "mlp.up_proj",
+            LoraModule::DownProj => "mlp.down_proj",
+        }
+    }
+
+    /// Full module name in the base model, the key PEFT matches `target_modules` against.
+    pub fn module_name(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}", self.path())
+    }
+}
+
+/// `(out, in)` of every targetable projection, and the layer count: what an adapter's
+/// tensor shapes are checked against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleShapes {
+    pub layers: usize,
+    pub shapes: [(usize, usize); 7],
+}
+
+impl ModuleShapes {
+    /// Shapes of a model with this configuration.
+    pub fn from_config(cfg: &crate::config::ModelConfig) -> Self {
+        let h = cfg.hidden_size;
+        let q = cfg.num_attention_heads * cfg.head_dim;
+        let kv = cfg.num_key_value_heads * cfg.head_dim;
+        let i = cfg.intermediate_size;
+        Self {
+            layers: cfg.num_hidden_layers,
+            shapes: [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)],
+        }
+    }
+}

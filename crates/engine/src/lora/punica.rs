@@ -1,0 +1,121 @@
+//! Applying many adapters to one batch (vLLM's Punica wrapper, S-LoRA's idea): the base
+//! projection has already run once for every row; here each adapter adds
+//! `scale · (x · Aᵀ) · Bᵀ` to its own rows only — shrink to rank r, then expand.
+//! Rows are grouped into contiguous segments by adapter (the batch is ordered by slot),
+//! so each adapter's weights are read once per segment, as in SGMV.
+
+use std::ops::Range;
+
+use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor};
+
+use super::{LoraLayerWeights, LoraModel, LoraModule};
+use crate::error::Result;
+use crate::kernels::{axpy, dot};
+
+/// Rows `rows` of the batch use `adapter`.
+#[derive(Clone, Debug)]
+pub struct LoraSegment<'a> {
+    pub rows: Range<usize>,
+    pub adapter: &'a LoraModel,
+}
+
+/// The adapter of every row of one forward pass.
+#[derive(Clone, Debug, Default)]
+pub struct LoraBatch<'a> {
+    segments: Vec<LoraSegment<'a>>,
+}
+
+impl<'a> LoraBatch<'a> {
+    /// A batch where no row uses an adapter.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Builds segments from `(rows, adapter)` runs in row order, merging neighbours
+    /// that share an adapter.
+    pub fn from_runs(runs: impl IntoIterator<Item = (Range<usize>, Option<&'a LoraModel>)>) -> Self {
+        let mut segments: Vec<LoraSegment<'a>> = Vec::new();
+        for (rows, adapter) in runs {
+            let Some(adapter) = adapter else { continue };
+            if let Some(last) = segments.last_mut() {
+                if std::ptr::eq(last.adapter, adapter) && last.rows.end == rows.start {
+                    last.rows.end = rows.end;
+                    continue;
+                }
+            }
+            segments.push(LoraSegment { rows, adapter });
+        }
+        Self { segments }
+    }
+
+    /// Whether any row uses an adapter.
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// Distinct adapters in the batch.
+    pub fn num_segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// `y[rows] += scale · x[rows] · Aᵀ · Bᵀ` for every segment whose adapter targets
+    /// `(layer, module)`. `x` is `[rows, in]`, `y` is `[rows, out]`, both contiguous f32.
+    pub fn add_lora_linear(&self, layer: usize, module: LoraModule, x: &Tensor, y: &Tensor) -> Result<()> {
+        let work: Vec<(Range<usize>, &LoraLayerWeights)> = self
+            .segments
+            .iter()
+            .filter_map(|s| s.adapter.weights(layer, module).map(|w| (s.rows.clone(), w)))
+            .collect();
+        if work.is_empty() {
+            return Ok(());
+        }
+        y.inplace_op2(x, &ShrinkExpand { work })?;
+        Ok(())
+    }
+}
+
+/// The in-place kernel: for each row, `t = A · x` (shrink), then `y += scale · Bᵀᵀ t` (expand).
+struct ShrinkExpand<'a> {
+    work: Vec<(Range<usize>, &'a LoraLayerWeights)>,
+}
+
+impl InplaceOp2 for ShrinkExpand<'_> {
+    fn name(&self) -> &'static str {
+        "lora-shrink-expand"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &mut CpuStorage,
+        y_layout: &Layout,
+        x: &CpuStorage,
+        x_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let (CpuStorage::F32(y), CpuStorage::F32(x)) = (y, x) else {
+            candle_core::bail!("lora apply needs f32 activations");
+        };
+        let (Some((y0, y1)), Some((x0, x1))) =
+            (y_layout.contiguous_offsets(), x_layout.contiguous_offsets())
+        else {
+            candle_core::bail!("lora apply needs contiguous activations");
+        };
+        let (y, x) = (&mut y[y0..y1], &x[x0..x1]);
+        let (_, out_dim) = y_layout.shape().dims2()?;
+        let (_, in_dim) = x_layout.shape().dims2()?;
+        let mut shrunk = [0f32; 256];
+        for (rows, w) in &self.work {
+            let shrunk = &mut shrunk[..w.rank];
+            for r in rows.clone() {
+                let xr = &x[r * in_dim..(r + 1) * in_dim];
+                for (j, t) in shrunk.iter_mut().enumerate() {
+                    *t = dot(&w.a[j * in_dim..(j + 1) * in_dim], xr) * w.scale;
+                }
+                let yr = &mut y[r * out_dim..(r + 1) * out_dim];
+                for (j, &t) in shrunk.iter().enumerate() {
+                    axpy(yr, t, &w.b_t[j * out_dim..(j + 1) * out_dim]);
+                }
+            }
+        }
+        Ok(())
+    }
+}

