@@ -1,0 +1,216 @@
+//! The engine against transformers + peft on tiny random Llama, Qwen2 and Qwen3 models
+//! (fixtures written by scripts/reference/make_tiny_fixtures.py): logits for base, every
+//! adapter unmerged and merged, and peft's own mixed-adapter batch; greedy tokens; chat
+//! template rendering and tokenization.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use loramux_engine::lora::LoraBatch;
+use loramux_engine::model::LogitsFor;
+use loramux_engine::{
+    attention::SeqSpan, ChatMessage, Engine, EngineOptions, LoraLimits, ModelLocation, Prompt, Request,
+    SamplingParams,
+};
+use serde::Deserialize;
+
+/// Largest allowed |ours - reference| for a logit (observed: ~2e-5). The tiny models' logits
+/// float32 matmuls in a different order differ by ~1e-6 relative.
+const LOGIT_TOLERANCE: f32 = 1e-4;
+const ADAPTERS: [&str; 4] = ["a", "b", "c", "d"];
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    adapter: Option<String>,
+    merged: bool,
+    greedy: Vec<Vec<u32>>,
+}
+
+#[derive(Deserialize)]
+struct Mixed {
+    prompts: Vec<Vec<u32>>,
+    adapters: Vec<Option<String>>,
+    greedy: Vec<Vec<u32>>,
+}
+
+#[derive(Deserialize)]
+struct Expected {
+    prompts: Vec<Vec<u32>>,
+    max_new_tokens: usize,
+    cases: Vec<Case>,
+    mixed: Mixed,
+}
+
+fn fixture_dir(arch: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny").join(arch)
+}
+
+fn load(arch: &str) -> (Engine, Expected, HashMap<String, Tensor>) {
+    let dir = fixture_dir(arch);
+    let options = EngineOptions {
+        lora: LoraLimits { max_loras: 8, max_rank: 16, ..LoraLimits::default() },
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::load(&ModelLocation::HfDir(dir.clone()), &options).unwrap();
+    for a in ADAPTERS {
+        engine.loras_mut().load(a, &dir.join("adapters").join(a)).unwrap();
+    }
+    let expected: Expected =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let logits = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    (engine, expected, logits)
+}
+
+/// Full-prompt logits of several prompts in one batch, each row with its adapter.
+fn batch_logits(engine: &Engine, prompts: &[Vec<u32>], adapters: &[Option<&str>]) -> Vec<Vec<Vec<f32>>> {
+    let mut tokens = Vec::new();
+    let mut spans = Vec::new();
+    for p in prompts {
+        spans.push(SeqSpan { start: tokens.len(), len: p.len(), pos: 0 });
+        tokens.extend_from_slice(p);
+    }
+    let models: Vec<_> = adapters
+        .iter()
+        .map(|a| a.map(|n| engine.loras().get_by_name(n).expect("resident")))
+        .collect();
+    let lora = LoraBatch::from_runs(
+        spans.iter().zip(&models).map(|(s, m)| (s.start..s.start + s.len, m.as_deref())),
+    );
+    let mut caches: Vec<_> = prompts.iter().map(|_| engine.model().new_cache()).collect();
+    let mut refs: Vec<_> = caches.iter_mut().collect();
+    let logits = engine
+        .model()
+        .forward(&tokens, &spans, &mut refs, &lora, LogitsFor::AllRows)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    spans.iter().map(|s| logits[s.start..s.start + s.len].to_vec()).collect()
+}
+
+fn assert_close(ours: &[Vec<f32>], reference: &Tensor, what: &str) {
+    let reference = reference.to_vec2::<f32>().unwrap();
+    assert_eq!(ours.len(), reference.len(), "{what}: rows");
+    let mut worst = 0f32;
+    for (a, b) in ours.iter().zip(&reference) {
+        assert_eq!(a.len(), b.len(), "{what}: vocab");
+        for (x, y) in a.iter().zip(b) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    assert!(worst <= LOGIT_TOLERANCE, "{what}: max |logit diff| {worst} > {LOGIT_TOLERANCE}");
+}
+
+fn greedy(engine: &mut Engine, prompts: &[Vec<u32>], adapters: &[Option<String>], n: usize) -> Vec<Vec<u32>> {
+    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(n) };
+    let requests: Vec<Request> = prompts
+        .iter()
+        .zip(adapters)
+        .map(|(p, a)| Request { adapter: a.clone(), prompt: Prompt::Tokens(p.clone()), params: params.clone() })
+        .collect();
+    engine.generate(&requests).unwrap().into_iter().map(|c| c.token_ids).collect()
+}
+
+fn check_arch(arch: &str) {
+    let (mut engine, expected, logits) = load(arch);
+    let n = expected.max_new_tokens;
+    let base_before = batch_logits(&engine, &expected.prompts[..1], &[None]);
+    for case in &expected.cases {
+        if case.merged {
+            engine.merge_adapter(case.adapter.as_deref().unwrap()).unwrap();
+        }
+        // Merged: the base weights carry the adapter, so rows run without LoRA.
+        let row_adapter = if case.merged { None } else { case.adapter.as_deref() };
+        for (i, prompt) in expected.prompts.iter().enumerate() {
+            let ours = batch_logits(&engine, std::slice::from_ref(prompt), &[row_adapter]);
+            assert_close(&ours[0], &logits[&format!("{}.{i}", case.name)], &format!("{arch} {} prompt {i}", case.name));
+            let out = greedy(&mut engine, std::slice::from_ref(prompt), &[case.adapter.clone()], n);
+            assert_eq!(out[0], case.greedy[i], "{arch} {} prompt {i}: greedy tokens", case.name);
+        }
+        if case.merged {
+            engine.unmerge_adapter();
+        }
+    }
+    // Unmerging restores the base exactly.
+    let base_after = batch_logits(&engine, &expected.prompts[..1], &[None]);
+    assert_eq!(base_before, base_after, "{arch}: unmerge must restore the base bit for bit");
+
+    // peft's mixed batch (equal-length rows, adapters a, b, c and base in one forward).
+    let m = &expected.mixed;
+    let names: Vec<Option<&str>> = m.adapters.iter().map(|a| a.as_deref()).collect();
+    let ours = batch_logits(&engine, &m.prompts, &names);
+    for (i, rows) in ours.iter().enumerate() {
+        assert_close(rows, &logits[&format!("mixed.{i}")], &format!("{arch} mixed row {i}"));
+    }
+    assert_eq!(greedy(&mut engine, &m.prompts, &m.adapters, n), m.greedy, "{arch}: mixed-batch greedy");
+
+    // A mixed batch of different lengths and every adapter gives each row's solo tokens.
+    let mut prompts = Vec::new();
+    let mut adapters = Vec::new();
+    let mut want = Vec::new();
+    for case in expected.cases.iter().filter(|c| !c.merged) {
+        for (i, p) in expected.prompts.iter().enumerate() {
+            prompts.push(p.clone());
+            adapters.push(case.adapter.clone());
+            want.push(case.greedy[i].clone());
+        }
+    }
+    assert_eq!(greedy(&mut engine, &prompts, &adapters, n), want, "{arch}: ragged mixed batch");
+}
+
+#[test]
+fn llama_matches_transformers_and_peft() {
+    check_arch("llama");
+}
+
+#[test]
+fn qwen2_matches_transformers_and_peft() {
+    check_arch("qwen2");
+}
+
+#[test]
+fn qwen3_matches_transformers_and_peft() {
+    check_arch("qwen3");
+}
+
+#[derive(Deserialize)]
+struct ChatCase {
+    messages: Vec<ChatMessage>,
+    add_generation_prompt: bool,
+    text: String,
+    ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct TokenizeCase {
+    text: String,
+    ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct ChatFixture {
+    chat: Vec<ChatCase>,
+    tokenize: Vec<TokenizeCase>,
+}
+
+#[test]
+fn chat_template_and_tokenizer_match_transformers() {
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let dir = fixture_dir(arch);
+        let engine = Engine::load(&ModelLocation::HfDir(dir.clone()), &EngineOptions::default()).unwrap();
+        let fx: ChatFixture = serde_json::from_str(&std::fs::read_to_string(dir.join("chat.json")).unwrap()).unwrap();
+        let template = engine.chat_template().expect("fixture has a chat template");
+        for c in &fx.chat {
+            let text = template.render(&c.messages, c.add_generation_prompt).unwrap();
+            assert_eq!(text, c.text, "{arch}: rendered chat");
+            assert_eq!(engine.tokenizer().encode(&text, false).unwrap(), c.ids, "{arch}: chat ids");
+            if c.add_generation_prompt {
+                assert_eq!(engine.tokenize(&Prompt::Chat(c.messages.clone())).unwrap(), c.ids);
+            }
+        }
+        for t in &fx.tokenize {
+            assert_eq!(engine.tokenizer().encode(&t.text, false).unwrap(), t.ids, "{arch}: tokenize {:?}", t.text);
+        }
+    }
+}
