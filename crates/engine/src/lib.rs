@@ -10,6 +10,7 @@ mod kernels;
 pub mod kv;
 pub mod lora;
 pub mod model;
+pub mod quant;
 pub mod registry;
 pub mod sampling;
 pub mod tokenizer;

@@ -5,13 +5,14 @@
 //! Structure and tensor names follow Hugging Face's `modeling_llama.py`.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor};
 
 use crate::attention::{attend, HeadShape, QkNorm, Rope, SeqSpan};
 use crate::config::{rope_inv_freq, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kv::{KvCache, LayerKv};
 use crate::lora::{LoraBatch, LoraModel, LoraModule};
+use crate::quant::PackedMatrix;
 use crate::weights::{Weight, WeightSource};
 
 /// A projection `y = x · Wᵀ (+ b)` over dense or quantized weights.
@@ -26,7 +27,19 @@ pub struct Linear {
 
 enum LinearKernel {
     Dense(Tensor),
+    /// Q4_0/Q4_1/Q8_0 repacked for our SIMD kernel.
+    Packed(PackedMatrix),
+    /// Other GGUF types, through candle's kernels.
     Quantized(QMatMul),
+}
+
+/// Calls `f` with the contiguous f32 data of a CPU tensor, without copying.
+fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => Err(EngineError::InvalidRequest("expected a contiguous f32 CPU tensor".into())),
+    }
 }
 
 impl Linear {
@@ -40,7 +53,10 @@ impl Linear {
         }
         let kernel = match weight {
             Weight::Dense(t) => LinearKernel::Dense(t.contiguous()?),
-            Weight::Quantized(q) => LinearKernel::Quantized(QMatMul::from_arc(q)?),
+            Weight::Quantized(q) => match PackedMatrix::from_qtensor(&q) {
+                Some(p) => LinearKernel::Packed(p),
+                None => LinearKernel::Quantized(QMatMul::from_arc(q)?),
+            },
         };
         Ok(Self {
             kernel,
@@ -55,6 +71,12 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.kernel {
             LinearKernel::Dense(w) => x.matmul(&w.t()?)?,
+            LinearKernel::Packed(p) => {
+                let x = x.contiguous()?;
+                let rows = x.dim(0)?;
+                let y = with_f32_slice(&x, |xs| p.matmul(xs, rows))?;
+                Tensor::from_vec(y, (rows, p.out_dim()), x.device())?
+            }
             LinearKernel::Quantized(q) => q.forward(x)?,
         };
         let y = match &self.bias {
@@ -68,6 +90,7 @@ impl Linear {
     pub fn size_in_bytes(&self) -> usize {
         match &self.kernel {
             LinearKernel::Dense(t) => t.elem_count() * 4,
+            LinearKernel::Packed(p) => p.size_in_bytes(),
             LinearKernel::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             LinearKernel::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 t.elem_count() * t.dtype().size_in_bytes()
@@ -95,7 +118,7 @@ impl Linear {
     }
 
     fn is_quantized(&self) -> bool {
-        matches!(self.kernel, LinearKernel::Quantized(_))
+        matches!(self.kernel, LinearKernel::Quantized(_) | LinearKernel::Packed(_))
     }
 }
 
