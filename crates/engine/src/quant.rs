@@ -312,7 +312,7 @@ mod tests {
         let (n, k, m) = (48, 96, 7);
         let dev = Device::Cpu;
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.3).collect();
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 53 % 89) as f32 / 44.0 - 1.0)).collect();
+        let x: Vec<f32> = (0..m * k).map(|i| (i * 53 % 89) as f32 / 44.0 - 1.0).collect();
         let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &dev).unwrap(), dtype).unwrap();
         let wd = q.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
         let pm = PackedMatrix::from_qtensor(&q).unwrap();

@@ -4,29 +4,29 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::config::{scaling, PeftConfig};
 use super::{LoraModule, ModuleShapes};
 use crate::error::{EngineError, Result};
 
-/// The low-rank pair of one projection, laid out for the shrink/expand kernels:
-/// `a` is `[r][in]` (rows are dotted with the input) and `b_t` is `[r][out]` (rows are
-/// added to the output scaled by the shrunk values).
+/// The low-rank pair of one projection, as PEFT stores it: `a` is `[r][in]` (each row is
+/// dotted with the input: shrink) and `b` is `[out][r]` (each row is dotted with the shrunk
+/// vector: expand). Both are read once per batch segment.
 #[derive(Clone, Debug)]
 pub struct LoraLayerWeights {
     pub rank: usize,
     pub scale: f32,
     pub a: Vec<f32>,
-    pub b_t: Vec<f32>,
+    pub b: Vec<f32>,
 }
 
 impl LoraLayerWeights {
     /// `scale · B · A` as a dense `[out, in]` tensor, for merging into a float base.
     pub fn delta(&self, out_dim: usize, in_dim: usize, device: &Device) -> Result<Tensor> {
         let a = Tensor::from_slice(&self.a, (self.rank, in_dim), device)?;
-        let b_t = Tensor::from_slice(&self.b_t, (self.rank, out_dim), device)?;
-        Ok((b_t.t()?.matmul(&a)? * self.scale as f64)?)
+        let b = Tensor::from_slice(&self.b, (out_dim, self.rank), device)?;
+        Ok((b.matmul(&a)? * self.scale as f64)?)
     }
 }
 
@@ -161,20 +161,13 @@ impl LoraModel {
                         format!("rank {r} of {} is above the configured maximum {max_rank} (raise --max-lora-rank)", module.module_name(layer)),
                     ));
                 }
-                // b is [out][r]; store it transposed as [r][out].
-                let mut b_t = vec![0f32; r * out_dim];
-                for o in 0..out_dim {
-                    for j in 0..r {
-                        b_t[j * out_dim + o] = b.0[o * r + j];
-                    }
-                }
-                total_bytes += (a.0.len() + b_t.len()) * std::mem::size_of::<f32>();
+                total_bytes += (a.0.len() + b.0.len()) * std::mem::size_of::<f32>();
                 max = max.max(r);
                 slots[module.index()] = Some(LoraLayerWeights {
                     rank: r,
                     scale: scaling(alpha, r, config.use_rslora) as f32,
                     a: a.0,
-                    b_t,
+                    b: b.0,
                 });
             }
         }
@@ -233,19 +226,17 @@ fn read_matrix(
     if shape.len() != 2 {
         return Err(format!("{plain}: expected a matrix, got shape {shape:?}"));
     }
-    let dtype = match view.dtype() {
-        safetensors::Dtype::F32 => DType::F32,
-        safetensors::Dtype::F16 => DType::F16,
-        safetensors::Dtype::BF16 => DType::BF16,
+    let data = view.data();
+    // Decode straight from the file bytes: no intermediate tensor copies.
+    let values: Vec<f32> = match view.dtype() {
+        safetensors::Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        safetensors::Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        safetensors::Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         other => return Err(format!("{plain}: unsupported dtype {other:?}")),
     };
-    let t = Tensor::from_raw_buffer(view.data(), dtype, shape, &Device::Cpu)
-        .map_err(|e| format!("{plain}: {e}"))?;
-    let values = t
-        .to_dtype(DType::F32)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(|e| format!("{plain}: {e}"))?;
+    if values.len() != shape[0] * shape[1] {
+        return Err(format!("{plain}: {} values for shape {shape:?}", values.len()));
+    }
     if values.iter().any(|v| !v.is_finite()) {
         return Err(format!("{plain}: contains NaN or infinite values"));
     }

@@ -10,7 +10,15 @@ use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor};
 
 use super::{LoraLayerWeights, LoraModel, LoraModule};
 use crate::error::Result;
-use crate::kernels::{axpy, dot};
+use rayon::prelude::*;
+
+use crate::kernels::dot;
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for disjoint writes inside one kernel call.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
 
 /// Rows `rows` of the batch use `adapter`.
 #[derive(Clone, Debug)]
@@ -74,7 +82,7 @@ impl<'a> LoraBatch<'a> {
     }
 }
 
-/// The in-place kernel: for each row, `t = A · x` (shrink), then `y += scale · Bᵀᵀ t` (expand).
+/// The in-place kernel: per segment, `t = scale · x · Aᵀ` (shrink), then `y += t · Bᵀ` (expand).
 struct ShrinkExpand<'a> {
     work: Vec<(Range<usize>, &'a LoraLayerWeights)>,
 }
@@ -102,19 +110,40 @@ impl InplaceOp2 for ShrinkExpand<'_> {
         let (y, x) = (&mut y[y0..y1], &x[x0..x1]);
         let (_, out_dim) = y_layout.shape().dims2()?;
         let (_, in_dim) = x_layout.shape().dims2()?;
-        let mut shrunk = [0f32; 256];
         for (rows, w) in &self.work {
-            let shrunk = &mut shrunk[..w.rank];
-            for r in rows.clone() {
-                let xr = &x[r * in_dim..(r + 1) * in_dim];
-                for (j, t) in shrunk.iter_mut().enumerate() {
-                    *t = dot(&w.a[j * in_dim..(j + 1) * in_dim], xr) * w.scale;
+            let n = rows.len();
+            let r = w.rank;
+            // Shrink: t[row][j] = scale · A_j · x_row. Each A row is read once per segment
+            // and dotted with every row of the segment while it sits in L1.
+            let x_seg = &x[rows.start * in_dim..rows.end * in_dim];
+            let mut t_by_j = vec![0f32; r * n];
+            t_by_j.par_chunks_mut(n).enumerate().for_each(|(j, tj)| {
+                let a_j = &w.a[j * in_dim..(j + 1) * in_dim];
+                for (i, v) in tj.iter_mut().enumerate() {
+                    *v = dot(a_j, &x_seg[i * in_dim..(i + 1) * in_dim]) * w.scale;
                 }
-                let yr = &mut y[r * out_dim..(r + 1) * out_dim];
-                for (j, &t) in shrunk.iter().enumerate() {
-                    axpy(yr, t, &w.b_t[j * out_dim..(j + 1) * out_dim]);
+            });
+            let mut t = vec![0f32; n * r];
+            for j in 0..r {
+                for i in 0..n {
+                    t[i * r + j] = t_by_j[j * n + i];
                 }
             }
+            // Expand: y[i][o] += B_o · t_i, split by output columns across threads so each
+            // B row is read once for the whole segment.
+            let y_seg = &mut y[rows.start * out_dim..rows.end * out_dim];
+            let chunk = out_dim.div_ceil(rayon::current_num_threads().max(1) * 2).max(64);
+            let y_ptr = SendPtr(y_seg.as_mut_ptr());
+            (0..out_dim.div_ceil(chunk)).into_par_iter().for_each(|c| {
+                let y_ptr = y_ptr;
+                for o in c * chunk..((c + 1) * chunk).min(out_dim) {
+                    let b_o = &w.b[o * r..(o + 1) * r];
+                    for i in 0..n {
+                        // SAFETY: tasks write disjoint output columns.
+                        unsafe { *y_ptr.0.add(i * out_dim + o) += dot(b_o, &t[i * r..(i + 1) * r]) };
+                    }
+                }
+            });
         }
         Ok(())
     }
