@@ -1,7 +1,9 @@
 //! `loramux`: the command-line front of the engine (a thin clap layer).
 
+mod bench;
 mod generate;
 mod pull;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -20,6 +22,10 @@ struct Cli {
 enum Command {
     /// Generate text, for one prompt or a mixed-adapter batch from a JSONL file.
     Generate(generate::GenerateArgs),
+    /// Serve the OpenAI-compatible API: one base model, many adapters, batched together.
+    Serve(serve::ServeArgs),
+    /// Measure: engine speed, and (soon) serving scenarios.
+    Bench(bench::BenchArgs),
     /// Fetch and list models in the local cache.
     Models {
         #[command(subcommand)]
@@ -44,6 +50,8 @@ enum ModelsCommand {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Models { command } => match command {
             ModelsCommand::Pull { name, quiet } => {
                 let model = loramux_engine::registry::known_model(&name).ok_or_else(|| {
@@ -72,8 +80,10 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A server's startup and lifecycle logs are its interface: info by default there.
+    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LORAMUX_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LORAMUX_LOG").unwrap_or_else(|_| default_level.into()))
         .with_writer(std::io::stderr)
         .init();
     match run(cli) {

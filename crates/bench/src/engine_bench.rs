@@ -1,0 +1,250 @@
+//! `loramux bench engine`: the engine's own speed on one machine, measured in one run so
+//! ratios compare like with like — memory-bandwidth roofline, decode and prefill
+//! tokens/s by batch size, the cost of unmerged LoRA against merged and base by rank,
+//! mixed batches over many distinct adapters, and adapter load time and memory.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use loramux_engine::{Engine, EngineOptions, LoraLimits, ModelLocation, Prompt, Request, SamplingParams};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::synth::write_random_adapter;
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct EngineBenchConfig {
+    pub model: ModelLocation,
+    pub model_label: String,
+    pub batches: Vec<usize>,
+    pub prompt_len: usize,
+    pub decode_steps: usize,
+    /// Ranks for the LoRA cost table (needs a float base: runs dequantized).
+    pub lora_ranks: Vec<usize>,
+    pub lora_batches: Vec<usize>,
+    /// Distinct adapters in a batch of `mixed_batch` sequences.
+    pub adapter_counts: Vec<usize>,
+    pub mixed_batch: usize,
+    pub load_samples: usize,
+    pub work_dir: PathBuf,
+}
+
+/// One measured row.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub section: String,
+    pub label: String,
+    pub batch: usize,
+    pub value: f64,
+    pub unit: String,
+}
+
+/// Streaming-read bandwidth with all threads over `bytes` (GB/s, best of 3).
+pub fn memory_bandwidth_gbs(bytes: usize) -> f64 {
+    let data = vec![1.0f32; bytes / 4];
+    let mut best = 0f64;
+    for _ in 0..4 {
+        let t = Instant::now();
+        let sum: f32 = data.par_chunks(1 << 16).map(|c| c.iter().sum::<f32>()).sum();
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        best = best.max(bytes as f64 / secs / 1e9);
+    }
+    best
+}
+
+fn prompt_ids(len: usize, seed: usize) -> Vec<u32> {
+    (0..len).map(|i| 100 + ((i * 7919 + seed * 104_729) % 5000) as u32).collect()
+}
+
+/// Mean decode step time (seconds) for `adapters.len()` sequences.
+pub fn decode_step_seconds(engine: &mut Engine, adapters: &[Option<String>], prompt_len: usize, steps: usize) -> f64 {
+    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(steps + 2) };
+    let mut seqs: Vec<_> = adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            engine
+                .add_sequence(&Request { adapter: a.clone(), prompt: Prompt::Tokens(prompt_ids(prompt_len, i)), params: params.clone() })
+                .expect("benchmark sequence")
+        })
+        .collect();
+    {
+        let mut refs: Vec<_> = seqs.iter_mut().collect();
+        engine.step(&mut refs, usize::MAX).expect("prefill");
+        engine.step(&mut refs, usize::MAX).expect("warm-up decode");
+    }
+    let t = Instant::now();
+    for _ in 0..steps {
+        let mut refs: Vec<_> = seqs.iter_mut().collect();
+        engine.step(&mut refs, usize::MAX).expect("decode");
+    }
+    let secs = t.elapsed().as_secs_f64() / steps as f64;
+    for s in &mut seqs {
+        engine.finish_sequence(s);
+    }
+    secs
+}
+
+/// Prefill tokens/s for `batch` prompts of `prompt_len` tokens in one step (best of 3).
+pub fn prefill_tokens_per_second(engine: &mut Engine, batch: usize, prompt_len: usize) -> f64 {
+    let mut best = 0f64;
+    for rep in 0..3 {
+        let mut seqs: Vec<_> = (0..batch)
+            .map(|i| {
+                engine
+                    .add_sequence(&Request { adapter: None, prompt: Prompt::Tokens(prompt_ids(prompt_len, i + rep * 97)), params: SamplingParams::greedy(1) })
+                    .expect("benchmark sequence")
+            })
+            .collect();
+        let t = Instant::now();
+        let mut refs: Vec<_> = seqs.iter_mut().collect();
+        engine.step(&mut refs, usize::MAX).expect("prefill");
+        best = best.max((batch * prompt_len) as f64 / t.elapsed().as_secs_f64());
+        for s in &mut seqs {
+            engine.finish_sequence(s);
+        }
+    }
+    best
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[idx]
+}
+
+fn row(section: &str, label: impl Into<String>, batch: usize, value: f64, unit: &str) -> Row {
+    Row { section: section.into(), label: label.into(), batch, value, unit: unit.into() }
+}
+
+fn load(cfg: &EngineBenchConfig, dequantize: bool, max_loras: usize) -> Engine {
+    let options = EngineOptions {
+        dequantize,
+        lora: LoraLimits { max_loras, max_rank: 64, ..LoraLimits::default() },
+        ..EngineOptions::default()
+    };
+    Engine::load(&cfg.model, &options).expect("load model")
+}
+
+/// Throughput by batch size for the model as shipped and dequantized, plus the roofline.
+pub fn throughput(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn(&str)) {
+    progress("memory bandwidth");
+    let bw = memory_bandwidth_gbs(1 << 30);
+    rows.push(row("roofline", "stream read, all threads, 1 GiB", 0, bw, "GB/s"));
+    for dequantize in [false, true] {
+        let mut engine = load(cfg, dequantize, 1);
+        let weights = engine.model().size_in_bytes() as f64;
+        let kind = if dequantize { "float32" } else { "as shipped" };
+        rows.push(row("roofline", format!("{} {kind}: weight bytes per token", cfg.model_label), 1, weights / 1e6, "MB"));
+        rows.push(row("roofline", format!("{} {kind}: bandwidth bound, batch 1", cfg.model_label), 1, bw * 1e9 / weights, "tok/s"));
+        for &b in &cfg.batches {
+            progress(&format!("{kind} decode batch {b}"));
+            let step = decode_step_seconds(&mut engine, &vec![None; b], cfg.prompt_len, cfg.decode_steps);
+            rows.push(row("decode", format!("{} {kind}", cfg.model_label), b, b as f64 / step, "tok/s"));
+            progress(&format!("{kind} prefill batch {b}"));
+            let tps = prefill_tokens_per_second(&mut engine, b, cfg.prompt_len);
+            rows.push(row("prefill", format!("{} {kind}, {} tokens each", cfg.model_label, cfg.prompt_len), b, tps, "tok/s"));
+        }
+    }
+}
+
+/// Unmerged vs merged vs base decode step time by rank (float base), and mixed batches
+/// over many distinct adapters (model as shipped).
+pub fn lora_cost(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn(&str)) {
+    let mut engine = load(cfg, true, 4);
+    let shapes = engine.loras().shapes().clone();
+    for &r in &cfg.lora_ranks {
+        let dir = cfg.work_dir.join(format!("rank{r}"));
+        write_random_adapter(&dir, &shapes, r, r as u64).expect("write adapter");
+        engine.loras_mut().load("x", &dir).expect("load adapter");
+        for &b in &cfg.lora_batches {
+            progress(&format!("rank {r} batch {b}"));
+            let base = decode_step_seconds(&mut engine, &vec![None; b], cfg.prompt_len, cfg.decode_steps);
+            let unmerged = decode_step_seconds(&mut engine, &vec![Some("x".to_string()); b], cfg.prompt_len, cfg.decode_steps);
+            engine.merge_adapter("x").expect("merge");
+            let merged = decode_step_seconds(&mut engine, &vec![Some("x".to_string()); b], cfg.prompt_len, cfg.decode_steps);
+            engine.unmerge_adapter();
+            let label = format!("rank {r} all-linear, float32 base");
+            rows.push(row("lora_step_ms", format!("{label}: base"), b, base * 1e3, "ms"));
+            rows.push(row("lora_step_ms", format!("{label}: merged"), b, merged * 1e3, "ms"));
+            rows.push(row("lora_step_ms", format!("{label}: unmerged"), b, unmerged * 1e3, "ms"));
+            rows.push(row("lora_ratio", format!("{label}: unmerged / merged"), b, unmerged / merged, "x"));
+        }
+        engine.loras_mut().remove("x").expect("remove");
+    }
+
+    let max_adapters = cfg.adapter_counts.iter().copied().max().unwrap_or(1);
+    let mut engine = load(cfg, false, max_adapters);
+    for i in 0..max_adapters {
+        let dir = cfg.work_dir.join(format!("mixed{i}"));
+        write_random_adapter(&dir, &shapes, 16, 1000 + i as u64).expect("write adapter");
+        engine.loras_mut().load(&format!("m{i}"), &dir).expect("load adapter");
+    }
+    let b = cfg.mixed_batch;
+    let base = decode_step_seconds(&mut engine, &vec![None; b], cfg.prompt_len, cfg.decode_steps);
+    rows.push(row("mixed_step_ms", "no adapter", b, base * 1e3, "ms"));
+    let mut one = 0.0;
+    for &k in &cfg.adapter_counts {
+        progress(&format!("{b} sequences over {k} adapters"));
+        let adapters: Vec<Option<String>> = (0..b).map(|i| Some(format!("m{}", i % k))).collect();
+        let step = decode_step_seconds(&mut engine, &adapters, cfg.prompt_len, cfg.decode_steps);
+        if k == 1 {
+            one = step;
+        }
+        rows.push(row("mixed_step_ms", format!("{k} distinct rank-16 adapters"), b, step * 1e3, "ms"));
+        if one > 0.0 {
+            rows.push(row("mixed_ratio", format!("{k} adapters / 1 adapter"), b, step / one, "x"));
+        }
+    }
+}
+
+/// Adapter load time from disk and memory added per resident adapter.
+pub fn adapter_load(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn(&str)) {
+    let mut engine = load(cfg, false, cfg.load_samples);
+    let shapes = engine.loras().shapes().clone();
+    let dirs: Vec<PathBuf> = (0..cfg.load_samples)
+        .map(|i| {
+            let d = cfg.work_dir.join(format!("load{i}"));
+            write_random_adapter(&d, &shapes, 16, 5000 + i as u64).expect("write adapter");
+            d
+        })
+        .collect();
+    progress("adapter loads");
+    let mut times = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let t = Instant::now();
+        engine.loras_mut().load(&format!("l{i}"), d).expect("load");
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    let bytes = engine.loras().resident_bytes() as f64 / cfg.load_samples as f64;
+    let file = std::fs::metadata(dirs[0].join("adapter_model.safetensors")).map(|m| m.len()).unwrap_or(0) as f64;
+    rows.push(row("adapter_load", "rank-16 all-linear load from disk, p50", 1, percentile(&times, 0.5), "ms"));
+    rows.push(row("adapter_load", "rank-16 all-linear load from disk, p95", 1, percentile(&times, 0.95), "ms"));
+    rows.push(row("adapter_memory", "adapter weights in memory (per adapter)", 1, bytes / 1e6, "MB"));
+    rows.push(row("adapter_memory", "adapter file size (float32)", 1, file / 1e6, "MB"));
+}
+
+/// Renders rows as a Markdown table.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut s = String::from("| section | what | batch | value | unit |\n|---|---|---:|---:|---|\n");
+    for r in rows {
+        s += &format!("| {} | {} | {} | {:.3} | {} |\n", r.section, r.label, r.batch, r.value, r.unit);
+    }
+    s
+}
+
+/// Writes rows and metadata as JSON.
+pub fn write_json(path: &Path, cfg: &EngineBenchConfig, rows: &[Row]) -> std::io::Result<()> {
+    let meta = serde_json::json!({
+        "timestamp": chrono::Local::now().to_rfc3339(),
+        "model": cfg.model_label,
+        "model_path": cfg.model.path(),
+        "threads": rayon::current_num_threads(),
+        "prompt_len": cfg.prompt_len,
+        "decode_steps": cfg.decode_steps,
+        "loramux_version": env!("CARGO_PKG_VERSION"),
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&serde_json::json!({"metadata": meta, "results": rows}))?)
+}

@@ -1,0 +1,254 @@
+//! loramux's server: one base model, many LoRA adapters, OpenAI/vLLM-compatible HTTP.
+//!
+//! - [`scheduler`]: the batch loop on its own thread, owning the engine; continuous
+//!   mixed-adapter batching, chunked prefill, KV-cache budget with preemption, adapter-aware
+//!   FCFS admission with lazy loading off the loop.
+//! - [`routes`]: `/v1/chat/completions`, `/v1/completions` (JSON and SSE), `/v1/models`,
+//!   `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, `/health`, `/metrics`.
+//! - [`openai`]: request parsing and response shapes; [`error`]: OpenAI-style errors.
+//! - [`auth`], [`adapters`] (adapter roots and `--lora-dir`), [`metrics`], [`config`].
+//!
+//! [`Server::start`] binds and serves; [`Server::shutdown`] drains gracefully.
+
+pub mod adapters;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+pub mod routes;
+pub mod scheduler;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use loramux_engine::ModelLocation;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use config::{ServeConfig, Settings};
+pub use error::{ApiError, ServerError};
+pub use scheduler::EngineInfo;
+
+use crate::auth::Auth;
+use crate::metrics::Metrics;
+use crate::routes::AppState;
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    stop: watch::Sender<bool>,
+    http: JoinHandle<std::io::Result<()>>,
+    batch_thread: Option<std::thread::JoinHandle<()>>,
+    shutdown_timeout: Duration,
+}
+
+fn mib(bytes: usize) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// Resident memory of this process, from /proc (Linux), if known.
+fn rss_bytes() -> Option<usize> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: usize = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+impl Server {
+    /// Loads the model and adapters, binds `settings.host:settings.port` (port 0 picks a free
+    /// one) and starts serving. Must be called inside a multi-threaded Tokio runtime.
+    pub async fn start(location: ModelLocation, settings: Settings) -> Result<Self, ServerError> {
+        let metrics = Arc::new(Metrics::new(&settings.served_model_name, settings.lora.max_loras));
+        let mut lora_dirs = Vec::new();
+        for d in &settings.lora_dirs {
+            let c = d.canonicalize().map_err(|e| ServerError::io(format!("--lora-dir {}", d.display()), e))?;
+            if !c.is_dir() {
+                return Err(ServerError::Config(format!("--lora-dir {} is not a directory", d.display())));
+            }
+            if !lora_dirs.contains(&c) {
+                lora_dirs.push(c);
+            }
+        }
+        let mut roots = lora_dirs.clone();
+        for r in adapters::canonical_roots(&settings.allowed_lora_roots) {
+            if !roots.contains(&r) {
+                roots.push(r);
+            }
+        }
+
+        let t = Instant::now();
+        tracing::info!(model = %location.path().display(), "loading model");
+        let (sched, batch_thread) = scheduler::spawn(location, &settings, lora_dirs.clone(), metrics.clone()).await?;
+        let info = sched.info.clone();
+        tracing::info!(
+            name = %settings.served_model_name,
+            path = %info.location.path().display(),
+            architecture = %info.architecture,
+            weights = %mib(info.weight_bytes),
+            quantized = info.quantized,
+            max_model_len = info.max_model_len,
+            seconds = format!("{:.2}", info.load_seconds),
+            "model loaded"
+        );
+        tracing::info!(
+            budget = %mib(info.kv_budget_bytes),
+            tokens = info.kv_budget_bytes / info.kv_bytes_per_token.max(1),
+            bytes_per_token = info.kv_bytes_per_token,
+            max_num_seqs = settings.max_num_seqs,
+            max_num_batched_tokens = settings.max_num_batched_tokens,
+            "KV cache"
+        );
+        let startup_bytes: usize = info.startup_adapters.iter().map(|a| a.1).sum();
+        tracing::info!(
+            known = info.known_adapters,
+            loaded = info.startup_adapters.len(),
+            loaded_bytes = %mib(startup_bytes),
+            max_loras = settings.lora.max_loras,
+            max_lora_rank = settings.lora.max_rank,
+            runtime_updates = settings.enable_lora_updates,
+            "adapters"
+        );
+        if settings.enable_lora_updates {
+            for r in &roots {
+                tracing::info!(root = %r.display(), "load_lora_adapter may read from");
+            }
+            if roots.is_empty() {
+                tracing::warn!("--enable-lora-updates without --lora-dir or --allowed-lora-root: no adapter can be loaded at run time");
+            }
+        }
+
+        let state = Arc::new(AppState {
+            sched,
+            auth: Auth::new(settings.api_keys.clone(), settings.admin_api_key.clone()),
+            metrics,
+            base_name: settings.served_model_name.clone(),
+            lora_dirs,
+            adapter_roots: roots,
+            lora_updates: settings.enable_lora_updates,
+            max_body: settings.max_request_bytes,
+            created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        });
+        let bind = format!("{}:{}", settings.host, settings.port);
+        let listener = match tokio::net::TcpListener::bind(&bind).await {
+            Ok(l) => l,
+            Err(e) => {
+                state.sched.drain(Instant::now());
+                return Err(ServerError::io(format!("cannot listen on {bind}"), e));
+            }
+        };
+        let addr = listener.local_addr().map_err(|e| ServerError::io("local address", e))?;
+        let (stop, mut stop_rx) = watch::channel(false);
+        let app = routes::router(state.clone());
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                })
+                .await
+        });
+        if let Some(rss) = rss_bytes() {
+            tracing::info!(rss = %mib(rss), startup_seconds = format!("{:.2}", t.elapsed().as_secs_f64()), "process memory");
+        }
+        if state.auth.enabled() {
+            tracing::info!(keys = settings.api_keys.len(), "API keys required on /v1");
+        }
+        tracing::info!("serving {} at http://{addr}/v1 (OpenAI API; /health, /metrics)", settings.served_model_name);
+        Ok(Self { addr, state, stop, http, batch_thread: Some(batch_thread), shutdown_timeout: settings.shutdown_timeout })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The loaded model.
+    pub fn info(&self) -> &EngineInfo {
+        &self.state.sched.info
+    }
+
+    /// Stops accepting connections, lets in-flight requests finish for up to the shutdown
+    /// timeout, cancels what is left, and waits for the batch loop to end.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        let deadline = Instant::now() + self.shutdown_timeout;
+        self.state.sched.drain(deadline);
+        let _ = self.stop.send(true);
+        let grace = self.shutdown_timeout + Duration::from_secs(2);
+        match tokio::time::timeout(grace, &mut self.http).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!("HTTP server: {e}"),
+            Ok(Err(e)) => tracing::warn!("HTTP task: {e}"),
+            Err(_) => {
+                tracing::warn!("connections still open after the shutdown timeout: closing them");
+                self.http.abort();
+            }
+        }
+        drop(self.state);
+        if let Some(t) = self.batch_thread.take() {
+            let joined = tokio::task::spawn_blocking(move || t.join());
+            match tokio::time::timeout(Duration::from_secs(10), joined).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(_) => return Err(ServerError::Scheduler("the batch thread panicked".into())),
+                Err(_) => return Err(ServerError::Scheduler("the batch thread did not stop".into())),
+            }
+        }
+        tracing::info!("server stopped");
+        Ok(())
+    }
+
+    /// Serves until SIGINT or SIGTERM, then shuts down gracefully. A second signal exits at once.
+    pub async fn run_until_signal(self) -> Result<(), ServerError> {
+        let which = tokio::select! {
+            s = shutdown_signal() => s,
+            r = self.wait_http() => {
+                r?;
+                return Err(ServerError::Scheduler("the HTTP server stopped unexpectedly".into()));
+            }
+        };
+        tracing::info!("{which} received: shutting down (up to {:.0}s for in-flight requests; signal again to exit now)", self.shutdown_timeout.as_secs_f64());
+        tokio::spawn(async {
+            let s = shutdown_signal().await;
+            tracing::warn!("second {s}: exiting now");
+            std::process::exit(130);
+        });
+        self.shutdown().await
+    }
+
+    async fn wait_http(&self) -> Result<(), ServerError> {
+        loop {
+            if self.http.is_finished() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return "SIGINT";
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
+}

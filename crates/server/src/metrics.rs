@@ -1,0 +1,183 @@
+//! Prometheus metrics: loramux's own (`loramux_*`, per adapter) and the vLLM names that
+//! gateways read for load- and LoRA-affinity routing (`vllm:*`).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus::{
+    Counter, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+const TTFT_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+const ITL_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0];
+const E2E_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 240.0];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+const TOKEN_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
+const LOAD_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    // vLLM's names (label `model_name` = the served base name, as vLLM does).
+    pub vllm_running: Gauge,
+    pub vllm_waiting: Gauge,
+    pub vllm_kv_usage: Gauge,
+    pub vllm_gpu_cache_usage: Gauge,
+    pub vllm_lora_info: GaugeVec,
+    pub vllm_prompt_tokens: IntCounter,
+    pub vllm_generation_tokens: IntCounter,
+    pub vllm_ttft: Histogram,
+    pub vllm_itl: Histogram,
+    pub vllm_e2e: Histogram,
+    pub vllm_success: IntCounterVec,
+    // loramux's own.
+    pub requests: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub ttft: HistogramVec,
+    pub itl: HistogramVec,
+    pub e2e: HistogramVec,
+    pub queue_time: HistogramVec,
+    pub prompt_tokens: IntCounterVec,
+    pub generation_tokens: IntCounterVec,
+    pub batch_size: Histogram,
+    pub batch_tokens: Histogram,
+    pub step_seconds: Histogram,
+    pub running: IntGauge,
+    pub waiting: IntGauge,
+    pub kv_used_bytes: IntGauge,
+    pub kv_capacity_bytes: IntGauge,
+    pub preemptions: IntCounter,
+    pub adapter_loads: IntCounter,
+    pub adapter_evictions: IntCounter,
+    pub adapter_load_seconds: Counter,
+    pub adapter_load_latency: Histogram,
+    pub adapter_load_failures: IntCounter,
+    pub adapters_known: IntGauge,
+    pub adapters_resident: IntGauge,
+    pub adapters_resident_bytes: IntGauge,
+    pub adapter_resident: GaugeVec,
+    pub adapter_bytes: GaugeVec,
+    pub max_loras: IntGauge,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+    r.register(Box::new(m.clone())).expect("metric names are unique");
+    m
+}
+
+impl Metrics {
+    /// Creates and registers every metric; `model_name` labels the vLLM ones.
+    pub fn new(model_name: &str, max_loras: usize) -> Self {
+        let r = Registry::new();
+        let v = |name: &str, help: &str| Opts::new(name, help).const_label("model_name", model_name);
+        let vh = |name: &str, help: &str, b: &[f64]| {
+            HistogramOpts::new(name, help).const_label("model_name", model_name).buckets(b.to_vec())
+        };
+        let h = |name: &str, help: &str, b: &[f64]| HistogramOpts::new(name, help).buckets(b.to_vec());
+        let adapter = &["adapter"];
+        let m = Self {
+            vllm_running: reg(&r, Gauge::with_opts(v("vllm:num_requests_running", "Number of requests in model execution batches.")).unwrap()),
+            vllm_waiting: reg(&r, Gauge::with_opts(v("vllm:num_requests_waiting", "Number of requests waiting to be processed.")).unwrap()),
+            vllm_kv_usage: reg(&r, Gauge::with_opts(v("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")).unwrap()),
+            vllm_gpu_cache_usage: reg(&r, Gauge::with_opts(v("vllm:gpu_cache_usage_perc", "KV-cache usage (legacy name; loramux's KV cache is in host memory). 1 means 100 percent usage.")).unwrap()),
+            vllm_lora_info: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new("vllm:lora_requests_info", "Running stats on LoRA requests; the value is the Unix time of the last update."),
+                    &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+                )
+                .unwrap(),
+            ),
+            vllm_prompt_tokens: reg(&r, IntCounter::with_opts(v("vllm:prompt_tokens_total", "Number of prefill tokens processed.")).unwrap()),
+            vllm_generation_tokens: reg(&r, IntCounter::with_opts(v("vllm:generation_tokens_total", "Number of generation tokens processed.")).unwrap()),
+            vllm_ttft: reg(&r, Histogram::with_opts(vh("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS)).unwrap()),
+            vllm_itl: reg(&r, Histogram::with_opts(vh("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS)).unwrap()),
+            vllm_e2e: reg(&r, Histogram::with_opts(vh("vllm:e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", E2E_BUCKETS)).unwrap()),
+            vllm_success: reg(&r, IntCounterVec::new(v("vllm:request_success_total", "Count of successfully processed requests."), &["finished_reason"]).unwrap()),
+
+            requests: reg(&r, IntCounterVec::new(Opts::new("loramux_requests_total", "Finished requests by adapter (the base model's name for the base) and finish reason (stop, length, abort, error)."), &["adapter", "finish_reason"]).unwrap()),
+            errors: reg(&r, IntCounterVec::new(Opts::new("loramux_request_errors_total", "Requests refused or failed, by HTTP status."), &["status"]).unwrap()),
+            ttft: reg(&r, HistogramVec::new(h("loramux_time_to_first_token_seconds", "Time from arrival to the first generated token, by adapter.", TTFT_BUCKETS), adapter).unwrap()),
+            itl: reg(&r, HistogramVec::new(h("loramux_inter_token_latency_seconds", "Time between consecutive generated tokens, by adapter.", ITL_BUCKETS), adapter).unwrap()),
+            e2e: reg(&r, HistogramVec::new(h("loramux_e2e_request_latency_seconds", "Time from arrival to the last token, by adapter.", E2E_BUCKETS), adapter).unwrap()),
+            queue_time: reg(&r, HistogramVec::new(h("loramux_request_queue_time_seconds", "Time from arrival to joining the running batch, by adapter.", TTFT_BUCKETS), adapter).unwrap()),
+            prompt_tokens: reg(&r, IntCounterVec::new(Opts::new("loramux_prompt_tokens_total", "Prompt tokens of admitted requests, by adapter."), adapter).unwrap()),
+            generation_tokens: reg(&r, IntCounterVec::new(Opts::new("loramux_generation_tokens_total", "Generated tokens, by adapter."), adapter).unwrap()),
+            batch_size: reg(&r, Histogram::with_opts(h("loramux_batch_size", "Sequences in each forward pass (all adapters together).", BATCH_BUCKETS)).unwrap()),
+            batch_tokens: reg(&r, Histogram::with_opts(h("loramux_batch_tokens", "Token rows in each forward pass (decode tokens plus prefill chunks).", TOKEN_BUCKETS)).unwrap()),
+            step_seconds: reg(&r, Histogram::with_opts(h("loramux_step_seconds", "Duration of each forward pass with sampling.", ITL_BUCKETS)).unwrap()),
+            running: reg(&r, IntGauge::new("loramux_num_requests_running", "Requests in the running batch.").unwrap()),
+            waiting: reg(&r, IntGauge::new("loramux_num_requests_waiting", "Requests queued for admission.").unwrap()),
+            kv_used_bytes: reg(&r, IntGauge::new("loramux_kv_cache_used_bytes", "KV-cache bytes held by running sequences.").unwrap()),
+            kv_capacity_bytes: reg(&r, IntGauge::new("loramux_kv_cache_capacity_bytes", "KV-cache memory budget in bytes.").unwrap()),
+            preemptions: reg(&r, IntCounter::new("loramux_preemptions_total", "Sequences preempted (cache dropped, recomputed later) because the KV cache was full.").unwrap()),
+            adapter_loads: reg(&r, IntCounter::new("loramux_adapter_loads_total", "Adapters made resident.").unwrap()),
+            adapter_evictions: reg(&r, IntCounter::new("loramux_adapter_evictions_total", "Idle adapters evicted (least recently used) to make room.").unwrap()),
+            adapter_load_seconds: reg(&r, Counter::new("loramux_adapter_load_seconds_total", "Seconds spent reading and validating adapters (off the batch loop).").unwrap()),
+            adapter_load_latency: reg(&r, Histogram::with_opts(h("loramux_adapter_load_seconds", "Time to read and validate one adapter.", LOAD_BUCKETS)).unwrap()),
+            adapter_load_failures: reg(&r, IntCounter::new("loramux_adapter_load_failures_total", "Adapter loads that failed (broken or mismatched adapters).").unwrap()),
+            adapters_known: reg(&r, IntGauge::new("loramux_adapters_known", "Adapters the server knows (resident or loadable).").unwrap()),
+            adapters_resident: reg(&r, IntGauge::new("loramux_adapters_resident", "Adapters resident in memory.").unwrap()),
+            adapters_resident_bytes: reg(&r, IntGauge::new("loramux_adapters_resident_bytes", "Bytes of all resident adapters.").unwrap()),
+            adapter_resident: reg(&r, GaugeVec::new(Opts::new("loramux_adapter_resident", "1 for each adapter resident in memory."), adapter).unwrap()),
+            adapter_bytes: reg(&r, GaugeVec::new(Opts::new("loramux_adapter_resident_bytes", "Bytes of each resident adapter."), adapter).unwrap()),
+            max_loras: reg(&r, IntGauge::new("loramux_max_loras", "Adapters that may be resident at once (--max-loras).").unwrap()),
+            registry: r,
+        };
+        m.max_loras.set(max_loras as i64);
+        m.set_lora_info(max_loras, "", "");
+        m
+    }
+
+    /// Replaces the `vllm:lora_requests_info` series; lists are comma-separated, no spaces.
+    pub fn set_lora_info(&self, max_lora: usize, running: &str, waiting: &str) {
+        self.vllm_lora_info.reset();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        self.vllm_lora_info.with_label_values(&[&max_lora.to_string(), running, waiting]).set(now);
+    }
+
+    /// Running and waiting request counts.
+    pub fn set_queue(&self, running: usize, waiting: usize) {
+        self.vllm_running.set(running as f64);
+        self.vllm_waiting.set(waiting as f64);
+        self.running.set(running as i64);
+        self.waiting.set(waiting as i64);
+    }
+
+    /// KV-cache use.
+    pub fn set_kv(&self, used_bytes: usize, capacity_bytes: usize) {
+        let frac = if capacity_bytes == 0 { 0.0 } else { used_bytes as f64 / capacity_bytes as f64 };
+        self.vllm_kv_usage.set(frac);
+        self.vllm_gpu_cache_usage.set(frac);
+        self.kv_used_bytes.set(used_bytes as i64);
+        self.kv_capacity_bytes.set(capacity_bytes as i64);
+    }
+
+    /// Counts an error response.
+    pub fn error(&self, status: u16) {
+        self.errors.with_label_values(&[&status.to_string()]).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_else(|e| format!("# error: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_vllm_names() {
+        let m = Metrics::new("base", 4);
+        m.set_lora_info(4, "a,b", "c");
+        m.set_queue(2, 1);
+        m.set_kv(50, 100);
+        let text = m.render();
+        assert!(text.contains("vllm:num_requests_running{model_name=\"base\"} 2"), "{text}");
+        assert!(text.contains("vllm:kv_cache_usage_perc{model_name=\"base\"} 0.5"));
+        assert!(text.contains("vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"a,b\",waiting_lora_adapters=\"c\"}"));
+        assert_eq!(text.matches("vllm:lora_requests_info{").count(), 1);
+    }
+}

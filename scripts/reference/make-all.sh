@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Regenerate every golden fixture and the example adapters, in order:
+#   1. reference venv (outside the repo), 2. real models into the cache,
+#   3. tiny random-model fixtures, 4. example adapters (trained), 5. real-model fixtures.
+# Environment: LORAMUX_CACHE (default ~/.cache/loramux). Steps can be skipped with
+#   SKIP_TINY=1 SKIP_TRAIN=1 SKIP_REAL=1 ./scripts/reference/make-all.sh
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+cd "$REPO"
+
+VENV="$("$HERE/setup-venv.sh" | tail -n 1)"
+PY="$VENV/bin/python"
+
+"$PY" "$HERE/fetch_model.py" smollm2-135m qwen2.5-coder-0.5b
+
+if [ "${SKIP_TINY:-0}" != 1 ]; then
+  echo "== tiny fixtures" >&2
+  "$PY" "$HERE/make_tiny_fixtures.py" --out "$REPO/fixtures/tiny"
+fi
+if [ "${SKIP_TRAIN:-0}" != 1 ]; then
+  echo "== example adapters" >&2
+  "$PY" "$HERE/train_example_adapters.py" --out "$REPO/adapters"
+fi
+if [ "${SKIP_REAL:-0}" != 1 ]; then
+  echo "== real-model fixtures" >&2
+  "$PY" "$HERE/make_real_fixtures.py" --out "$REPO/fixtures/real" --adapters "$REPO/adapters"
+fi
+echo "done" >&2
