@@ -424,11 +424,13 @@ def build_arch(arch: str, out: str, tok: Tokenizer, seed: int):
     for text, n in zip(PROMPT_TEXTS, PROMPT_LENGTHS):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert len(ids) >= n, (text, len(ids))
+        assert all(t >= len(SPECIALS) for t in ids[:n])  # no special tokens in prompts
         prompts.append(ids[:n])
     mixed_prompts = []
     for text in MIXED_TEXTS:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert len(ids) >= MIXED_LENGTH
+        assert all(t >= len(SPECIALS) for t in ids[:MIXED_LENGTH])
         mixed_prompts.append(ids[:MIXED_LENGTH])
 
     for k, name in enumerate(ADAPTERS):
