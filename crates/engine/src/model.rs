@@ -391,6 +391,16 @@ impl Transformer {
         total
     }
 
+    /// Weight bytes one decode step reads: everything but the embedding table (of which a
+    /// step reads one row per sequence).
+    pub fn bytes_read_per_token(&self) -> usize {
+        let emb = match &self.embed_tokens {
+            Embedding::Dense(t) => t.elem_count() * 4,
+            Embedding::Quantized(q) => q.storage_size_in_bytes(),
+        };
+        self.size_in_bytes() - emb
+    }
+
     /// Whether projections are kept quantized.
     pub fn is_quantized(&self) -> bool {
         self.layers.first().is_some_and(|l| l.self_attn.q_proj.is_quantized())

@@ -10,23 +10,23 @@ use super::config::{scaling, PeftConfig};
 use super::{LoraModule, ModuleShapes};
 use crate::error::{EngineError, Result};
 
-/// The low-rank pair of one projection, as PEFT stores it: `a` is `[r][in]` (each row is
-/// dotted with the input: shrink) and `b` is `[out][r]` (each row is dotted with the shrunk
-/// vector: expand). Both are read once per batch segment.
+/// The low-rank pair of one projection, laid out for the shrink/expand kernels: `a` is
+/// `[r][in]` as PEFT stores it (each row is dotted with the input: shrink) and `b_t` is
+/// `[r][out]` (row j is added to the output scaled by shrunk value j: expand).
 #[derive(Clone, Debug)]
 pub struct LoraLayerWeights {
     pub rank: usize,
     pub scale: f32,
     pub a: Vec<f32>,
-    pub b: Vec<f32>,
+    pub b_t: Vec<f32>,
 }
 
 impl LoraLayerWeights {
     /// `scale · B · A` as a dense `[out, in]` tensor, for merging into a float base.
     pub fn delta(&self, out_dim: usize, in_dim: usize, device: &Device) -> Result<Tensor> {
         let a = Tensor::from_slice(&self.a, (self.rank, in_dim), device)?;
-        let b = Tensor::from_slice(&self.b, (out_dim, self.rank), device)?;
-        Ok((b.matmul(&a)? * self.scale as f64)?)
+        let b_t = Tensor::from_slice(&self.b_t, (self.rank, out_dim), device)?;
+        Ok((b_t.t()?.matmul(&a)? * self.scale as f64)?)
     }
 }
 
@@ -161,13 +161,20 @@ impl LoraModel {
                         format!("rank {r} of {} is above the configured maximum {max_rank} (raise --max-lora-rank)", module.module_name(layer)),
                     ));
                 }
-                total_bytes += (a.0.len() + b.0.len()) * std::mem::size_of::<f32>();
+                // b is [out][r]; keep it as [r][out] so the expand step is vector adds.
+                let mut b_t = vec![0f32; r * out_dim];
+                for (o, row) in b.0.chunks_exact(r).enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        b_t[j * out_dim + o] = v;
+                    }
+                }
+                total_bytes += (a.0.len() + b_t.len()) * std::mem::size_of::<f32>();
                 max = max.max(r);
                 slots[module.index()] = Some(LoraLayerWeights {
                     rank: r,
                     scale: scaling(alpha, r, config.use_rslora) as f32,
                     a: a.0,
-                    b: b.0,
+                    b_t,
                 });
             }
         }

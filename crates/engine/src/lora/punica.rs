@@ -12,7 +12,7 @@ use super::{LoraLayerWeights, LoraModel, LoraModule};
 use crate::error::Result;
 use rayon::prelude::*;
 
-use crate::kernels::dot;
+use crate::kernels::{axpy, dot};
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -110,41 +110,42 @@ impl InplaceOp2 for ShrinkExpand<'_> {
         let (y, x) = (&mut y[y0..y1], &x[x0..x1]);
         let (_, out_dim) = y_layout.shape().dims2()?;
         let (_, in_dim) = x_layout.shape().dims2()?;
-        for (rows, w) in &self.work {
-            let n = rows.len();
-            let r = w.rank;
-            // Shrink: t[row][j] = scale · A_j · x_row. Each A row is read once per segment
-            // and dotted with every row of the segment while it sits in L1.
-            let x_seg = &x[rows.start * in_dim..rows.end * in_dim];
-            let mut t_by_j = vec![0f32; r * n];
-            t_by_j.par_chunks_mut(n).enumerate().for_each(|(j, tj)| {
-                let a_j = &w.a[j * in_dim..(j + 1) * in_dim];
-                for (i, v) in tj.iter_mut().enumerate() {
-                    *v = dot(a_j, &x_seg[i * in_dim..(i + 1) * in_dim]) * w.scale;
-                }
-            });
-            let mut t = vec![0f32; n * r];
-            for j in 0..r {
-                for i in 0..n {
-                    t[i * r + j] = t_by_j[j * n + i];
-                }
-            }
-            // Expand: y[i][o] += B_o · t_i, split by output columns across threads so each
-            // B row is read once for the whole segment.
-            let y_seg = &mut y[rows.start * out_dim..rows.end * out_dim];
-            let chunk = out_dim.div_ceil(rayon::current_num_threads().max(1) * 2).max(64);
-            let y_ptr = SendPtr(y_seg.as_mut_ptr());
-            (0..out_dim.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                let y_ptr = y_ptr;
-                for o in c * chunk..((c + 1) * chunk).min(out_dim) {
-                    let b_o = &w.b[o * r..(o + 1) * r];
-                    for i in 0..n {
-                        // SAFETY: tasks write disjoint output columns.
-                        unsafe { *y_ptr.0.add(i * out_dim + o) += dot(b_o, &t[i * r..(i + 1) * r]) };
+        // Shrink: t[row][j] = scale · A_j · x_row, segments in parallel; each A row is read
+        // once per segment and dotted with all its rows while it sits in L1.
+        let shrunk: Vec<Vec<f32>> = self
+            .work
+            .par_iter()
+            .map(|(rows, w)| {
+                let (n, r) = (rows.len(), w.rank);
+                let mut t = vec![0f32; n * r];
+                for j in 0..r {
+                    let a_j = &w.a[j * in_dim..(j + 1) * in_dim];
+                    for (i, row) in rows.clone().enumerate() {
+                        t[i * r + j] = dot(a_j, &x[row * in_dim..(row + 1) * in_dim]) * w.scale;
                     }
                 }
-            });
-        }
+                t
+            })
+            .collect();
+        // Expand: y_row += Σ_j t[row][j] · Bᵀ_j, one parallel pass split by output columns;
+        // each thread streams its slice of every B row once per segment.
+        let chunk = out_dim.div_ceil(rayon::current_num_threads().max(1) * 2).max(256);
+        let y_ptr = SendPtr(y.as_mut_ptr());
+        (0..out_dim.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let y_ptr = y_ptr;
+            let cols = c * chunk..((c + 1) * chunk).min(out_dim);
+            for ((rows, w), t) in self.work.iter().zip(&shrunk) {
+                let r = w.rank;
+                for j in 0..r {
+                    let b_j = &w.b_t[j * out_dim + cols.start..j * out_dim + cols.end];
+                    for (i, row) in rows.clone().enumerate() {
+                        // SAFETY: tasks write disjoint column ranges; rows are in bounds.
+                        let y_row = unsafe { std::slice::from_raw_parts_mut(y_ptr.0.add(row * out_dim + cols.start), cols.len()) };
+                        axpy(y_row, t[i * r + j], b_j);
+                    }
+                }
+            }
+        });
         Ok(())
     }
 }
