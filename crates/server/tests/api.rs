@@ -501,8 +501,12 @@ async fn bad_inputs_get_4xx_and_good_requests_still_complete() {
     for (what, path, body, want_status) in cases.iter().cloned() {
         let s1 = srv.clone();
         tasks.push(tokio::spawn(async move {
-            let (status, _) = s1.post_raw(path, body, None).await;
-            assert_eq!(status, want_status, "concurrent {what}");
+            match s1.try_post_raw(path, body, None).await {
+                Ok((status, _)) => assert_eq!(status, want_status, "concurrent {what}"),
+                // Only the oversized body may be cut off mid-write (the sequential pass above
+                // already checked its 413).
+                Err(e) => assert!(want_status == 413 && e.is_request(), "concurrent {what}: {e}"),
+            }
         }));
         let s2 = srv.clone();
         let want = good_chat_a.clone();

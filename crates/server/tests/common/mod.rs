@@ -73,10 +73,17 @@ impl TestServer {
 
     /// POSTs raw bytes; returns status and body text.
     pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>, key: Option<&str>) -> (u16, String) {
+        self.try_post_raw(path, body, key).await.expect("request sent")
+    }
+
+    /// Like `post_raw`, but a failed send is returned: a server that answers 413 to an
+    /// oversized body closes the connection, and a client still writing it may see a broken
+    /// pipe instead of the response.
+    pub async fn try_post_raw(&self, path: &str, body: impl Into<reqwest::Body>, key: Option<&str>) -> reqwest::Result<(u16, String)> {
         let rb = self.http.post(format!("{}{path}", self.url)).header("content-type", "application/json").body(body);
-        let r = self.auth(rb, key).send().await.expect("request sent");
+        let r = self.auth(rb, key).send().await?;
         let status = r.status().as_u16();
-        (status, r.text().await.unwrap_or_default())
+        Ok((status, r.text().await.unwrap_or_default()))
     }
 
     /// POSTs JSON; returns status and parsed body (`Value::String` when not JSON).
