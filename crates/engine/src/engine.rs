@@ -118,11 +118,6 @@ impl Sequence {
         self.len() - self.cache.len()
     }
 
-    /// Whether the prompt is still being prefilled.
-    pub fn is_prefilling(&self) -> bool {
-        self.pending_len() > 1 || self.output_ids.is_empty()
-    }
-
     /// The sequence's KV cache, for memory accounting.
     pub fn cache(&self) -> &KvCache {
         &self.cache

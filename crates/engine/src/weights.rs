@@ -31,22 +31,6 @@ impl Weight {
             Weight::Quantized(q) => q.shape().dims2()?,
         })
     }
-
-    /// The weight as dense float32 (dequantizing if needed).
-    pub fn to_dense(&self, device: &Device) -> Result<Tensor> {
-        Ok(match self {
-            Weight::Dense(t) => t.clone(),
-            Weight::Quantized(q) => q.dequantize(device)?,
-        })
-    }
-
-    /// Bytes the weight occupies in memory.
-    pub fn size_in_bytes(&self) -> usize {
-        match self {
-            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
-            Weight::Quantized(q) => q.storage_size_in_bytes(),
-        }
-    }
 }
 
 enum Backing {

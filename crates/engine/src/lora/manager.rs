@@ -188,11 +188,6 @@ impl LoraManager {
         Ok(slot)
     }
 
-    /// Slot of a resident adapter, if resident.
-    pub fn slot_of(&self, name: &str) -> Option<LoraSlot> {
-        self.by_name.get(name).copied()
-    }
-
     /// Pins an adapter for a new sequence, loading it from disk first if it is known but
     /// not resident. Release it with [`LoraManager::release`].
     pub fn acquire(&mut self, name: &str) -> Result<LoraSlot> {

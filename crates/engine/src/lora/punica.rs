@@ -34,11 +34,6 @@ pub struct LoraBatch<'a> {
 }
 
 impl<'a> LoraBatch<'a> {
-    /// A batch where no row uses an adapter.
-    pub fn none() -> Self {
-        Self::default()
-    }
-
     /// Builds segments from `(rows, adapter)` runs in row order, merging neighbours
     /// that share an adapter.
     pub fn from_runs(runs: impl IntoIterator<Item = (Range<usize>, Option<&'a LoraModel>)>) -> Self {
@@ -59,11 +54,6 @@ impl<'a> LoraBatch<'a> {
     /// Whether any row uses an adapter.
     pub fn is_empty(&self) -> bool {
         self.segments.is_empty()
-    }
-
-    /// Distinct adapters in the batch.
-    pub fn num_segments(&self) -> usize {
-        self.segments.len()
     }
 
     /// `y[rows] += scale · x[rows] · Aᵀ · Bᵀ` for every segment whose adapter targets
