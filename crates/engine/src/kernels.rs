@@ -3,6 +3,14 @@
 
 const LANES: usize = 16;
 
+/// An output pointer shared by parallel tasks that each write a disjoint part of it.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: callers only write disjoint elements through it, while the buffer outlives the
+// parallel loop.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
 /// Dot product of two equally long slices.
 #[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -11,6 +11,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
+use crate::kernels::SendPtr;
+
 /// Output columns per tile.
 const TILE: usize = 16;
 /// Values per quantization block.
@@ -146,11 +148,6 @@ impl PackedMatrix {
     }
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only for disjoint writes inside `PackedMatrix::matmul`.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 fn has_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -12,13 +12,8 @@ use super::{LoraLayerWeights, LoraModel, LoraModule};
 use crate::error::Result;
 use rayon::prelude::*;
 
-use crate::kernels::{axpy, dot};
+use crate::kernels::{axpy, dot, SendPtr};
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only used for disjoint writes inside one kernel call.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// Rows `rows` of the batch use `adapter`.
 #[derive(Clone, Debug)]
