@@ -104,6 +104,20 @@ def chat_cases(tok) -> list:
     return cases
 
 
+
+def common_fields(name, gguf, tok):
+    """The fields every real-model fixture starts with: provenance, tokenization, chat."""
+    return {
+        "model": name,
+        "gguf": gguf,
+        "gguf_sha256": MODELS[name]["sha256"],
+        "loaded_as": "transformers from_pretrained(dir, gguf_file=..., dtype=float32): every tensor dequantized to float32",
+        "versions": versions(),
+        "digits_split_individually": digits_split(tok),
+        "tokenize": tokenize_cases(tok),
+        "chat": chat_cases(tok),
+    }
+
 def digits_split(tok) -> bool:
     ids = tok("2026 3.14159", add_special_tokens=False)["input_ids"]
     pieces = [tok.decode([i]) for i in ids]
@@ -160,14 +174,7 @@ def smollm2(out_dir, adapters_dir):
     tok, model, gguf = load(name)
     eos = 2
     result = {
-        "model": name,
-        "gguf": gguf,
-        "gguf_sha256": MODELS[name]["sha256"],
-        "loaded_as": "transformers from_pretrained(dir, gguf_file=..., dtype=float32): every tensor dequantized to float32",
-        "versions": versions(),
-        "digits_split_individually": digits_split(tok),
-        "tokenize": tokenize_cases(tok),
-        "chat": chat_cases(tok),
+        **common_fields(name, gguf, tok),
         "greedy": [],
         "notes": [
             "tokenize ids are tokenizer(text, add_special_tokens=False) with transformers' tokenizer built from the GGUF metadata",
@@ -215,14 +222,7 @@ def qwen(out_dir):
     eos = 151645
     assert tok.convert_ids_to_tokens(eos) == "<|im_end|>"
     result = {
-        "model": name,
-        "gguf": gguf,
-        "gguf_sha256": MODELS[name]["sha256"],
-        "loaded_as": "transformers from_pretrained(dir, gguf_file=..., dtype=float32): every tensor dequantized to float32",
-        "versions": versions(),
-        "digits_split_individually": digits_split(tok),
-        "tokenize": tokenize_cases(tok),
-        "chat": chat_cases(tok),
+        **common_fields(name, gguf, tok),
         "greedy": [],
         "notes": [
             "tokenize ids are tokenizer(text, add_special_tokens=False) with transformers' tokenizer built from the GGUF metadata",
