@@ -268,6 +268,18 @@ fn read_chat_template(dir: &Path) -> Option<String> {
     }
 }
 
+/// A model's configuration without loading its weights (GGUF header or `config.json`):
+/// benchmarks use it to make adapters that fit a base before any server loads it.
+pub fn read_model_config(location: &ModelLocation) -> Result<ModelConfig> {
+    match location {
+        ModelLocation::Gguf(path) => {
+            let src = WeightSource::open_gguf(path, &Device::Cpu, false)?;
+            gguf_config(src.gguf_metadata().expect("gguf source has metadata"), &src)
+        }
+        ModelLocation::HfDir(dir) => ModelConfig::from_hf_file(&dir.join("config.json")),
+    }
+}
+
 impl Engine {
     /// Loads a model from a resolved location.
     pub fn load(location: &ModelLocation, options: &EngineOptions) -> Result<Self> {
@@ -418,13 +430,13 @@ impl Engine {
         }
         let slot = match (&request.adapter, self.model.merged_adapter()) {
             (Some(a), Some(m)) if a == m => None,
-            (a, Some(m)) => {
+            (None, Some(m)) => {
                 return Err(EngineError::InvalidRequest(format!(
-                    "adapter '{m}' is merged into the base weights; only its requests can run (asked for {})",
-                    a.as_deref().unwrap_or("the base model")
+                    "adapter '{m}' is merged into the base weights; the unmodified base model cannot run"
                 )))
             }
-            (Some(a), None) => Some(self.loras.acquire(a)?),
+            // Other adapters apply unmerged on top of the merged weights.
+            (Some(a), _) => Some(self.loras.acquire(a)?),
             (None, None) => None,
         };
         self.next_id += 1;
@@ -592,7 +604,7 @@ impl Engine {
         let slot = self.loras.acquire(name)?;
         let adapter = self.loras.get_by_name(name).expect("just acquired");
         self.loras.release(slot);
-        self.model.merge_lora(&adapter)
+        self.model.merge_lora(&adapter, true)
     }
 
     /// Restores the base weights.

@@ -98,8 +98,9 @@ impl Linear {
         }
     }
 
-    /// Folds `delta` into a dense weight, keeping the original to restore exactly.
-    fn merge(&mut self, delta: &Tensor) -> Result<()> {
+    /// Folds `delta` into a dense weight; with `restorable` the original is kept to restore
+    /// exactly (which doubles the weight's memory), without it the merge is final.
+    fn merge(&mut self, delta: &Tensor, restorable: bool) -> Result<()> {
         let LinearKernel::Dense(w) = &self.kernel else {
             return Err(EngineError::InvalidRequest(
                 "merging an adapter needs a float base model; load the GGUF with dequantization (--dequantize)".into(),
@@ -107,7 +108,7 @@ impl Linear {
         };
         let original = self.original.take().unwrap_or_else(|| w.clone());
         self.kernel = LinearKernel::Dense((&original + delta)?.contiguous()?);
-        self.original = Some(original);
+        self.original = restorable.then_some(original);
         Ok(())
     }
 
@@ -476,8 +477,10 @@ impl Transformer {
     }
 
     /// Folds one adapter into the float base weights (`W + scale·B·A`); requests then run
-    /// without LoRA. Any previously merged adapter is unmerged first.
-    pub fn merge_lora(&mut self, adapter: &LoraModel) -> Result<()> {
+    /// without LoRA. Any previously merged adapter is unmerged first. `restorable` keeps the
+    /// original weights so [`Transformer::unmerge_lora`] restores them exactly; a deployment
+    /// that only ever serves the merged model passes `false` and pays no extra memory.
+    pub fn merge_lora(&mut self, adapter: &LoraModel, restorable: bool) -> Result<()> {
         if self.is_quantized() {
             return Err(EngineError::InvalidRequest(
                 "merging an adapter needs a float base model; load the GGUF with dequantization (--dequantize)".into(),
@@ -489,7 +492,7 @@ impl Transformer {
             for (module, linear) in LoraModule::ALL.into_iter().zip(layer.linears_mut()) {
                 if let Some(w) = adapter.weights(l, module) {
                     let delta = w.delta(linear.out_dim, linear.in_dim, &device)?;
-                    linear.merge(&delta)?;
+                    linear.merge(&delta, restorable)?;
                 }
             }
         }

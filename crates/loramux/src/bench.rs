@@ -4,7 +4,13 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use loramux_bench::deployment::{self, DeploymentSettings};
 use loramux_bench::engine_bench::{self, EngineBenchConfig};
+use loramux_bench::load::{self, LoadSettings};
+use loramux_bench::run::{self, BenchContext, TargetArgs};
+use loramux_bench::swap::{self, SwapSettings};
+use loramux_bench::switch::{self, SwitchSettings};
+use loramux_bench::{report, schema};
 use loramux_engine::registry::DEFAULT_MODEL;
 
 use crate::generate::locate_model;
@@ -18,8 +24,33 @@ pub struct BenchArgs {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// Alternating two adapters against staying on one: throughput, latency, switches.
+    Switch(ScenarioArgs<SwitchSettings>),
+    /// Unmerged LoRA vs the same adapter merged vs 2 and 3 adapters: latency statistics, memory.
+    Deployment(ScenarioArgs<DeploymentSettings>),
+    /// Adapter cold load and hot switch cost, rank sweep, 1 to 1000 adapters on disk.
+    Swap(ScenarioArgs<SwapSettings>),
+    /// Open-loop Poisson load over adapters: throughput, TTFT/ITL/E2E percentiles, goodput.
+    Load(ScenarioArgs<LoadSettings>),
+    /// Re-render the Markdown summary and plots of a saved result file.
+    Report {
+        /// A result JSON written by a scenario.
+        file: PathBuf,
+    },
+    /// Print the JSON Schema of every scenario's result file.
+    Schema,
     /// Engine speed in-process: roofline, decode/prefill by batch, LoRA cost, adapter loads.
     Engine(EngineArgs),
+}
+
+/// A scenario's settings plus where to write.
+#[derive(Args)]
+struct ScenarioArgs<S: Args> {
+    #[command(flatten)]
+    settings: S,
+    /// Folder for the JSON result, Markdown summary, plots and server logs [default: results/<scenario>].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -54,7 +85,76 @@ struct EngineArgs {
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.scenario {
         Scenario::Engine(a) => run_engine(a),
+        Scenario::Report { file } => {
+            for p in report::rerender(&file)? {
+                eprintln!("wrote {}", p.display());
+            }
+            Ok(())
+        }
+        Scenario::Schema => {
+            println!("{}", serde_json::to_string_pretty(&schema::all())?);
+            Ok(())
+        }
+        Scenario::Switch(a) => scenario(a.out, "switch", &a.settings.target.clone(), "switch.json", |ctx| async move {
+            let conn = run::connect(&ctx, &a.settings.target, "switch", &[]).await?;
+            let r = switch::measure(&ctx, &a.settings, &conn.endpoint, &conn.base_model, &conn.server).await?;
+            Ok(Box::new(r) as Box<dyn Written>)
+        }),
+        Scenario::Deployment(a) => {
+            scenario(a.out, "deployment", &a.settings.target.clone(), deployment::RESULT_FILE, |ctx| async move {
+                Ok(Box::new(deployment::measure(&ctx, &a.settings).await?) as Box<dyn Written>)
+            })
+        }
+        Scenario::Swap(a) => scenario(a.out, "swap", &a.settings.target.clone(), "swap.json", |ctx| async move {
+            Ok(Box::new(swap::measure(&ctx, &a.settings).await?) as Box<dyn Written>)
+        }),
+        Scenario::Load(a) => scenario(a.out, "load", &a.settings.target.clone(), "load.json", |ctx| async move {
+            Ok(Box::new(load::measure(&ctx, &a.settings).await?) as Box<dyn Written>)
+        }),
     }
+}
+
+/// A scenario result that can write its files.
+trait Written {
+    fn write(&self, json: &std::path::Path) -> Result<Vec<PathBuf>, loramux_bench::BenchError>;
+    fn markdown(&self) -> String;
+}
+
+impl<R: serde::Serialize + run::Report> Written for R {
+    fn write(&self, json: &std::path::Path) -> Result<Vec<PathBuf>, loramux_bench::BenchError> {
+        run::write_outputs(self, json)
+    }
+    fn markdown(&self) -> String {
+        run::Report::markdown(self)
+    }
+}
+
+/// Resolves the model (pulling it if a server will be started), runs `measure` on a fresh
+/// async runtime, writes the outputs into `out` and prints the summary.
+fn scenario<F, Fut>(out: Option<PathBuf>, name: &str, target: &TargetArgs, file: &str, measure: F) -> Result<()>
+where
+    F: FnOnce(BenchContext) -> Fut,
+    Fut: std::future::Future<Output = Result<Box<dyn Written>, loramux_bench::BenchError>>,
+{
+    let out_dir = out.unwrap_or_else(|| PathBuf::from("results").join(name));
+    let model = match &target.url {
+        Some(_) => None,
+        None => Some(locate_model(target.model.as_deref().unwrap_or(DEFAULT_MODEL))?),
+    };
+    let ctx = BenchContext {
+        exe: std::env::current_exe().context("locating the loramux binary")?,
+        model,
+        out_dir: out_dir.clone(),
+        command: std::env::args().collect(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let result = runtime.block_on(measure(ctx))?;
+    let written = result.write(&out_dir.join(file))?;
+    println!("{}", result.markdown());
+    for p in written {
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
 }
 
 fn run_engine(a: EngineArgs) -> Result<()> {

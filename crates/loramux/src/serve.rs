@@ -27,6 +27,9 @@ pub struct ServeArgs {
     /// Adapters loaded at startup, as NAME=PATH (PEFT directories). Repeatable, or several after one flag.
     #[arg(long = "lora-modules", value_name = "NAME=PATH", num_args = 1..)]
     lora_modules: Vec<String>,
+    /// PEFT adapter folded into the base weights at startup: the served model name answers with the merged model (a GGUF needs --dequantize).
+    #[arg(long, value_name = "PATH")]
+    merge_lora: Option<PathBuf>,
     /// Directory whose adapter subfolders are served by folder name, loaded on first use. Repeatable.
     #[arg(long = "lora-dir", value_name = "DIR")]
     lora_dir: Vec<PathBuf>,
@@ -87,6 +90,7 @@ impl ServeArgs {
             model: self.model.clone(),
             served_model_name: self.served_model_name.clone(),
             lora_modules: (!self.lora_modules.is_empty()).then(|| LoraModules::List(self.lora_modules.clone())),
+            merge_lora: self.merge_lora.clone(),
             lora_dir: list(&self.lora_dir),
             allowed_lora_root: list(&self.allowed_lora_root),
             max_loras: self.max_loras,

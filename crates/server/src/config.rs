@@ -46,6 +46,8 @@ pub struct ServeConfig {
     /// Name clients use for the base model (default: the `model` argument).
     pub served_model_name: Option<String>,
     pub lora_modules: Option<LoraModules>,
+    /// PEFT adapter folded into the base weights at startup (needs a float base).
+    pub merge_lora: Option<PathBuf>,
     pub lora_dir: Option<Vec<PathBuf>>,
     pub allowed_lora_root: Option<Vec<PathBuf>>,
     pub max_loras: Option<usize>,
@@ -93,7 +95,7 @@ impl ServeConfig {
             ($($f:ident),*) => { ServeConfig { $($f: flags.$f.or(self.$f)),* } };
         }
         pick!(
-            model, served_model_name, lora_modules, lora_dir, allowed_lora_root, max_loras, max_lora_rank,
+            model, served_model_name, lora_modules, merge_lora, lora_dir, allowed_lora_root, max_loras, max_lora_rank,
             max_lora_bytes, max_num_seqs, max_num_batched_tokens, max_model_len, kv_cache_gib, host, port,
             api_key, admin_api_key, enable_lora_updates, dequantize, max_request_bytes, shutdown_timeout_secs,
             max_waiting, adapter_wait_secs
@@ -157,12 +159,16 @@ impl ServeConfig {
         if served_model_name.is_empty() {
             return bad("--served-model-name must not be empty".into());
         }
+        if self.merge_lora.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return bad("--merge-lora needs an adapter directory".into());
+        }
         if lora_modules.iter().any(|(n, _)| *n == served_model_name) {
             return bad(format!("adapter name '{served_model_name}' is the base model's name"));
         }
         Ok(Settings {
             served_model_name,
             lora_modules,
+            merge_lora: self.merge_lora,
             lora_dirs: self.lora_dir.unwrap_or_default(),
             allowed_lora_roots: self.allowed_lora_root.unwrap_or_default(),
             lora: LoraLimits {
@@ -210,6 +216,10 @@ pub struct Settings {
     pub served_model_name: String,
     /// Adapters loaded at startup (`--lora-modules`).
     pub lora_modules: Vec<(String, PathBuf)>,
+    /// Adapter merged into the base weights at startup (`--merge-lora`): the served model
+    /// name then answers with the merged model, the "fully fine-tuned" deployment that
+    /// unmerged LoRA serving is compared against. Other adapters still apply on top.
+    pub merge_lora: Option<PathBuf>,
     /// Directories whose adapter subdirectories are known by folder name and loaded lazily.
     pub lora_dirs: Vec<PathBuf>,
     /// Extra directories `load_lora_adapter` may read from (besides `lora_dirs`).
@@ -247,7 +257,7 @@ mod tests {
     #[test]
     fn toml_keys_accept_both_spellings_and_flags_override() {
         let file = ServeConfig::from_toml(
-            "model = \"m\"\nmax_loras = 3\nmax-num-seqs = 5\nlora-modules = { a = \"/x/a\" }\napi-key = [\"k1:a\", \"k2\"]\n",
+            "model = \"m\"\nmax_loras = 3\nmax-num-seqs = 5\nlora-modules = { a = \"/x/a\" }\napi-key = [\"k1:a\", \"k2\"]\nmerge_lora = \"/x/m\"\n",
         )
         .unwrap();
         assert_eq!(file.max_loras, Some(3));
@@ -259,6 +269,7 @@ mod tests {
         assert_eq!(s.lora_modules, vec![("a".to_string(), PathBuf::from("/x/a"))]);
         assert_eq!(s.api_keys.len(), 2);
         assert_eq!(s.api_keys[0].adapter.as_deref(), Some("a"));
+        assert_eq!(s.merge_lora, Some(PathBuf::from("/x/m")));
     }
 
     #[test]

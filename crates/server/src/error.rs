@@ -18,6 +18,9 @@ pub enum ServerError {
     /// The model or a startup adapter could not be loaded.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The `--merge-lora` adapter could not be read or folded into the base weights.
+    #[error("--merge-lora {}: {source}", .path.display())]
+    MergeLora { path: std::path::PathBuf, source: EngineError },
     /// Binding the socket or serving failed.
     #[error("{context}: {error}")]
     Io { context: String, error: std::io::Error },

@@ -49,17 +49,24 @@ fn mib(bytes: usize) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
-/// Resident memory of this process, from /proc (Linux), if known.
-fn rss_bytes() -> Option<usize> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: usize = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
-}
-
 impl Server {
     /// Loads the model and adapters, binds `settings.host:settings.port` (port 0 picks a free
     /// one) and starts serving. Must be called inside a multi-threaded Tokio runtime.
     pub async fn start(location: ModelLocation, settings: Settings) -> Result<Self, ServerError> {
+        // Checked before the model loads, which can take a while.
+        if let Some(merge) = &settings.merge_lora {
+            if matches!(location, ModelLocation::Gguf(_)) && !settings.dequantize {
+                return Err(ServerError::Config(format!(
+                    "--merge-lora {} needs a float base model, but {} is a quantized GGUF: add --dequantize to load \
+                     it as float32, or serve a Hugging Face safetensors directory",
+                    merge.display(),
+                    location.path().display()
+                )));
+            }
+            if !merge.is_dir() {
+                return Err(ServerError::Config(format!("--merge-lora {} is not a directory (a PEFT adapter folder)", merge.display())));
+            }
+        }
         let metrics = Arc::new(Metrics::new(&settings.served_model_name, settings.lora.max_loras));
         let mut lora_dirs = Vec::new();
         for d in &settings.lora_dirs {
@@ -92,6 +99,13 @@ impl Server {
             seconds = format!("{:.2}", info.load_seconds),
             "model loaded"
         );
+        if let Some(p) = &info.merged_lora {
+            tracing::info!(
+                name = %settings.served_model_name,
+                adapter = %p.display(),
+                "serving the base model with this adapter merged into its weights (--merge-lora)"
+            );
+        }
         tracing::info!(
             budget = %mib(info.kv_budget_bytes),
             tokens = info.kv_budget_bytes / info.kv_bytes_per_token.max(1),
@@ -141,6 +155,11 @@ impl Server {
         let addr = listener.local_addr().map_err(|e| ServerError::io("local address", e))?;
         let (stop, mut stop_rx) = watch::channel(false);
         let app = routes::router(state.clone());
+        // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds
+        // each one until the client's delayed ACK (40 ms on Linux).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let http = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
@@ -148,8 +167,13 @@ impl Server {
                 })
                 .await
         });
-        if let Some(rss) = rss_bytes() {
-            tracing::info!(rss = %mib(rss), startup_seconds = format!("{:.2}", t.elapsed().as_secs_f64()), "process memory");
+        if let Some(m) = crate::metrics::process_memory() {
+            tracing::info!(
+                rss = %mib(m.resident_bytes as usize),
+                peak_rss = %mib(m.peak_resident_bytes as usize),
+                startup_seconds = format!("{:.2}", t.elapsed().as_secs_f64()),
+                "process memory"
+            );
         }
         if state.auth.enabled() {
             tracing::info!(keys = settings.api_keys.len(), "API keys required on /v1");

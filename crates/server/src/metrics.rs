@@ -15,6 +15,30 @@ const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256
 const TOKEN_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
 const LOAD_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
+/// This process's resident memory now and at its peak, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessMemory {
+    pub resident_bytes: u64,
+    pub peak_resident_bytes: u64,
+}
+
+/// Reads `VmRSS` and `VmHWM` from `/proc/self/status`; `None` where there is no procfs
+/// (not Linux). The peak is the kernel's high-water mark, so it also covers what a
+/// benchmark never saw between two scrapes (model loading, a burst of requests).
+pub fn process_memory() -> Option<ProcessMemory> {
+    parse_proc_status(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+fn parse_proc_status(status: &str) -> Option<ProcessMemory> {
+    let kib = |key: &str| -> Option<u64> {
+        let rest = status.lines().find_map(|l| l.strip_prefix(key))?.trim();
+        let n: u64 = rest.strip_suffix("kB").unwrap_or(rest).trim().parse().ok()?;
+        Some(n * 1024)
+    };
+    let resident_bytes = kib("VmRSS:")?;
+    Some(ProcessMemory { resident_bytes, peak_resident_bytes: kib("VmHWM:").unwrap_or(resident_bytes).max(resident_bytes) })
+}
+
 /// Every metric the server exports.
 pub struct Metrics {
     registry: Registry,
@@ -58,6 +82,9 @@ pub struct Metrics {
     pub adapter_resident: GaugeVec,
     pub adapter_bytes: GaugeVec,
     pub max_loras: IntGauge,
+    /// Process memory (Prometheus' standard name, and the peak), set at each scrape so a
+    /// benchmark can read the memory of a server it did not start. Absent without procfs.
+    process_memory: Option<(IntGauge, IntGauge)>,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -122,6 +149,12 @@ impl Metrics {
             adapter_resident: reg(&r, GaugeVec::new(Opts::new("loramux_adapter_resident", "1 for each adapter resident in memory."), adapter).unwrap()),
             adapter_bytes: reg(&r, GaugeVec::new(Opts::new("loramux_adapter_resident_bytes", "Bytes of each resident adapter."), adapter).unwrap()),
             max_loras: reg(&r, IntGauge::new("loramux_max_loras", "Adapters that may be resident at once (--max-loras).").unwrap()),
+            process_memory: process_memory().map(|_| {
+                (
+                    reg(&r, IntGauge::new("process_resident_memory_bytes", "Resident memory size in bytes.").unwrap()),
+                    reg(&r, IntGauge::new("loramux_process_peak_resident_memory_bytes", "Peak resident memory size in bytes since the process started (VmHWM).").unwrap()),
+                )
+            }),
             registry: r,
         };
         m.max_loras.set(max_loras as i64);
@@ -160,6 +193,10 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        if let (Some((rss, peak)), Some(now)) = (&self.process_memory, process_memory()) {
+            rss.set(now.resident_bytes as i64);
+            peak.set(now.peak_resident_bytes as i64);
+        }
         TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_else(|e| format!("# error: {e}\n"))
     }
 }
@@ -179,5 +216,22 @@ mod tests {
         assert!(text.contains("vllm:kv_cache_usage_perc{model_name=\"base\"} 0.5"));
         assert!(text.contains("vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"a,b\",waiting_lora_adapters=\"c\"}"));
         assert_eq!(text.matches("vllm:lora_requests_info{").count(), 1);
+        if cfg!(target_os = "linux") {
+            let value = |name: &str| -> f64 {
+                text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+            };
+            let (rss, peak) = (value("process_resident_memory_bytes"), value("loramux_process_peak_resident_memory_bytes"));
+            assert!(rss > 0.0 && peak >= rss, "{rss} {peak}");
+        }
+    }
+
+    #[test]
+    fn parses_proc_status() {
+        let status = "Name:\tloramux\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\nThreads:\t4\n";
+        assert_eq!(
+            parse_proc_status(status),
+            Some(ProcessMemory { resident_bytes: 100 << 20, peak_resident_bytes: 200 << 20 })
+        );
+        assert_eq!(parse_proc_status("Name:\tx\n"), None);
     }
 }

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
@@ -160,6 +160,8 @@ pub struct EngineInfo {
     /// Adapters loaded at startup with their bytes, and how many are known in all.
     pub startup_adapters: Vec<(String, usize)>,
     pub known_adapters: usize,
+    /// The adapter folded into the base weights at startup (`--merge-lora`).
+    pub merged_lora: Option<PathBuf>,
 }
 
 /// How handlers reach the loop.
@@ -219,6 +221,9 @@ struct Waiting {
 
 struct Running {
     seq: Sequence,
+    /// The adapter the request asked for (`seq.adapter` names the merged adapter for base
+    /// requests on a `--merge-lora` server): what pins, unloads and metrics count.
+    adapter: Option<String>,
     events: tmpsc::UnboundedSender<Event>,
     label: String,
     arrival: Instant,
@@ -272,6 +277,13 @@ struct Scheduler {
     ready: HashMap<String, (Box<LoraModel>, f64)>,
     /// Unloaded while in use: removed when their last sequence ends.
     pending_unload: HashSet<String>,
+    /// Names unloaded through the API and not loaded again since. A `--lora-dir` adapter
+    /// is otherwise found on disk again by its next request; vLLM users expect an unload
+    /// to stick until `load_lora_adapter` brings the name back.
+    unloaded: HashSet<String>,
+    /// Name of the adapter merged into the base weights (`--merge-lora`): the engine runs
+    /// base requests as requests for it, with no LoRA applied.
+    merged: Option<String>,
     drain_deadline: Option<Instant>,
     views_dirty: bool,
     lora_info: (String, String),
@@ -333,6 +345,32 @@ fn cache_blocks(seq: &Sequence) -> usize {
     seq.cache().capacity_tokens() / KV_BLOCK_TOKENS
 }
 
+/// Folds the `--merge-lora` adapter into the base weights and returns the name the engine
+/// knows it by. Its rank is not bounded by `--max-lora-rank`: merged, an adapter costs
+/// nothing per token whatever its rank.
+fn merge_startup_adapter(engine: &mut Engine, path: &Path) -> Result<String, ServerError> {
+    if engine.model().is_quantized() {
+        return Err(ServerError::Config(format!(
+            "--merge-lora {} needs a float base model, but the model's weights are quantized: add --dequantize to \
+             load the GGUF as float32",
+            path.display()
+        )));
+    }
+    let fail = |source| ServerError::MergeLora { path: path.to_path_buf(), source };
+    let name = path.file_name().and_then(|n| n.to_str()).filter(|n| !n.is_empty()).unwrap_or("merged").to_string();
+    let t = Instant::now();
+    let adapter = LoraModel::load(&name, path, engine.loras().shapes(), usize::MAX).map_err(fail)?;
+    engine.model_mut().merge_lora(&adapter, false).map_err(fail)?;
+    tracing::info!(
+        adapter = %name,
+        path = %path.display(),
+        rank = adapter.max_rank,
+        ms = format!("{:.1}", t.elapsed().as_secs_f64() * 1e3),
+        "adapter merged into the base weights: the served model name answers with the merged model"
+    );
+    Ok(name)
+}
+
 impl Scheduler {
     fn start(
         location: ModelLocation,
@@ -352,6 +390,10 @@ impl Scheduler {
         };
         let mut engine = Engine::load(&location, &options)?;
         let load_seconds = t.elapsed().as_secs_f64();
+        let merged = match &settings.merge_lora {
+            Some(path) => Some(merge_startup_adapter(&mut engine, path)?),
+            None => None,
+        };
         let cfg = engine.model().config().clone();
         let kv_bytes_per_token = engine.kv_floats_per_token() * std::mem::size_of::<f32>();
         let block_bytes = kv_bytes_per_token * KV_BLOCK_TOKENS;
@@ -423,6 +465,7 @@ impl Scheduler {
             load_seconds,
             startup_adapters,
             known_adapters: paths.len(),
+            merged_lora: settings.merge_lora.clone(),
         };
         metrics.kv_capacity_bytes.set((budget_blocks * block_bytes) as i64);
         let mut sched = Self {
@@ -451,6 +494,8 @@ impl Scheduler {
             loading: HashSet::new(),
             ready: HashMap::new(),
             pending_unload: HashSet::new(),
+            unloaded: HashSet::new(),
+            merged,
             drain_deadline: None,
             views_dirty: true,
             lora_info: (String::new(), String::new()),
@@ -554,6 +599,8 @@ impl Scheduler {
             }
             if !self.paths.contains_key(a) {
                 match job.discovered_path.take() {
+                    // Unloaded through the API: still on disk, but gone until loaded again.
+                    Some(_) if self.unloaded.contains(a) => return self.reject(&events, ApiError::model_not_found(a)),
                     Some(p) => {
                         tracing::info!(adapter = %a, path = %p.display(), "adapter found in --lora-dir");
                         self.engine.loras_mut().register(a, &p);
@@ -695,6 +742,7 @@ impl Scheduler {
         if self.can_insert(&name, model.bytes) {
             let bytes = model.bytes;
             self.insert_model(model, seconds).map_err(|e| ApiError::from_engine(&e))?;
+            self.unloaded.remove(&name);
             tracing::info!(adapter = %name, bytes, ms = format!("{:.1}", seconds * 1e3), "adapter loaded at run time");
             Ok(InsertOutcome::Resident)
         } else {
@@ -706,6 +754,7 @@ impl Scheduler {
             self.engine.loras_mut().register(&name, &model.path);
             self.paths.insert(name.clone(), model.path.clone());
             self.ready.insert(name.clone(), (model, seconds));
+            self.unloaded.remove(&name);
             self.views_dirty = true;
             tracing::info!(adapter = %name, "adapter registered at run time; resident on first use (all slots busy)");
             Ok(InsertOutcome::Registered)
@@ -720,6 +769,7 @@ impl Scheduler {
             return Err(ApiError::not_found(format!("The lora adapter '{name}' cannot be found.")).with_param("lora_name"));
         }
         self.ready.remove(name);
+        self.unloaded.insert(name.to_string());
         // Queued requests for it can no longer run.
         let mut i = 0;
         while i < self.waiting.len() {
@@ -889,7 +939,9 @@ impl Scheduler {
                 break; // first come, first served on memory
             }
             let w = self.waiting.remove(i).expect("index in range");
-            let request = Request { adapter: adapter.clone(), prompt: Prompt::Tokens(Vec::new()), params: w.job.params.clone() };
+            // On a --merge-lora server the base model is the merged adapter to the engine.
+            let engine_adapter = adapter.clone().or_else(|| self.merged.clone());
+            let request = Request { adapter: engine_adapter, prompt: Prompt::Tokens(Vec::new()), params: w.job.params.clone() };
             let prompt_tokens = w.prompt_ids.len();
             match self.engine.start_sequence(&request, w.prompt_ids) {
                 Ok(seq) => {
@@ -904,6 +956,7 @@ impl Scheduler {
                     self.metrics.vllm_prompt_tokens.inc_by(prompt_tokens as u64);
                     self.running.push(Running {
                         seq,
+                        adapter,
                         events: w.events,
                         label,
                         arrival: w.arrival,
@@ -1076,7 +1129,7 @@ impl Scheduler {
         let mut r = self.running.swap_remove(i);
         self.engine.finish_sequence(&mut r.seq);
         self.metrics.requests.with_label_values(&[&r.label, reason]).inc();
-        if let Some(a) = r.seq.adapter.clone() {
+        if let Some(a) = r.adapter.clone() {
             let left = {
                 let p = self.pins.entry(a.clone()).or_default();
                 *p = p.saturating_sub(1);
@@ -1182,7 +1235,7 @@ impl Scheduler {
             v.dedup();
             v.join(",")
         };
-        let running = names(&mut self.running.iter().filter_map(|r| r.seq.adapter.as_ref()));
+        let running = names(&mut self.running.iter().filter_map(|r| r.adapter.as_ref()));
         let waiting = names(&mut self.waiting.iter().filter_map(|w| w.job.adapter.as_ref()));
         if (running.as_str(), waiting.as_str()) != (self.lora_info.0.as_str(), self.lora_info.1.as_str()) {
             self.metrics.set_lora_info(self.limits.max_loras, &running, &waiting);

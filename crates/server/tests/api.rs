@@ -372,6 +372,11 @@ async fn metrics_move() {
     ] {
         assert!(text.contains(name), "missing {name}");
     }
+    if cfg!(target_os = "linux") {
+        let rss = metric_value(&text, "process_resident_memory_bytes");
+        let peak = metric_value(&text, "loramux_process_peak_resident_memory_bytes");
+        assert!(rss > 0.0 && peak >= rss, "process memory: rss {rss}, peak {peak}");
+    }
     let info_time = text.lines().find(|l| l.starts_with("vllm:lora_requests_info")).unwrap().rsplit(' ').next().unwrap().parse::<f64>().unwrap();
     assert!(info_time > 1.7e9, "lora_requests_info value is a Unix time");
     assert!(metric_value(&text, "loramux_adapter_resident_bytes{adapter=\"a\"}") > 0.0);
@@ -629,4 +634,203 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     assert!(text.contains("\"finish_reason\":\"length\""), "the in-flight request ran to its end");
     assert!(reqwest::Client::new().get(format!("{url}/health")).send().await.is_err(), "no longer accepting");
+}
+
+/// The fixture's reference outputs: prompts as token ids and greedy tokens per case.
+fn expected(arch: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(arch).join("expected.json")).unwrap()).unwrap()
+}
+
+/// Greedy completion of token-id prompts, EOS ignored (as the reference outputs were made).
+async fn greedy_texts(srv: &TestServer, model: &str, prompts: &Value, max_tokens: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in prompts.as_array().unwrap() {
+        let body = json!({"model": model, "prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true});
+        let (st, v) = srv.post("/v1/completions", &body).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], max_tokens);
+        out.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_lora_serves_the_merged_model_under_the_base_name() {
+    let exp = expected("llama");
+    let prompts = &exp["prompts"];
+    let n = exp["max_new_tokens"].as_u64().unwrap();
+    let tokenizer = loramux_engine::tokenizer::Tokenizer::from_dir(&fixture("llama")).unwrap();
+    let reference = TestServer::tiny("llama", with_modules("llama", &["a", "c"])).await;
+    let base = greedy_texts(&reference, "tiny", prompts, n).await;
+    let mut unmerged = HashMap::new();
+    for x in ["a", "c"] {
+        unmerged.insert(x, greedy_texts(&reference, x, prompts, n).await);
+    }
+    let chat_a = reference.chat_text("a", "hello", 10).await;
+    reference.shutdown().await;
+
+    for x in ["a", "c"] {
+        let mut s = tiny_settings();
+        s.merge_lora = Some(fixture_adapter("llama", x));
+        let srv = TestServer::tiny("llama", s).await;
+        assert!(srv.server.as_ref().unwrap().info().merged_lora.is_some());
+        let merged = greedy_texts(&srv, "tiny", prompts, n).await;
+        assert_eq!(merged, unmerged[x], "--merge-lora {x}: base output equals adapter {x} served unmerged");
+        assert_ne!(merged, base, "--merge-lora {x} changes the base output");
+        let case = exp["cases"].as_array().unwrap().iter().find(|c| c["name"] == format!("{x}_merged")).unwrap();
+        for (i, ids) in case["greedy"].as_array().unwrap().iter().enumerate() {
+            let ids: Vec<u32> = ids.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+            assert_eq!(merged[i], tokenizer.decode(&ids, true).unwrap(), "--merge-lora {x}: peft's merged tokens, prompt {i}");
+        }
+        if x == "a" {
+            assert_eq!(srv.chat_text("tiny", "hello", 10).await, chat_a, "chat on the merged model");
+            let (_, models) = srv.get_json("/v1/models").await;
+            assert_eq!(models["data"].as_array().unwrap().len(), 1, "the merged adapter is not listed as an adapter: {models}");
+        }
+        srv.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_lora_with_other_adapters_on_top() {
+    let mut s = with_modules("llama", &["b"]);
+    s.merge_lora = Some(fixture_adapter("llama", "a"));
+    let srv = Arc::new(TestServer::tiny("llama", s).await);
+    let merged = srv.chat_text("tiny", "hello", 10).await;
+    let on_top = srv.chat_text("b", "hello", 10).await;
+    assert_ne!(on_top, merged, "adapter b applies on top of the merged weights");
+    let tasks = (0..6).map(|i| {
+        let srv = srv.clone();
+        async move { (i, srv.chat_text(if i % 2 == 0 { "tiny" } else { "b" }, "hello", 10).await) }
+    });
+    for (i, text) in join_all(tasks).await {
+        assert_eq!(&text, if i % 2 == 0 { &merged } else { &on_top }, "mixed batch, request {i}");
+    }
+    Arc::into_inner(srv).unwrap().shutdown().await;
+}
+
+/// `Server::start`'s error, for settings that must not start.
+async fn start_error(location: loramux_engine::ModelLocation, settings: loramux_server::Settings) -> String {
+    init_logs();
+    match loramux_server::Server::start(location, settings).await {
+        Ok(_) => panic!("the server started"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_lora_startup_errors_are_clear() {
+    use loramux_engine::ModelLocation;
+    let mut s = tiny_settings();
+    s.merge_lora = Some(fixture_adapter("llama", "a"));
+    // Refused before any weight is read: the file need not even exist.
+    let e = start_error(ModelLocation::Gguf("/nonexistent/model-q4_1.gguf".into()), s.clone()).await;
+    assert!(e.contains("--merge-lora") && e.contains("--dequantize"), "{e}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    s.merge_lora = Some(tmp.path().join("missing"));
+    let e = start_error(ModelLocation::HfDir(fixture("llama")), s.clone()).await;
+    assert!(e.contains("--merge-lora") && e.contains("not a directory"), "{e}");
+
+    copy_adapter(&fixture_adapter("llama", "a"), &tmp.path().join("mismatched"));
+    let cfg = std::fs::read_to_string(tmp.path().join("mismatched/adapter_config.json")).unwrap().replace("\"r\": 4", "\"r\": 8");
+    std::fs::write(tmp.path().join("mismatched/adapter_config.json"), cfg).unwrap();
+    s.merge_lora = Some(tmp.path().join("mismatched"));
+    let e = start_error(ModelLocation::HfDir(fixture("llama")), s.clone()).await;
+    assert!(e.starts_with("--merge-lora") && e.contains("mismatched"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unloading_a_lora_dir_adapter_sticks_until_it_is_loaded_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_adapter(&fixture_adapter("llama", "a"), &tmp.path().join("da"));
+    copy_adapter(&fixture_adapter("llama", "b"), &tmp.path().join("db"));
+    let mut s = tiny_settings();
+    s.lora_dirs = vec![tmp.path().to_path_buf()];
+    s.enable_lora_updates = true;
+    s.admin_api_key = Some("admin".into());
+    let srv = TestServer::tiny("llama", s).await;
+    let admin = Some("admin");
+    let listed = |models: &Value, id: &str| models["data"].as_array().unwrap().iter().any(|m| m["id"] == id);
+    let want = srv.chat_text("da", "hi", 10).await;
+    let want_b = srv.chat_text("db", "hi", 10).await;
+
+    let (st, v) = srv.post_key("/v1/unload_lora_adapter", &json!({"lora_name": "da"}), admin).await;
+    assert_eq!(st, 200, "{v}");
+    for round in 0..2 {
+        // Still on disk, but gone: not listed, 404 on both endpoints, streamed or not.
+        assert!(!listed(&srv.get_json("/v1/models").await.1, "da"), "round {round}");
+        let (st, v) = srv.get_json("/v1/models/da").await;
+        assert_error(st, &v, 404, "model card of an unloaded adapter");
+        let (st, v) = srv.post("/v1/chat/completions", &chat_body("da", "hi", 4)).await;
+        assert_error(st, &v, 404, "chat with an unloaded --lora-dir adapter");
+        assert_eq!(v["error"]["code"], "model_not_found");
+        let (st, v) = srv.post("/v1/completions", &completion_body("da", "hi", 4)).await;
+        assert_error(st, &v, 404, "completion with an unloaded --lora-dir adapter");
+        let mut body = chat_body("da", "hi", 4);
+        body["stream"] = json!(true);
+        let (st, text) = srv.post_raw("/v1/chat/completions", body.to_string(), None).await;
+        assert_error(st, &serde_json::from_str(&text).unwrap(), 404, "streamed request for an unloaded adapter");
+    }
+    let (st, v) = srv.post_key("/v1/unload_lora_adapter", &json!({"lora_name": "da"}), admin).await;
+    assert_error(st, &v, 404, "unloading twice");
+    // The other adapter of the directory is untouched.
+    assert_eq!(srv.chat_text("db", "hi", 10).await, want_b);
+
+    // load_lora_adapter brings the name back (a path relative to the --lora-dir).
+    let (st, v) = srv.post_key("/v1/load_lora_adapter", &json!({"lora_name": "da", "lora_path": "da"}), admin).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(listed(&srv.get_json("/v1/models").await.1, "da"));
+    assert_eq!(srv.chat_text("da", "hi", 10).await, want);
+
+    // Unloaded before it was ever used (known from the startup scan only): same.
+    let (st, v) = srv.post_key("/v1/unload_lora_adapter", &json!({"lora_name": "db"}), admin).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = srv.post("/v1/completions", &completion_body("db", "hi", 4)).await;
+    assert_error(st, &v, 404, "unloaded adapter");
+    assert!(!listed(&srv.get_json("/v1/models").await.1, "db"));
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_eos_runs_to_max_tokens_and_usage_counts_tokens() {
+    let srv = TestServer::tiny("llama", with_modules("llama", &["a"])).await;
+    const N: u64 = 48;
+    // Prompts the tiny model ends with its EOS token after a few tokens.
+    let cases = [
+        ("/v1/completions", json!({"model": "tiny", "prompt": [42]})),
+        ("/v1/completions", json!({"model": "a", "prompt": [32]})),
+        ("/v1/chat/completions", json!({"model": "tiny", "messages": [{"role": "user", "content": "1"}]})),
+    ];
+    for (path, mut body) in cases {
+        let chat = path.contains("chat");
+        let what = format!("{path} {}", body["model"]);
+        body["max_tokens"] = json!(N);
+        body["temperature"] = json!(0);
+        let (st, v) = srv.post(path, &body).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{what}: the model stops on its own: {v}");
+        assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < N, "{what}: {v}");
+
+        body["ignore_eos"] = json!(true);
+        let (st, v) = srv.post(path, &body).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], N, "{what}: {v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "length", "{what}");
+        let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert!(prompt_tokens > 0);
+        assert_eq!(v["usage"]["total_tokens"], prompt_tokens + N);
+
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let (st, events) = srv.stream(path, &body).await;
+        assert_eq!(st, 200);
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let (text, chunks) = content_of(&events, chat);
+        let full = if chat { &v["choices"][0]["message"]["content"] } else { &v["choices"][0]["text"] };
+        assert_eq!(text, full.as_str().unwrap(), "{what}: streamed text");
+        assert_eq!(chunks.last().unwrap()["usage"], v["usage"], "{what}: streamed usage");
+        assert_eq!(chunks[chunks.len() - 2]["choices"][0]["finish_reason"], "length", "{what}: streamed");
+    }
+    srv.shutdown().await;
 }

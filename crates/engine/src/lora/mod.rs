@@ -11,7 +11,7 @@ pub mod punica;
 
 pub use config::PeftConfig;
 pub use manager::{AdapterInfo, LoraManager, LoraManagerStats, LoraSlot};
-pub use model::{LoraLayerWeights, LoraModel};
+pub use model::{LoraLayerWeights, LoraMatrix, LoraModel};
 pub use punica::LoraBatch;
 
 /// The projections an adapter may target, in the order the model stores them.

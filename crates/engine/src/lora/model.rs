@@ -1,14 +1,132 @@
 //! One LoRA adapter loaded from PEFT files and checked against the base model's shapes:
 //! every tensor must belong to a targeted projection and fit it, or nothing is loaded.
+//! Weights stay in their file's element type (float32, float16 or bfloat16; never widened)
+//! and are copied once, straight from a read-only map of the file.
 
 use std::collections::HashSet;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use half::{bf16, f16};
+use safetensors::Dtype;
 
 use super::config::{scaling, PeftConfig};
 use super::{LoraModule, ModuleShapes};
 use crate::error::{EngineError, Result};
+use crate::kernels::Widen;
+
+/// One LoRA matrix in the element type of its file: float32 stays float32, float16 and
+/// bfloat16 stay 16 bits (half the memory and half the reads per step); the kernels widen
+/// to f32 as they read and accumulate in f32, so results are those of the f32 values.
+/// Every value is finite (checked at load).
+#[derive(Clone, Debug)]
+pub enum LoraMatrix {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl LoraMatrix {
+    /// Bytes the values occupy.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len() * 4,
+            Self::F16(v) => v.len() * 2,
+            Self::BF16(v) => v.len() * 2,
+        }
+    }
+
+    /// Every value as f32 (exact).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        fn widen<E: Widen>(v: &[E]) -> Vec<f32> {
+            v.iter().map(|x| x.widen()).collect()
+        }
+        match self {
+            Self::F32(v) => v.clone(),
+            Self::F16(v) => widen(v),
+            Self::BF16(v) => widen(v),
+        }
+    }
+
+    /// Decodes the little-endian `[rows][cols]` matrix `data` of `dtype`, as is or
+    /// transposed to `[cols][rows]`, in one pass; refuses other dtypes and non-finite values.
+    fn decode(dtype: Dtype, data: &[u8], rows: usize, cols: usize, transpose: bool) -> std::result::Result<Self, String> {
+        Ok(match dtype {
+            Dtype::F32 => Self::F32(decode_as(data, rows, cols, transpose)?),
+            Dtype::F16 => Self::F16(decode_as(data, rows, cols, transpose)?),
+            Dtype::BF16 => Self::BF16(decode_as(data, rows, cols, transpose)?),
+            other => return Err(format!("unsupported dtype {other:?} (float32, float16 or bfloat16)")),
+        })
+    }
+}
+
+/// An element type of adapter files.
+trait FileElem: Copy + Default {
+    const SIZE: usize;
+    fn from_le(bytes: &[u8]) -> Self;
+    fn is_finite(self) -> bool;
+}
+
+impl FileElem for f32 {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    fn from_le(b: &[u8]) -> Self {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        self.to_bits() & 0x7f80_0000 != 0x7f80_0000
+    }
+}
+
+impl FileElem for f16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn from_le(b: &[u8]) -> Self {
+        f16::from_bits(u16::from_le_bytes([b[0], b[1]]))
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        self.to_bits() & 0x7c00 != 0x7c00
+    }
+}
+
+impl FileElem for bf16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn from_le(b: &[u8]) -> Self {
+        bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        self.to_bits() & 0x7f80 != 0x7f80
+    }
+}
+
+/// [`LoraMatrix::decode`] for one element type.
+fn decode_as<E: FileElem>(data: &[u8], rows: usize, cols: usize, transpose: bool) -> std::result::Result<Vec<E>, String> {
+    let n = rows * cols;
+    if data.len() != n * E::SIZE {
+        return Err(format!("{} bytes for a [{rows}, {cols}] matrix of {}-byte values", data.len(), E::SIZE));
+    }
+    let values: Vec<E> = if transpose {
+        let mut out = vec![E::default(); n];
+        // Source rows are read in order; each output row is written sequentially.
+        for (row, src) in data.chunks_exact(cols * E::SIZE).enumerate() {
+            for (col, b) in src.chunks_exact(E::SIZE).enumerate() {
+                out[col * rows + row] = E::from_le(b);
+            }
+        }
+        out
+    } else {
+        data.chunks_exact(E::SIZE).map(E::from_le).collect()
+    };
+    if !values.iter().fold(true, |ok, v| ok & v.is_finite()) {
+        return Err("contains NaN or infinite values".into());
+    }
+    Ok(values)
+}
 
 /// The low-rank pair of one projection, laid out for the shrink/expand kernels: `a` is
 /// `[r][in]` as PEFT stores it (each row is dotted with the input: shrink) and `b_t` is
@@ -17,16 +135,21 @@ use crate::error::{EngineError, Result};
 pub struct LoraLayerWeights {
     pub rank: usize,
     pub scale: f32,
-    pub a: Vec<f32>,
-    pub b_t: Vec<f32>,
+    pub a: LoraMatrix,
+    pub b_t: LoraMatrix,
 }
 
 impl LoraLayerWeights {
-    /// `scale · B · A` as a dense `[out, in]` tensor, for merging into a float base.
+    /// `scale · B · A` as a dense `[out, in]` f32 tensor, for merging into a float base.
     pub fn delta(&self, out_dim: usize, in_dim: usize, device: &Device) -> Result<Tensor> {
-        let a = Tensor::from_slice(&self.a, (self.rank, in_dim), device)?;
-        let b_t = Tensor::from_slice(&self.b_t, (self.rank, out_dim), device)?;
+        let a = Tensor::from_vec(self.a.to_f32_vec(), (self.rank, in_dim), device)?;
+        let b_t = Tensor::from_vec(self.b_t.to_f32_vec(), (self.rank, out_dim), device)?;
         Ok((b_t.t()?.matmul(&a)? * self.scale as f64)?)
+    }
+
+    /// Bytes both matrices occupy.
+    pub fn size_in_bytes(&self) -> usize {
+        self.a.size_in_bytes() + self.b_t.size_in_bytes()
     }
 }
 
@@ -78,7 +201,11 @@ impl LoraModel {
             };
             return Err(err("adapter_model.safetensors", msg));
         }
-        let bytes = std::fs::read(&weights_path)
+        let file = File::open(&weights_path)
+            .map_err(|e| err("adapter_model.safetensors", format!("cannot read: {e}")))?;
+        // SAFETY: a read-only map, dropped before this function returns; like every
+        // safetensors loader we assume the file is not truncated while we read it.
+        let bytes = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
             .map_err(|e| err("adapter_model.safetensors", format!("cannot read: {e}")))?;
         let tensors = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| err("adapter_model.safetensors", format!("corrupt: {e}")))?;
@@ -142,16 +269,14 @@ impl LoraModel {
                 let (r, alpha) = matcher.rank_alpha(&config, module, layer);
                 let (out_dim, in_dim) = shapes.shapes[module.index()];
                 let prefix = format!("base_model.model.{}", module.module_name(layer));
-                let a = read_matrix(&tensors, &prefix, 'A')
-                    .map_err(|m| err("adapter_model.safetensors", m))?;
-                let b = read_matrix(&tensors, &prefix, 'B')
-                    .map_err(|m| err("adapter_model.safetensors", m))?;
-                if a.1 != (r, in_dim) || b.1 != (out_dim, r) {
+                let a = tensor(&tensors, &prefix, 'A').map_err(|m| err("adapter_model.safetensors", m))?;
+                let b = tensor(&tensors, &prefix, 'B').map_err(|m| err("adapter_model.safetensors", m))?;
+                if a.shape() != [r, in_dim] || b.shape() != [out_dim, r] {
                     return Err(err(
                         "shape",
                         format!(
                             "{}: lora_A is {:?} and lora_B is {:?}, but this base needs [{r}, {in_dim}] and [{out_dim}, {r}] (rank {r} from the config): an adapter made for another model?",
-                            module.module_name(layer), a.1, b.1
+                            module.module_name(layer), a.shape(), b.shape()
                         ),
                     ));
                 }
@@ -161,21 +286,22 @@ impl LoraModel {
                         format!("rank {r} of {} is above the configured maximum {max_rank} (raise --max-lora-rank)", module.module_name(layer)),
                     ));
                 }
-                // b is [out][r]; keep it as [r][out] so the expand step is vector adds.
-                let mut b_t = vec![0f32; r * out_dim];
-                for (o, row) in b.0.chunks_exact(r).enumerate() {
-                    for (j, &v) in row.iter().enumerate() {
-                        b_t[j * out_dim + o] = v;
-                    }
-                }
-                total_bytes += (a.0.len() + b_t.len()) * std::mem::size_of::<f32>();
-                max = max.max(r);
-                slots[module.index()] = Some(LoraLayerWeights {
+                let decode = |view: &safetensors::tensor::TensorView<'_>, which: char, transpose: bool| {
+                    let (rows, cols) = (view.shape()[0], view.shape()[1]);
+                    LoraMatrix::decode(view.dtype(), view.data(), rows, cols, transpose).map_err(|m| {
+                        err("adapter_model.safetensors", format!("{}.lora_{which}: {m}", module.module_name(layer)))
+                    })
+                };
+                // B is [out][r] in the file; kept as [r][out] so the expand step adds rows.
+                let weights = LoraLayerWeights {
                     rank: r,
                     scale: scaling(alpha, r, config.use_rslora) as f32,
-                    a: a.0,
-                    b_t,
-                });
+                    a: decode(&a, 'A', false)?,
+                    b_t: decode(&b, 'B', true)?,
+                };
+                total_bytes += weights.size_in_bytes();
+                max = max.max(r);
+                slots[module.index()] = Some(weights);
             }
         }
         if max == 0 {
@@ -217,35 +343,20 @@ fn parse_key(key: &str, layers: usize) -> Option<(usize, LoraModule, char)> {
     Some((layer, module, which))
 }
 
-/// Reads `{prefix}.lora_{A|B}.weight` (or with `.default`) as float32 with its 2-d shape.
-fn read_matrix(
-    tensors: &safetensors::SafeTensors<'_>,
+/// The view of `{prefix}.lora_{A|B}.weight` (or with `.default`), which must be a matrix.
+fn tensor<'d>(
+    tensors: &safetensors::SafeTensors<'d>,
     prefix: &str,
     which: char,
-) -> std::result::Result<(Vec<f32>, (usize, usize)), String> {
+) -> std::result::Result<safetensors::tensor::TensorView<'d>, String> {
     let plain = format!("{prefix}.lora_{which}.weight");
     let named = format!("{prefix}.lora_{which}.default.weight");
     let view = tensors
         .tensor(&plain)
         .or_else(|_| tensors.tensor(&named))
         .map_err(|e| format!("{plain}: {e}"))?;
-    let shape = view.shape();
-    if shape.len() != 2 {
-        return Err(format!("{plain}: expected a matrix, got shape {shape:?}"));
+    if view.shape().len() != 2 {
+        return Err(format!("{plain}: expected a matrix, got shape {:?}", view.shape()));
     }
-    let data = view.data();
-    // Decode straight from the file bytes: no intermediate tensor copies.
-    let values: Vec<f32> = match view.dtype() {
-        safetensors::Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        safetensors::Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        safetensors::Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        other => return Err(format!("{plain}: unsupported dtype {other:?}")),
-    };
-    if values.len() != shape[0] * shape[1] {
-        return Err(format!("{plain}: {} values for shape {shape:?}", values.len()));
-    }
-    if values.iter().any(|v| !v.is_finite()) {
-        return Err(format!("{plain}: contains NaN or infinite values"));
-    }
-    Ok((values, (shape[0], shape[1])))
+    Ok(view)
 }

@@ -1,0 +1,64 @@
+//! `loramux bench report FILE.json`: re-renders a saved result's Markdown and plots, so the
+//! analysis can be redone (or restyled) without measuring again.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::deployment::{self, DeploymentResult};
+use crate::load::LoadResult;
+use crate::run::{render_outputs, Report};
+use crate::swap::SwapResult;
+use crate::switch::SwitchResult;
+use crate::BenchError;
+
+/// A result file of any scenario.
+pub enum AnyResult {
+    Switch(SwitchResult),
+    Deployment(Box<DeploymentResult>),
+    Swap(SwapResult),
+    Load(LoadResult),
+}
+
+impl AnyResult {
+    /// Reads a result file, picking the scenario from `metadata.scenario`.
+    pub fn read(path: &Path) -> Result<Self, BenchError> {
+        let text = std::fs::read_to_string(path).map_err(|e| BenchError::Io { path: path.to_path_buf(), source: e })?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| BenchError::Invalid(format!("{}: not JSON: {e}", path.display())))?;
+        let scenario = value["metadata"]["scenario"].as_str().unwrap_or_default().to_string();
+        let bad = |e: serde_json::Error| BenchError::Invalid(format!("{}: not a {scenario} result: {e}", path.display()));
+        Ok(match scenario.as_str() {
+            "switch" => Self::Switch(serde_json::from_value(value).map_err(bad)?),
+            "deployment" => {
+                let mut r: DeploymentResult = serde_json::from_value(value).map_err(bad)?;
+                // The analysis is a function of the rows: recompute it from the raw data.
+                r.analysis = deployment::analyse(&r.results)?;
+                Self::Deployment(Box::new(r))
+            }
+            "swap" => Self::Swap(serde_json::from_value(value).map_err(bad)?),
+            "load" => Self::Load(serde_json::from_value(value).map_err(bad)?),
+            other => {
+                return Err(BenchError::Invalid(format!(
+                    "{}: metadata.scenario is '{other}', not one of switch, deployment, swap, load",
+                    path.display()
+                )))
+            }
+        })
+    }
+
+    fn report(&self) -> &dyn Report {
+        match self {
+            Self::Switch(r) => r,
+            Self::Deployment(r) => r.as_ref(),
+            Self::Swap(r) => r,
+            Self::Load(r) => r,
+        }
+    }
+}
+
+/// Re-renders `path`'s Markdown and plots next to it; returns what was written.
+pub fn rerender(path: &Path) -> Result<Vec<PathBuf>, BenchError> {
+    let result = AnyResult::read(path)?;
+    render_outputs(result.report(), path)
+}

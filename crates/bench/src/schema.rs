@@ -1,0 +1,21 @@
+//! JSON Schemas of the result files, generated from the types that write them so the
+//! documented schema cannot drift from the files (`loramux bench schema` prints them;
+//! `docs/bench-results.schema.json` is the committed copy, checked by a test).
+
+use schemars::schema_for;
+use serde_json::{json, Value};
+
+use crate::deployment::DeploymentResult;
+use crate::load::LoadResult;
+use crate::swap::SwapResult;
+use crate::switch::SwitchResult;
+
+/// One schema per scenario, keyed by scenario name.
+pub fn all() -> Value {
+    json!({
+        "switch": schema_for!(SwitchResult),
+        "deployment": schema_for!(DeploymentResult),
+        "swap": schema_for!(SwapResult),
+        "load": schema_for!(LoadResult),
+    })
+}
