@@ -94,7 +94,8 @@ pub fn write_adapter(dir: &Path, shapes: &ModuleShapes, spec: &AdapterSpec) -> s
         .map_err(std::io::Error::other)
 }
 
-/// Writes a random all-linear float32 adapter of rank `r` (the engine benchmark's adapters).
+/// Writes a random all-linear bfloat16 adapter of rank `r` (the engine benchmark's adapters),
+/// the dtype PEFT saves adapters trained in bfloat16 in.
 pub fn write_random_adapter(dir: &Path, shapes: &ModuleShapes, r: usize, seed: u64) -> std::io::Result<()> {
-    write_adapter(dir, shapes, &AdapterSpec::all_linear(r, Dtype::F32, seed))
+    write_adapter(dir, shapes, &AdapterSpec::all_linear(r, Dtype::BF16, seed))
 }

@@ -11,24 +11,18 @@ pub(crate) struct SendPtr(pub(crate) *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `SendPtr`, not its field).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Dot product of two equally long slices.
 #[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; LANES];
-    let ca = a.chunks_exact(LANES);
-    let cb = b.chunks_exact(LANES);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        sum += x * y;
-    }
-    sum
+    dot_widen(a, b)
 }
 
 /// `y += alpha * x`.
@@ -47,12 +41,24 @@ pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 pub(crate) trait Widen: Copy + Send + Sync {
     /// The value as f32.
     fn widen(self) -> f32;
+
+    /// The values themselves when they already are f32 (nothing to widen).
+    #[inline(always)]
+    fn as_f32(values: &[Self]) -> Option<&[f32]> {
+        let _ = values;
+        None
+    }
 }
 
 impl Widen for f32 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self
+    }
+
+    #[inline(always)]
+    fn as_f32(values: &[Self]) -> Option<&[f32]> {
+        Some(values)
     }
 }
 
@@ -69,7 +75,7 @@ impl Widen for half::f16 {
     /// (exact, subnormals included); infinities and NaNs get f32's all-ones exponent.
     #[inline(always)]
     fn widen(self) -> f32 {
-        const REBIAS: f32 = 5.192_297e33; // 2^(127 - 15)
+        const REBIAS: f32 = f32::from_bits((127 + 112) << 23); // 2^(127 - 15)
         let h = self.to_bits() as u32;
         let magnitude = f32::from_bits((h & 0x7fff) << 13) * REBIAS;
         let special = if h & 0x7c00 == 0x7c00 { 0x7f80_0000 } else { 0 };
@@ -77,56 +83,35 @@ impl Widen for half::f16 {
     }
 }
 
-/// Dot products of four equally long weight rows with one activation row:
-/// `[a[0]·x, a[1]·x, a[2]·x, a[3]·x]`, each summed in the same order as [`dot`]. Four rows
-/// at once give four independent accumulator chains and load `x` once for all of them.
+/// Dot product of a weight row (any [`Widen`] type) with an activation row of its length,
+/// in [`LANES`] partial sums. Widening is exact, so a row gives the same result whether it is
+/// read in its stored type or widened first.
 #[inline]
-pub(crate) fn dot4<E: Widen>(a: [&[E]; 4], x: &[f32]) -> [f32; 4] {
-    let n = x.len();
-    let [a0, a1, a2, a3] = a.map(|r| &r[..n]);
-    let (mut s0, mut s1, mut s2, mut s3) = ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
+pub(crate) fn dot_widen<E: Widen>(a: &[E], x: &[f32]) -> f32 {
+    let n = a.len();
+    let x = &x[..n];
+    let mut acc = [0f32; LANES];
     let full = n - n % LANES;
     for k in (0..full).step_by(LANES) {
         let xs: &[f32; LANES] = x[k..k + LANES].try_into().unwrap();
-        let w0: &[E; LANES] = a0[k..k + LANES].try_into().unwrap();
-        let w1: &[E; LANES] = a1[k..k + LANES].try_into().unwrap();
-        let w2: &[E; LANES] = a2[k..k + LANES].try_into().unwrap();
-        let w3: &[E; LANES] = a3[k..k + LANES].try_into().unwrap();
+        let ws: &[E; LANES] = a[k..k + LANES].try_into().unwrap();
         for i in 0..LANES {
-            s0[i] += w0[i].widen() * xs[i];
-            s1[i] += w1[i].widen() * xs[i];
-            s2[i] += w2[i].widen() * xs[i];
-            s3[i] += w3[i].widen() * xs[i];
-        }
-    }
-    let finish = |s: [f32; LANES], row: &[E]| {
-        let mut sum: f32 = s.iter().sum();
-        for (w, xv) in row[full..].iter().zip(&x[full..]) {
-            sum += w.widen() * xv;
-        }
-        sum
-    };
-    [finish(s0, a0), finish(s1, a1), finish(s2, a2), finish(s3, a3)]
-}
-
-/// [`dot`] of one weight row (any [`Widen`] type) with an activation row.
-#[inline]
-pub(crate) fn dot_widen<E: Widen>(a: &[E], x: &[f32]) -> f32 {
-    assert_eq!(a.len(), x.len());
-    let mut acc = [0f32; LANES];
-    let ca = a.chunks_exact(LANES);
-    let cx = x.chunks_exact(LANES);
-    let (ra, rx) = (ca.remainder(), cx.remainder());
-    for (w, xs) in ca.zip(cx) {
-        for i in 0..LANES {
-            acc[i] += w[i].widen() * xs[i];
+            acc[i] += ws[i].widen() * xs[i];
         }
     }
     let mut sum: f32 = acc.iter().sum();
-    for (w, xv) in ra.iter().zip(rx) {
+    for (w, xv) in a[full..].iter().zip(&x[full..]) {
         sum += w.widen() * xv;
     }
     sum
+}
+
+/// `dst = widen(src)`, element by element.
+#[inline]
+pub(crate) fn widen_into<E: Widen>(dst: &mut [f32], src: &[E]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.widen();
+    }
 }
 
 /// `y += alpha · b`, widening `b` as it is read.
@@ -135,6 +120,38 @@ pub(crate) fn axpy_widen<E: Widen>(y: &mut [f32], alpha: f32, b: &[E]) {
     let b = &b[..y.len()];
     for (yi, bi) in y.iter_mut().zip(b) {
         *yi += alpha * bi.widen();
+    }
+}
+
+/// Output columns [`expand`] keeps in registers while it runs over all rank components.
+const EXPAND_BLOCK: usize = 4 * LANES;
+
+/// `y[c] += Σ_j t[j] · b[j·stride + c]` for every column `c` of `y` (`b`: the rows of `Bᵀ`,
+/// row `j` starting at `j·stride`). Each block of columns is accumulated in registers over
+/// all `j` and stored once; the sums are formed in the same order as `j` successive
+/// [`axpy_widen`] calls, so both give the same result.
+#[inline]
+pub(crate) fn expand(y: &mut [f32], t: &[f32], b: &[f32], stride: usize) {
+    let n = y.len();
+    if let Some(last) = t.len().checked_sub(1) {
+        assert!(b.len() >= last * stride + n);
+    }
+    for (blk, yb) in y.chunks_mut(EXPAND_BLOCK).enumerate() {
+        let c = blk * EXPAND_BLOCK;
+        if let Ok(yb) = <&mut [f32; EXPAND_BLOCK]>::try_from(&mut *yb) {
+            let mut acc = *yb;
+            for (j, &tj) in t.iter().enumerate() {
+                let bj: &[f32; EXPAND_BLOCK] = b[j * stride + c..j * stride + c + EXPAND_BLOCK].try_into().unwrap();
+                for i in 0..EXPAND_BLOCK {
+                    acc[i] += tj * bj[i];
+                }
+            }
+            *yb = acc;
+        } else {
+            for (j, &tj) in t.iter().enumerate() {
+                axpy(yb, tj, &b[j * stride + c..j * stride + c + yb.len()]);
+            }
+        }
     }
 }
 
@@ -157,4 +174,65 @@ pub(crate) fn argmax(x: &[f32]) -> usize {
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use half::{bf16, f16};
+
+    use super::*;
+
+    #[test]
+    fn widening_is_exact_for_every_16_bit_value() {
+        let same = |ours: f32, reference: f32| {
+            if reference.is_nan() {
+                ours.is_nan()
+            } else {
+                ours.to_bits() == reference.to_bits()
+            }
+        };
+        for bits in 0..=u16::MAX {
+            let (h, b) = (f16::from_bits(bits), bf16::from_bits(bits));
+            assert!(same(h.widen(), h.to_f32()), "f16 {bits:#06x}");
+            assert!(same(b.widen(), b.to_f32()), "bf16 {bits:#06x}");
+        }
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stored_and_widened_rows_give_the_same_dot() {
+        for n in [1, 15, 16, 17, 100, 576] {
+            let (a, x) = (values(n, 1), values(n, 2));
+            let a16: Vec<bf16> = a.iter().map(|&v| bf16::from_f32(v)).collect();
+            let mut wide = vec![0f32; n];
+            widen_into(&mut wide, &a16);
+            assert_eq!(dot_widen(&a16, &x).to_bits(), dot(&wide, &x).to_bits(), "n={n}");
+            let exact: f64 = wide.iter().zip(&x).map(|(&p, &q)| p as f64 * q as f64).sum();
+            assert!((dot(&wide, &x) as f64 - exact).abs() < 1e-4, "n={n}");
+        }
+    }
+
+    #[test]
+    fn blocked_expand_adds_in_the_order_of_row_by_row_axpys() {
+        for (cols, rank) in [(64, 1), (200, 3), (576, 16)] {
+            let stride = cols + 7;
+            let (b, t, y0) = (values(rank * stride, 3), values(rank, 4), values(cols, 5));
+            let mut blocked = y0.clone();
+            expand(&mut blocked, &t, &b, stride);
+            let mut rows = y0;
+            for (j, &tj) in t.iter().enumerate() {
+                axpy_widen(&mut rows, tj, &b[j * stride..]);
+            }
+            assert_eq!(blocked, rows, "cols={cols} rank={rank}");
+        }
+    }
 }

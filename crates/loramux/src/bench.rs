@@ -137,6 +137,8 @@ where
     Fut: std::future::Future<Output = Result<Box<dyn Written>, loramux_bench::BenchError>>,
 {
     let out_dir = out.unwrap_or_else(|| PathBuf::from("results").join(name));
+    // Absolute, so adapter paths sent to servers mean the same to them.
+    let out_dir = std::path::absolute(&out_dir).with_context(|| format!("resolving {}", out_dir.display()))?;
     let model = match &target.url {
         Some(_) => None,
         None => Some(locate_model(target.model.as_deref().unwrap_or(DEFAULT_MODEL))?),

@@ -62,13 +62,21 @@ impl LoraMatrix {
 }
 
 /// An element type of adapter files.
-trait FileElem: Copy + Default {
+///
+/// # Safety
+/// Every bit pattern of `SIZE` bytes must be a value of the type, stored as those bytes in
+/// the target's byte order (so a little-endian target may copy file bytes straight in).
+unsafe trait FileElem: Copy + Default {
+    /// Bytes per value.
     const SIZE: usize;
+    /// The value in `SIZE` little-endian bytes.
     fn from_le(bytes: &[u8]) -> Self;
+    /// Neither infinite nor NaN (a test of the exponent bits, which vectorises).
     fn is_finite(self) -> bool;
 }
 
-impl FileElem for f32 {
+// SAFETY: a plain 4-byte float; every bit pattern is a value.
+unsafe impl FileElem for f32 {
     const SIZE: usize = 4;
     #[inline(always)]
     fn from_le(b: &[u8]) -> Self {
@@ -80,7 +88,8 @@ impl FileElem for f32 {
     }
 }
 
-impl FileElem for f16 {
+// SAFETY: a plain 2-byte float; every bit pattern is a value.
+unsafe impl FileElem for f16 {
     const SIZE: usize = 2;
     #[inline(always)]
     fn from_le(b: &[u8]) -> Self {
@@ -92,7 +101,8 @@ impl FileElem for f16 {
     }
 }
 
-impl FileElem for bf16 {
+// SAFETY: a plain 2-byte float; every bit pattern is a value.
+unsafe impl FileElem for bf16 {
     const SIZE: usize = 2;
     #[inline(always)]
     fn from_le(b: &[u8]) -> Self {
@@ -110,6 +120,9 @@ fn decode_as<E: FileElem>(data: &[u8], rows: usize, cols: usize, transpose: bool
     if data.len() != n * E::SIZE {
         return Err(format!("{} bytes for a [{rows}, {cols}] matrix of {}-byte values", data.len(), E::SIZE));
     }
+    if n == 0 {
+        return Ok(Vec::new());
+    }
     let values: Vec<E> = if transpose {
         let mut out = vec![E::default(); n];
         // Source rows are read in order; each output row is written sequentially.
@@ -117,6 +130,16 @@ fn decode_as<E: FileElem>(data: &[u8], rows: usize, cols: usize, transpose: bool
             for (col, b) in src.chunks_exact(E::SIZE).enumerate() {
                 out[col * rows + row] = E::from_le(b);
             }
+        }
+        out
+    } else if cfg!(target_endian = "little") {
+        let mut out = Vec::<E>::with_capacity(n);
+        // SAFETY: `data` holds exactly `n` values' bytes (checked above) in the target's byte
+        // order, any bytes are valid values (`FileElem`), and all `n` are written before
+        // the length is set.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), out.as_mut_ptr().cast::<u8>(), data.len());
+            out.set_len(n);
         }
         out
     } else {

@@ -7,9 +7,10 @@
 //! One parallel pass per projection: a task shrinks and expands its own rows (segments
 //! never share rows, so tasks need no synchronisation), streaming its adapter's weights once
 //! in their stored type (f32, f16 or bf16) and accumulating in f32. The tasks are planned
-//! once per forward pass: segments are split by rows when there are fewer of them than
-//! threads, and a lone short segment (batch 1) is split by output columns.
+//! once per forward pass: segments longer than their share of the threads are split by
+//! rows. A row's result does not depend on which rows share its task.
 
+use std::cell::RefCell;
 use std::ops::Range;
 
 use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor};
@@ -17,28 +18,20 @@ use rayon::prelude::*;
 
 use super::{LoraLayerWeights, LoraMatrix, LoraModel, LoraModule};
 use crate::error::Result;
-use crate::kernels::{axpy_widen, dot4, dot_widen, SendPtr, Widen};
+use crate::kernels::{axpy_widen, dot_widen, expand, widen_into, SendPtr, Widen};
 
 /// Most rows one task takes: enough to reuse each weight it loads many times, few enough
 /// to keep its activations in L2.
 const MAX_TASK_ROWS: usize = 32;
-/// Capacity of a task's shrunk values (`rows × rank`, on the stack).
-const SHRUNK_CAP: usize = 4096;
-/// Rank components shrunk and expanded together; higher ranks take several passes.
-const RANK_BLOCK: usize = 256;
-/// Floats of `y` an expand block keeps in L1 across all rank components (32 KiB).
-const Y_BLOCK_FLOATS: usize = 8192;
-/// Narrowest column block of the expand.
+/// Output columns expanded together for all of a task's rows, so their block of `Bᵀ`
+/// (`rank × COL_BLOCK` values) stays in cache while every row uses it.
 const COL_BLOCK: usize = 256;
 
-/// Rows `rows` of the batch use `adapter`; this task adds their update to output columns
-/// `part` of `parts` equal shares.
+/// Rows `rows` of the batch use `adapter`.
 #[derive(Clone, Debug)]
 struct LoraTask<'a> {
     rows: Range<usize>,
     adapter: &'a LoraModel,
-    part: usize,
-    parts: usize,
 }
 
 /// The adapter of every row of one forward pass, planned as parallel tasks.
@@ -50,9 +43,15 @@ pub struct LoraBatch<'a> {
 impl<'a> LoraBatch<'a> {
     /// Builds segments from `(rows, adapter)` runs in row order, merging neighbours
     /// that share an adapter, and splits them into tasks for the thread pool.
+    ///
+    /// # Panics
+    /// If the runs overlap or are out of order.
     pub fn from_runs(runs: impl IntoIterator<Item = (Range<usize>, Option<&'a LoraModel>)>) -> Self {
         let mut segments: Vec<(Range<usize>, &'a LoraModel)> = Vec::new();
+        let mut end = 0;
         for (rows, adapter) in runs {
+            assert!(rows.start >= end, "LoRA runs must be disjoint and in row order");
+            end = end.max(rows.end);
             let Some(adapter) = adapter else { continue };
             if let Some((last_rows, last)) = segments.last_mut() {
                 if std::ptr::eq(*last, adapter) && last_rows.end == rows.start {
@@ -74,17 +73,9 @@ impl<'a> LoraBatch<'a> {
             let mut start = rows.start;
             for c in 0..chunks {
                 let end = start + base + usize::from(c < extra);
-                tasks.push(LoraTask { rows: start..end, adapter, part: 0, parts: 1 });
+                tasks.push(LoraTask { rows: start..end, adapter });
                 start = end;
             }
-        }
-        // Fewer tasks than threads (a lone short segment): share out the columns too.
-        if !tasks.is_empty() && tasks.len() < threads {
-            let parts = threads.div_ceil(tasks.len());
-            tasks = tasks
-                .into_iter()
-                .flat_map(|t| (0..parts).map(move |part| LoraTask { part, parts, ..t.clone() }))
-                .collect();
         }
         Self { tasks }
     }
@@ -139,95 +130,202 @@ impl InplaceOp2 for ShrinkExpand<'_, '_> {
             candle_core::bail!("lora rows {:?} outside the batch of {} rows", t.rows, y_rows.min(x_rows));
         }
         let y_ptr = SendPtr(y.as_mut_ptr());
-        self.tasks.par_iter().for_each(|task| {
-            let y_ptr = y_ptr;
+        let run = |task: &LoraTask<'_>| {
             let Some(w) = task.adapter.weights(self.layer, self.module) else { return };
-            let cols = share(out_dim, task.part, task.parts);
-            if cols.is_empty() {
-                return;
-            }
             let x = &x[task.rows.start * in_dim..task.rows.end * in_dim];
-            // SAFETY: tasks cover disjoint (rows, columns) of `y` (rows checked in bounds
-            // above); this task's rows are one contiguous range of `y`.
+            // SAFETY: the tasks' row ranges are disjoint (runs are checked to be in order)
+            // and inside `y` (checked above), so each task has its rows to itself.
             let y = unsafe {
-                std::slice::from_raw_parts_mut(y_ptr.0.add(task.rows.start * out_dim), task.rows.len() * out_dim)
+                std::slice::from_raw_parts_mut(y_ptr.get().add(task.rows.start * out_dim), task.rows.len() * out_dim)
             };
-            apply(w, x, in_dim, y, out_dim, cols);
-        });
+            apply(w, x, in_dim, y, out_dim);
+        };
+        // One task (batch 1, or one short segment) runs here: waking the pool would cost
+        // more than its work.
+        match self.tasks {
+            [task] => run(task),
+            tasks => tasks.par_iter().for_each(run),
+        }
         Ok(())
     }
 }
 
-/// Share `part` of `parts` of `0..n`, boundaries rounded to 64 columns.
-fn share(n: usize, part: usize, parts: usize) -> Range<usize> {
-    let bound = |p: usize| if p == parts { n } else { (n * p / parts).next_multiple_of(64).min(n) };
-    bound(part)..bound(part + 1)
+/// Per-thread buffers of the kernel, grown to the largest size needed and then reused, so
+/// no step allocates.
+#[derive(Default)]
+struct Scratch {
+    /// Shrunk values of a task's rows, `[rows][rank]`.
+    shrunk: Vec<f32>,
+    /// One row of `A` or a block of a row of `Bᵀ`, widened to f32 once for all the rows.
+    widened: Vec<f32>,
 }
 
-/// Shrink then expand for a few rows: `y[:, cols] += scale · (x · Aᵀ) · Bᵀ[:, cols]`, in
-/// blocks of rows and rank components sized for a stack buffer of shrunk values.
-fn apply(w: &LoraLayerWeights, x: &[f32], in_dim: usize, y: &mut [f32], out_dim: usize, cols: Range<usize>) {
-    let mut shrunk = [0f32; SHRUNK_CAP];
-    let rank_block = w.rank.min(RANK_BLOCK);
-    let rows_per_block = SHRUNK_CAP / rank_block;
-    for (xb, yb) in x.chunks(rows_per_block * in_dim).zip(y.chunks_mut(rows_per_block * out_dim)) {
-        for j0 in (0..w.rank).step_by(RANK_BLOCK) {
-            let ranks = j0..(j0 + RANK_BLOCK).min(w.rank);
-            let t = &mut shrunk[..xb.len() / in_dim * ranks.len()];
-            let mode = std::env::var("MODE").unwrap_or_default();
-            if mode != "noshrink" { match &w.a {
-                LoraMatrix::F32(a) => shrink(a, in_dim, ranks.clone(), w.scale, xb, t),
-                LoraMatrix::F16(a) => shrink(a, in_dim, ranks.clone(), w.scale, xb, t),
-                LoraMatrix::BF16(a) => shrink(a, in_dim, ranks.clone(), w.scale, xb, t),
-            } }
-            if mode != "noexpand" {
-            match &w.b_t {
-                LoraMatrix::F32(b) => expand_rows(b, out_dim, ranks, t, yb, cols.clone()),
-                LoraMatrix::F16(b) => expand_rows(b, out_dim, ranks, t, yb, cols.clone()),
-                LoraMatrix::BF16(b) => expand_rows(b, out_dim, ranks, t, yb, cols.clone()),
-            } }
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
+}
+
+/// Grows `v` to at least `n` values and returns its first `n`.
+fn at_least(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+/// Shrink then expand for a task's rows: `y += scale · (x · Aᵀ) · Bᵀ`.
+fn apply(w: &LoraLayerWeights, x: &[f32], in_dim: usize, y: &mut [f32], out_dim: usize) {
+    SCRATCH.with_borrow_mut(|s| {
+        let t = at_least(&mut s.shrunk, x.len() / in_dim * w.rank);
+        let widened = &mut s.widened;
+        match &w.a {
+            LoraMatrix::F32(a) => shrink(a, in_dim, w.scale, x, t, widened),
+            LoraMatrix::F16(a) => shrink(a, in_dim, w.scale, x, t, widened),
+            LoraMatrix::BF16(a) => shrink(a, in_dim, w.scale, x, t, widened),
+        }
+        match &w.b_t {
+            LoraMatrix::F32(b) => expand_rows(b, out_dim, t, y, widened),
+            LoraMatrix::F16(b) => expand_rows(b, out_dim, t, y, widened),
+            LoraMatrix::BF16(b) => expand_rows(b, out_dim, t, y, widened),
+        }
+    });
+}
+
+/// `t[i][j] = scale · A_j · x_i` for every rank component `j` of `a` (`[r][in_dim]`) and
+/// every row `x_i`. `A` is read once, as one sequential stream (what the hardware
+/// prefetchers follow best), each row of it used by all rows of `x` while in L1.
+fn shrink<E: Widen>(a: &[E], in_dim: usize, scale: f32, x: &[f32], t: &mut [f32], widened: &mut Vec<f32>) {
+    fn row_dots<W: Widen>(a_j: &[W], j: usize, scale: f32, x: &[f32], t: &mut [f32], rank: usize) {
+        for (xi, ti) in x.chunks_exact(a_j.len()).zip(t.chunks_exact_mut(rank)) {
+            ti[j] = dot_widen(a_j, xi) * scale;
+        }
+    }
+    let rank = a.len() / in_dim;
+    // One row, or weights already f32: read in place; else widen each row once for all.
+    let widen = x.len() > in_dim && E::as_f32(a).is_none();
+    for (j, a_j) in a.chunks_exact(in_dim).enumerate() {
+        if widen {
+            let w = at_least(widened, in_dim);
+            widen_into(w, a_j);
+            row_dots(w, j, scale, x, t, rank);
+        } else {
+            row_dots(a_j, j, scale, x, t, rank);
         }
     }
 }
 
-/// `t[i][j - ranks.start] = scale · A_j · x_i` for rank components `ranks` of `a`
-/// (`[r][in_dim]`) and every row `x_i`; four rows of `A` at a time, each loaded once for all
-/// rows of `x`.
-fn shrink<E: Widen>(a: &[E], in_dim: usize, ranks: Range<usize>, scale: f32, x: &[f32], t: &mut [f32]) {
-    let k = ranks.len();
-    let row = |j: usize| &a[j * in_dim..(j + 1) * in_dim];
-    let mut j = ranks.start;
-    while j + 4 <= ranks.end {
-        let rows = [row(j), row(j + 1), row(j + 2), row(j + 3)];
-        for (xi, ti) in x.chunks_exact(in_dim).zip(t.chunks_exact_mut(k)) {
-            let d = dot4(rows, xi);
-            for (q, v) in d.into_iter().enumerate() {
-                ti[j - ranks.start + q] = v * scale;
+/// `y_i += Σ_j t[i][j] · Bᵀ_j` for every row `y_i` (`out_dim` wide) with `b_t` as
+/// `[r][out_dim]`. One row (decode): rank components outermost, so `Bᵀ` too is read as one
+/// sequential stream. Several rows: per block of columns, the block of `Bᵀ` is widened once
+/// (f32 is read in place) and every row accumulates it in registers over all `j`. Both
+/// add the terms in the same order.
+fn expand_rows<E: Widen>(b_t: &[E], out_dim: usize, t: &[f32], y: &mut [f32], widened: &mut Vec<f32>) {
+    let rank = b_t.len() / out_dim;
+    if y.len() == out_dim {
+        for (b_j, &t_j) in b_t.chunks_exact(out_dim).zip(t) {
+            axpy_widen(y, t_j, b_j);
+        }
+        return;
+    }
+    for c0 in (0..out_dim).step_by(COL_BLOCK) {
+        let c1 = (c0 + COL_BLOCK).min(out_dim);
+        let (b, stride): (&[f32], usize) = match E::as_f32(b_t) {
+            Some(b) => (&b[c0..], out_dim),
+            None => {
+                let w = at_least(widened, rank * (c1 - c0));
+                for (wj, b_j) in w.chunks_exact_mut(c1 - c0).zip(b_t.chunks_exact(out_dim)) {
+                    widen_into(wj, &b_j[c0..c1]);
+                }
+                (w, c1 - c0)
             }
-        }
-        j += 4;
-    }
-    for j in j..ranks.end {
-        for (xi, ti) in x.chunks_exact(in_dim).zip(t.chunks_exact_mut(k)) {
-            ti[j - ranks.start] = dot_widen(row(j), xi) * scale;
+        };
+        for (yi, ti) in y.chunks_exact_mut(out_dim).zip(t.chunks_exact(rank)) {
+            expand(&mut yi[c0..c1], ti, b, stride);
         }
     }
 }
 
-/// `y_i[cols] += Σ_j t[i][j - ranks.start] · Bᵀ_j[cols]` for every row `y_i` (`out_dim`
-/// wide) with `b_t` as `[r][out_dim]`. Rank components outermost, so `Bᵀ` is read as one
-/// sequential stream (what the hardware prefetchers follow best), in column blocks only as
-/// narrow as needed to keep the rows' slices of `y` in L1.
-fn expand_rows<E: Widen>(b_t: &[E], out_dim: usize, ranks: Range<usize>, t: &[f32], y: &mut [f32], cols: Range<usize>) {
-    let k = ranks.len();
-    let rows = y.len() / out_dim;
-    let block = (Y_BLOCK_FLOATS / rows.max(1)).max(COL_BLOCK);
-    for c0 in cols.clone().step_by(block) {
-        let c1 = (c0 + block).min(cols.end);
-        for j in ranks.clone() {
-            let b_j = &b_t[j * out_dim + c0..j * out_dim + c1];
-            for (yi, ti) in y.chunks_exact_mut(out_dim).zip(t.chunks_exact(k)) {
-                axpy_widen(&mut yi[c0..c1], ti[j - ranks.start], b_j);
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+    use half::{bf16, f16};
+
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    fn matrix(v: Vec<f32>, dtype: usize) -> LoraMatrix {
+        match dtype {
+            0 => LoraMatrix::F32(v),
+            1 => LoraMatrix::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+            _ => LoraMatrix::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+        }
+    }
+
+    /// A one-layer adapter on `q_proj` only, its matrices in `dtype` (0: f32, 1: f16, 2: bf16).
+    fn adapter(rank: usize, (out_dim, in_dim): (usize, usize), dtype: usize, seed: u32) -> LoraModel {
+        let weights = LoraLayerWeights {
+            rank,
+            scale: 1.5,
+            a: matrix(values(rank * in_dim, seed), dtype),
+            b_t: matrix(values(rank * out_dim, seed + 1), dtype),
+        };
+        let config = serde_json::from_value(serde_json::json!({"r": rank, "lora_alpha": 1.5 * rank as f64})).unwrap();
+        LoraModel {
+            name: format!("a{seed}"),
+            path: Default::default(),
+            bytes: weights.size_in_bytes(),
+            layers: vec![[Some(weights), None, None, None, None, None, None]],
+            max_rank: rank,
+            config,
+        }
+    }
+
+    fn apply_rows(runs: &[(Range<usize>, Option<&LoraModel>)], x: &[f32], y: &[f32], in_dim: usize, out_dim: usize) -> Vec<f32> {
+        let rows = x.len() / in_dim;
+        let x = Tensor::from_slice(x, (rows, in_dim), &Device::Cpu).unwrap();
+        let y = Tensor::from_slice(y, (rows, out_dim), &Device::Cpu).unwrap();
+        LoraBatch::from_runs(runs.iter().cloned()).add_lora_linear(0, LoraModule::QProj, &x, &y).unwrap();
+        y.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn mixed_batch_matches_the_definition_and_each_row_alone() {
+        let (out_dim, in_dim) = (70, 40);
+        let models = [adapter(5, (out_dim, in_dim), 0, 10), adapter(4, (out_dim, in_dim), 1, 20), adapter(8, (out_dim, in_dim), 2, 30)];
+        let runs: Vec<(Range<usize>, Option<&LoraModel>)> =
+            vec![(0..3, Some(&models[0])), (3..4, None), (4..10, Some(&models[1])), (10..12, Some(&models[2]))];
+        let rows = 12;
+        let (x, y0) = (values(rows * in_dim, 1), values(rows * out_dim, 2));
+        let batch = apply_rows(&runs, &x, &y0, in_dim, out_dim);
+        for (rows_of, model) in &runs {
+            for i in rows_of.clone() {
+                let (xi, yi) = (&x[i * in_dim..(i + 1) * in_dim], &y0[i * out_dim..(i + 1) * out_dim]);
+                let alone = apply_rows(&[(0..1, *model)], xi, yi, in_dim, out_dim);
+                assert_eq!(&batch[i * out_dim..(i + 1) * out_dim], &alone[..], "row {i} alone");
+                let Some(m) = model else {
+                    assert_eq!(&alone[..], yi, "row {i} has no adapter");
+                    continue;
+                };
+                let w = m.weights(0, LoraModule::QProj).unwrap();
+                let (a, b_t) = (w.a.to_f32_vec(), w.b_t.to_f32_vec());
+                for o in 0..out_dim {
+                    let update: f64 = (0..w.rank)
+                        .map(|j| {
+                            let shrunk: f64 = (0..in_dim).map(|k| a[j * in_dim + k] as f64 * xi[k] as f64).sum();
+                            shrunk * b_t[j * out_dim + o] as f64
+                        })
+                        .sum();
+                    let expected = yi[o] as f64 + w.scale as f64 * update;
+                    assert!((alone[o] as f64 - expected).abs() < 1e-5, "row {i} col {o}: {} vs {expected}", alone[o]);
+                }
             }
         }
     }
