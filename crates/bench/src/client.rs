@@ -158,8 +158,8 @@ impl Endpoint {
         }
     }
 
-    /// `GET /v1/models`: the ids the server serves (base and adapters).
-    pub async fn models(&self) -> Result<Vec<String>, BenchError> {
+    /// `GET /v1/models`: the `data` entries, or why they could not be read.
+    async fn model_entries(&self) -> Result<Vec<Value>, BenchError> {
         let url = format!("{}/v1/models", self.base_url);
         let resp = self
             .auth(self.http.get(&url), None)
@@ -174,26 +174,23 @@ impl Endpoint {
         if !status.is_success() {
             return Err(BenchError::Server(format!("GET {url}: {status}: {body}")));
         }
-        Ok(body["data"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|m| m["id"].as_str().map(str::to_string)).collect())
-            .unwrap_or_default())
+        Ok(body["data"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// The ids the server serves (base and adapters).
+    pub async fn models(&self) -> Result<Vec<String>, BenchError> {
+        Ok(self.model_entries().await?.iter().filter_map(|m| m["id"].as_str().map(str::to_string)).collect())
     }
 
     /// The base model's id: the first model `/v1/models` lists without a `parent`.
     pub async fn base_model(&self) -> Result<String, BenchError> {
-        let url = format!("{}/v1/models", self.base_url);
-        let resp = self
-            .auth(self.http.get(&url), None)
-            .send()
-            .await
-            .map_err(|e| BenchError::Unreachable { url: url.clone(), message: e.to_string() })?;
-        let body: Value = resp.json().await.map_err(|e| BenchError::Server(format!("GET {url}: not JSON: {e}")))?;
-        body["data"]
-            .as_array()
-            .and_then(|a| a.iter().find(|m| m["parent"].is_null()).or(a.first()))
+        let entries = self.model_entries().await?;
+        entries
+            .iter()
+            .find(|m| m["parent"].is_null())
+            .or(entries.first())
             .and_then(|m| m["id"].as_str().map(str::to_string))
-            .ok_or_else(|| BenchError::Server(format!("GET {url}: no model listed")))
+            .ok_or_else(|| BenchError::Server(format!("GET {}/v1/models: no model listed", self.base_url)))
     }
 
     /// Fails with the list of available models unless the server serves every `wanted` name.

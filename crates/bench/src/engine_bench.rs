@@ -235,7 +235,7 @@ pub fn adapter_load(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn
     rows.push(row("adapter_load", "rank-16 all-linear load from disk, p50", 1, percentile(&times, 0.5), "ms"));
     rows.push(row("adapter_load", "rank-16 all-linear load from disk, p95", 1, percentile(&times, 0.95), "ms"));
     rows.push(row("adapter_memory", "adapter weights in memory (per adapter)", 1, bytes / 1e6, "MB"));
-    rows.push(row("adapter_memory", "adapter file size (float32)", 1, file / 1e6, "MB"));
+    rows.push(row("adapter_memory", "adapter file size (bf16)", 1, file / 1e6, "MB"));
 }
 
 /// Renders rows as a Markdown table.

@@ -177,7 +177,7 @@ pub(crate) fn argmax(x: &[f32]) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use half::{bf16, f16};
 
     use super::*;
@@ -198,7 +198,8 @@ mod tests {
         }
     }
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic test values in [-0.5, 0.5) (an LCG), shared by the kernel tests.
+    pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
