@@ -27,7 +27,7 @@ pub struct Linear {
 
 enum LinearKernel {
     Dense(Tensor),
-    /// Q4_0/Q4_1/Q8_0 repacked for our SIMD kernel.
+    /// Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 repacked for our SIMD kernel.
     Packed(PackedMatrix),
     /// Other GGUF types, through candle's kernels.
     Quantized(QMatMul),

@@ -1,6 +1,7 @@
 //! Our quantized matmul for the hot path. candle's CPU path has no SIMD kernel for Q4_1
-//! (the default model's type) and runs batched rows as repeated dot products; here Q4_0,
-//! Q4_1 and Q8_0 weights are repacked at load into tiles of 16 output columns so that one
+//! (the default model's type) or Q5_0 (most of Qwen2.5's Q4_K_M projections) and runs
+//! batched rows as repeated dot products; here Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights are
+//! repacked at load, losslessly, into tiles of 16 output columns so that one
 //! AVX-512 VNNI `vpdpbusd` multiplies 4 k-values of 16 columns at once, and each weight
 //! tile loaded into registers is reused for up to 4 activation rows (a small GEMM).
 //! Activations are quantized per 32-value block to int8 (as llama.cpp's Q8_1), so
@@ -24,7 +25,7 @@ const ROWS: usize = 4;
 enum Codes {
     /// 4-bit codes, two per byte (low nibble k, high nibble k+16 within a block).
     Nibbles,
-    /// 8-bit unsigned codes.
+    /// 8-bit unsigned codes (Q8_0's, and Q5_0/Q5_1's 5-bit codes widened to a byte).
     Bytes,
 }
 
@@ -41,8 +42,8 @@ pub struct PackedMatrix {
 }
 
 impl PackedMatrix {
-    /// Repacks a Q4_0, Q4_1 or Q8_0 tensor; `None` for other types or shapes that do not
-    /// tile (the caller keeps candle's kernel then).
+    /// Repacks a Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 tensor; `None` for other types or shapes
+    /// that do not tile (the caller keeps candle's kernel then).
     pub fn from_qtensor(q: &QTensor) -> Option<Self> {
         let (n, k) = q.shape().dims2().ok()?;
         if n % TILE != 0 || k % BLOCK != 0 {
@@ -51,6 +52,8 @@ impl PackedMatrix {
         let (codes, block_bytes) = match q.dtype() {
             GgmlDType::Q4_0 => (Codes::Nibbles, 18),
             GgmlDType::Q4_1 => (Codes::Nibbles, 20),
+            GgmlDType::Q5_0 => (Codes::Bytes, 22),
+            GgmlDType::Q5_1 => (Codes::Bytes, 24),
             GgmlDType::Q8_0 => (Codes::Bytes, 34),
             _ => return None,
         };
@@ -72,10 +75,39 @@ impl PackedMatrix {
             for b in 0..kb {
                 let blk = &data[(col * kb + b) * block_bytes..(col * kb + b + 1) * block_bytes];
                 let d = half_at(blk, 0);
-                let (m, codes_bytes) = match q.dtype() {
-                    GgmlDType::Q4_1 => (half_at(blk, 2), &blk[4..20]),
-                    GgmlDType::Q4_0 => (f16::from_f32(-8.0 * d.to_f32()), &blk[2..18]),
-                    _ => (f16::from_f32(-128.0 * d.to_f32()), &blk[2..34]),
+                // Unsigned codes `u` with `value = d·u + m`, one per k-value of the block.
+                let mut u = [0u8; BLOCK];
+                let m = match q.dtype() {
+                    GgmlDType::Q4_0 | GgmlDType::Q4_1 => {
+                        let (m, nibbles) = match q.dtype() {
+                            GgmlDType::Q4_1 => (half_at(blk, 2), &blk[4..20]),
+                            _ => (f16::from_f32(-8.0 * d.to_f32()), &blk[2..18]),
+                        };
+                        for (i, &byte) in nibbles.iter().enumerate() {
+                            u[i] = byte & 0x0F;
+                            u[i + 16] = byte >> 4;
+                        }
+                        m
+                    }
+                    GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
+                        // ggml: 16 bytes of low nibbles, the fifth bits in one little-endian u32.
+                        let (m, rest) = match q.dtype() {
+                            GgmlDType::Q5_1 => (half_at(blk, 2), &blk[4..]),
+                            _ => (f16::from_f32(-16.0 * d.to_f32()), &blk[2..]),
+                        };
+                        let high = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+                        for (i, &byte) in rest[4..20].iter().enumerate() {
+                            u[i] = (byte & 0x0F) | ((((high >> i) & 1) as u8) << 4);
+                            u[i + 16] = (byte >> 4) | ((((high >> (i + 16)) & 1) as u8) << 4);
+                        }
+                        m
+                    }
+                    _ => {
+                        for (i, &byte) in blk[2..34].iter().enumerate() {
+                            u[i] = (byte as i8 as i16 + 128) as u8;
+                        }
+                        f16::from_f32(-128.0 * d.to_f32())
+                    }
                 };
                 let sc = &mut scales[(tile * kb + b) * 2 * TILE..(tile * kb + b + 1) * 2 * TILE];
                 sc[c] = d.to_bits();
@@ -85,14 +117,14 @@ impl PackedMatrix {
                     Codes::Nibbles => {
                         for j in 0..4 {
                             for t in 0..4 {
-                                dst[j * 64 + c * 4 + t] = codes_bytes[4 * j + t];
+                                dst[j * 64 + c * 4 + t] = u[4 * j + t] | (u[4 * j + t + 16] << 4);
                             }
                         }
                     }
                     Codes::Bytes => {
                         for j in 0..8 {
                             for t in 0..4 {
-                                dst[j * 64 + c * 4 + t] = (codes_bytes[4 * j + t] as i8 as i16 + 128) as u8;
+                                dst[j * 64 + c * 4 + t] = u[4 * j + t];
                             }
                         }
                     }
@@ -346,5 +378,15 @@ mod tests {
     #[test]
     fn q8_0_matches_dequantized() {
         check(GgmlDType::Q8_0);
+    }
+
+    #[test]
+    fn q5_0_matches_dequantized() {
+        check(GgmlDType::Q5_0);
+    }
+
+    #[test]
+    fn q5_1_matches_dequantized() {
+        check(GgmlDType::Q5_1);
     }
 }

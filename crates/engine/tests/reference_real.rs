@@ -155,3 +155,21 @@ fn qwen25_coder_matches_transformers() {
     check_text(&engine, &fx, "qwen");
     check_greedy(&mut engine, &fx, "qwen");
 }
+
+#[test]
+fn qwen25_coder_quantized_as_shipped_answers_like_the_reference() {
+    // The Q4_K_M mix as shipped: Q5_0/Q8_0 through our packed kernel, Q4_K/Q6_K through
+    // candle's. Not bit-exact against the float reference, but the short answer holds.
+    let fx = fixture("qwen2.5-coder-0.5b");
+    let mut engine = Engine::load(&model_path("qwen2.5-coder-0.5b"), &EngineOptions::default()).unwrap();
+    assert!(engine.model().is_quantized());
+    let g = fx
+        .greedy
+        .iter()
+        .find(|g| g.adapter.is_none() && g.messages.iter().any(|m| m.content.contains("capital of France")))
+        .expect("the fixture has the France prompt");
+    let out = engine
+        .generate(&[Request { adapter: None, prompt: Prompt::Chat(g.messages.clone()), params: SamplingParams::greedy(16) }])
+        .unwrap();
+    assert_eq!(out[0].token_ids, g.output_ids, "{:?}", out[0].text);
+}
