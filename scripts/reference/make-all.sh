@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Regenerate every golden fixture and the example adapters, in order:
 #   1. reference venv (outside the repo), 2. real models into the cache,
-#   3. tiny random-model fixtures, 4. example adapters (trained), 5. real-model fixtures.
+#   3. tiny random-model fixtures, 4. SentencePiece GGUF tokenizer fixture,
+#   5. example adapters (trained), 6. real-model fixtures.
 # Environment: LORAMUX_CACHE (default ~/.cache/loramux). Steps can be skipped with
-#   SKIP_TINY=1 SKIP_TRAIN=1 SKIP_REAL=1 ./scripts/reference/make-all.sh
+#   SKIP_TINY=1 SKIP_SPM=1 SKIP_TRAIN=1 SKIP_REAL=1 ./scripts/reference/make-all.sh
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -17,6 +18,10 @@ PY="$VENV/bin/python"
 if [ "${SKIP_TINY:-0}" != 1 ]; then
   echo "== tiny fixtures" >&2
   "$PY" "$HERE/make_tiny_fixtures.py" --out "$REPO/fixtures/tiny"
+fi
+if [ "${SKIP_SPM:-0}" != 1 ]; then
+  echo "== SentencePiece GGUF fixture" >&2
+  "$PY" "$HERE/make_spm_fixture.py" --out "$REPO/fixtures/tiny/spm"
 fi
 if [ "${SKIP_TRAIN:-0}" != 1 ]; then
   echo "== example adapters" >&2
