@@ -106,6 +106,42 @@ pub(crate) fn dot_widen<E: Widen>(a: &[E], x: &[f32]) -> f32 {
     sum
 }
 
+/// Rows of `A` and of `x` one [`dots_4x4`] call takes.
+pub(crate) const DOT_BLOCK: usize = 4;
+
+/// The 16 dot products of [`DOT_BLOCK`] weight rows `a` with [`DOT_BLOCK`] activation rows
+/// `x` (`out[j][i] = a_j · x_i`), each formed exactly as [`dot_widen`] forms it (the same
+/// lanes, added in the same order), so blocking never changes a result. Every value loaded
+/// is used four times: a small GEMM limited by arithmetic, not by loads.
+#[inline]
+pub(crate) fn dots_4x4(a: [&[f32]; DOT_BLOCK], x: [&[f32]; DOT_BLOCK]) -> [[f32; DOT_BLOCK]; DOT_BLOCK] {
+    let n = a[0].len();
+    let full = n - n % LANES;
+    let mut acc = [[[0f32; LANES]; DOT_BLOCK]; DOT_BLOCK];
+    for k in (0..full).step_by(LANES) {
+        let ws: [&[f32; LANES]; DOT_BLOCK] = std::array::from_fn(|j| a[j][k..k + LANES].try_into().unwrap());
+        let xs: [&[f32; LANES]; DOT_BLOCK] = std::array::from_fn(|i| x[i][k..k + LANES].try_into().unwrap());
+        for (acc_j, w) in acc.iter_mut().zip(&ws) {
+            for (acc_ji, xv) in acc_j.iter_mut().zip(&xs) {
+                for l in 0..LANES {
+                    acc_ji[l] += w[l] * xv[l];
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; DOT_BLOCK]; DOT_BLOCK];
+    for (j, (out_j, acc_j)) in out.iter_mut().zip(&acc).enumerate() {
+        for (i, (o, acc_ji)) in out_j.iter_mut().zip(acc_j).enumerate() {
+            let mut sum: f32 = acc_ji.iter().sum();
+            for (w, xv) in a[j][full..n].iter().zip(&x[i][full..n]) {
+                sum += w * xv;
+            }
+            *o = sum;
+        }
+    }
+    out
+}
+
 /// `dst = widen(src)`, element by element.
 #[inline]
 pub(crate) fn widen_into<E: Widen>(dst: &mut [f32], src: &[E]) {
@@ -151,6 +187,39 @@ pub(crate) fn expand(y: &mut [f32], t: &[f32], b: &[f32], stride: usize) {
             for (j, &tj) in t.iter().enumerate() {
                 axpy(yb, tj, &b[j * stride + c..j * stride + c + yb.len()]);
             }
+        }
+    }
+}
+
+/// [`expand`] for [`DOT_BLOCK`] rows at once, row `y[i]` with its own `t[i]`: each block of
+/// `b` loaded is used by every row. Each row's sums are formed exactly as [`expand`] forms
+/// them, so the result does not depend on which rows share a call.
+#[inline]
+pub(crate) fn expand_4(mut y: [&mut [f32]; DOT_BLOCK], t: [&[f32]; DOT_BLOCK], b: &[f32], stride: usize) {
+    let (n, rank) = (y[0].len(), t[0].len());
+    if let Some(last) = rank.checked_sub(1) {
+        assert!(b.len() >= last * stride + n);
+    }
+    let full = n - n % EXPAND_BLOCK;
+    for c in (0..full).step_by(EXPAND_BLOCK) {
+        let mut acc: [[f32; EXPAND_BLOCK]; DOT_BLOCK] =
+            std::array::from_fn(|i| y[i][c..c + EXPAND_BLOCK].try_into().unwrap());
+        for j in 0..rank {
+            let bj: &[f32; EXPAND_BLOCK] = b[j * stride + c..j * stride + c + EXPAND_BLOCK].try_into().unwrap();
+            for (acc_i, t_i) in acc.iter_mut().zip(&t) {
+                let tij = t_i[j];
+                for l in 0..EXPAND_BLOCK {
+                    acc_i[l] += tij * bj[l];
+                }
+            }
+        }
+        for (y_i, acc_i) in y.iter_mut().zip(&acc) {
+            y_i[c..c + EXPAND_BLOCK].copy_from_slice(acc_i);
+        }
+    }
+    if full < n {
+        for (y_i, t_i) in y.iter_mut().zip(&t) {
+            expand(&mut y_i[full..], t_i, &b[full..], stride);
         }
     }
 }
@@ -207,6 +276,40 @@ pub(crate) mod tests {
                 (s >> 8) as f32 / (1 << 24) as f32 - 0.5
             })
             .collect()
+    }
+
+    #[test]
+    fn blocked_dots_equal_single_dots_bit_for_bit() {
+        for n in [1, 15, 16, 17, 100, 576] {
+            let a: Vec<Vec<f32>> = (0..DOT_BLOCK as u32).map(|j| values(n, 10 + j)).collect();
+            let x: Vec<Vec<f32>> = (0..DOT_BLOCK as u32).map(|i| values(n, 20 + i)).collect();
+            let out = dots_4x4(std::array::from_fn(|j| &a[j][..]), std::array::from_fn(|i| &x[i][..]));
+            for j in 0..DOT_BLOCK {
+                for i in 0..DOT_BLOCK {
+                    assert_eq!(out[j][i].to_bits(), dot_widen(&a[j], &x[i]).to_bits(), "n {n}, a{j}·x{i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blocked_expand_equals_single_row_expand_bit_for_bit() {
+        let rank = 5;
+        for n in [1, 63, 64, 65, 200] {
+            let stride = n + 3;
+            let b = values(rank * stride, 7);
+            let t: Vec<Vec<f32>> = (0..DOT_BLOCK as u32).map(|i| values(rank, 30 + i)).collect();
+            let y0: Vec<Vec<f32>> = (0..DOT_BLOCK as u32).map(|i| values(n, 40 + i)).collect();
+            let mut blocked = y0.clone();
+            let mut rows = blocked.iter_mut();
+            expand_4(std::array::from_fn(|_| &mut rows.next().unwrap()[..]), std::array::from_fn(|i| &t[i][..]), &b, stride);
+            for i in 0..DOT_BLOCK {
+                let mut single = y0[i].clone();
+                expand(&mut single, &t[i], &b, stride);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&blocked[i]), bits(&single), "n {n}, row {i}");
+            }
+        }
     }
 
     #[test]

@@ -423,6 +423,13 @@ impl Transformer {
         lora: &LoraBatch<'_>,
         logits_for: LogitsFor,
     ) -> Result<Tensor> {
+        // A parallel kernel started from outside rayon's pool blocks its caller on a latch
+        // until a worker has run it: a sleep and a wake-up per operation, hundreds a step.
+        // Run the whole pass on a pool thread instead, where kernels fork and join by work
+        // stealing.
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward(tokens, spans, caches, lora, logits_for));
+        }
         if spans.len() != caches.len() {
             return Err(EngineError::InvalidRequest("one cache per span".into()));
         }

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use super::{LoraLayerWeights, LoraMatrix, LoraModel, LoraModule};
 use crate::error::Result;
-use crate::kernels::{axpy_widen, dot_widen, expand, widen_into, SendPtr, Widen};
+use crate::kernels::{axpy_widen, dot_widen, dots_4x4, expand, expand_4, widen_into, SendPtr, Widen, DOT_BLOCK};
 
 /// Most rows one task takes: enough to reuse each weight it loads many times, few enough
 /// to keep its activations in L2.
@@ -156,7 +156,7 @@ impl InplaceOp2 for ShrinkExpand<'_, '_> {
 struct Scratch {
     /// Shrunk values of a task's rows, `[rows][rank]`.
     shrunk: Vec<f32>,
-    /// One row of `A` or a block of a row of `Bᵀ`, widened to f32 once for all the rows.
+    /// `A`, or a block of columns of `Bᵀ`, widened to f32 once for all of a task's rows.
     widened: Vec<f32>,
 }
 
@@ -191,24 +191,52 @@ fn apply(w: &LoraLayerWeights, x: &[f32], in_dim: usize, y: &mut [f32], out_dim:
 }
 
 /// `t[i][j] = scale · A_j · x_i` for every rank component `j` of `a` (`[r][in_dim]`) and
-/// every row `x_i`. `A` is read once, as one sequential stream (what the hardware
-/// prefetchers follow best), each row of it used by all rows of `x` while in L1.
+/// every row `x_i`. One row (decode): `A` is read once in its stored type, as one
+/// sequential stream (what the hardware prefetchers follow best). Several rows: `A` is
+/// widened once into `widened` (f32 is read in place) and the dots are formed four rank
+/// components by four rows at a time, each value loaded used four times. Every dot is
+/// formed the same way whatever the blocking, so a row's result does not depend on which
+/// rows share its task.
 fn shrink<E: Widen>(a: &[E], in_dim: usize, scale: f32, x: &[f32], t: &mut [f32], widened: &mut Vec<f32>) {
-    fn row_dots<W: Widen>(a_j: &[W], j: usize, scale: f32, x: &[f32], t: &mut [f32], rank: usize) {
-        for (xi, ti) in x.chunks_exact(a_j.len()).zip(t.chunks_exact_mut(rank)) {
-            ti[j] = dot_widen(a_j, xi) * scale;
+    let rank = a.len() / in_dim;
+    let rows = x.len() / in_dim;
+    if rows == 1 {
+        for (a_j, tj) in a.chunks_exact(in_dim).zip(t.iter_mut()) {
+            *tj = dot_widen(a_j, x) * scale;
+        }
+        return;
+    }
+    let a: &[f32] = match E::as_f32(a) {
+        Some(a) => a,
+        None => {
+            let w = at_least(widened, a.len());
+            widen_into(w, a);
+            w
+        }
+    };
+    let a_row = |j: usize| &a[j * in_dim..(j + 1) * in_dim];
+    let x_row = |i: usize| &x[i * in_dim..(i + 1) * in_dim];
+    let (rank_blocked, rows_blocked) = (rank - rank % DOT_BLOCK, rows - rows % DOT_BLOCK);
+    for j0 in (0..rank_blocked).step_by(DOT_BLOCK) {
+        for i0 in (0..rows_blocked).step_by(DOT_BLOCK) {
+            let out = dots_4x4(std::array::from_fn(|j| a_row(j0 + j)), std::array::from_fn(|i| x_row(i0 + i)));
+            for (j, out_j) in out.iter().enumerate() {
+                for (i, &v) in out_j.iter().enumerate() {
+                    t[(i0 + i) * rank + j0 + j] = v * scale;
+                }
+            }
         }
     }
-    let rank = a.len() / in_dim;
-    // One row, or weights already f32: read in place; else widen each row once for all.
-    let widen = x.len() > in_dim && E::as_f32(a).is_none();
-    for (j, a_j) in a.chunks_exact(in_dim).enumerate() {
-        if widen {
-            let w = at_least(widened, in_dim);
-            widen_into(w, a_j);
-            row_dots(w, j, scale, x, t, rank);
-        } else {
-            row_dots(a_j, j, scale, x, t, rank);
+    // The edges the blocks leave: remaining rows for blocked components, then the
+    // remaining components for every row.
+    for j in 0..rank_blocked {
+        for i in rows_blocked..rows {
+            t[i * rank + j] = dot_widen(a_row(j), x_row(i)) * scale;
+        }
+    }
+    for j in rank_blocked..rank {
+        for i in 0..rows {
+            t[i * rank + j] = dot_widen(a_row(j), x_row(i)) * scale;
         }
     }
 }
@@ -216,7 +244,8 @@ fn shrink<E: Widen>(a: &[E], in_dim: usize, scale: f32, x: &[f32], t: &mut [f32]
 /// `y_i += Σ_j t[i][j] · Bᵀ_j` for every row `y_i` (`out_dim` wide) with `b_t` as
 /// `[r][out_dim]`. One row (decode): rank components outermost, so `Bᵀ` too is read as one
 /// sequential stream. Several rows: per block of columns, the block of `Bᵀ` is widened once
-/// (f32 is read in place) and every row accumulates it in registers over all `j`. Both
+/// (f32 is read in place) and the rows accumulate it in registers over all `j`, four rows
+/// at a time so each value of `Bᵀ` loaded serves four rows. Both
 /// add the terms in the same order.
 fn expand_rows<E: Widen>(b_t: &[E], out_dim: usize, t: &[f32], y: &mut [f32], widened: &mut Vec<f32>) {
     let rank = b_t.len() / out_dim;
@@ -238,7 +267,14 @@ fn expand_rows<E: Widen>(b_t: &[E], out_dim: usize, t: &[f32], y: &mut [f32], wi
                 (w, c1 - c0)
             }
         };
-        for (yi, ti) in y.chunks_exact_mut(out_dim).zip(t.chunks_exact(rank)) {
+        let mut y_blocks = y.chunks_exact_mut(DOT_BLOCK * out_dim);
+        let mut t_blocks = t.chunks_exact(DOT_BLOCK * rank);
+        for (yb, tb) in (&mut y_blocks).zip(&mut t_blocks) {
+            let mut rows = yb.chunks_exact_mut(out_dim);
+            let ys = std::array::from_fn(|_| &mut rows.next().expect("a full block of rows")[c0..c1]);
+            expand_4(ys, std::array::from_fn(|i| &tb[i * rank..(i + 1) * rank]), b, stride);
+        }
+        for (yi, ti) in y_blocks.into_remainder().chunks_exact_mut(out_dim).zip(t_blocks.remainder().chunks_exact(rank)) {
             expand(&mut yi[c0..c1], ti, b, stride);
         }
     }
