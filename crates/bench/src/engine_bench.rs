@@ -70,7 +70,8 @@ fn prompt_ids(len: usize, seed: usize) -> Vec<u32> {
     (0..len).map(|i| 100 + ((i * 7919 + seed * 104_729) % 5000) as u32).collect()
 }
 
-/// Mean decode step time (seconds) for `adapters.len()` sequences.
+/// Median decode step time (seconds) for `adapters.len()` sequences: each step is timed
+/// alone, so a step slowed by something else on the machine does not move the figure.
 pub fn decode_step_seconds(engine: &mut Engine, adapters: &[Option<String>], prompt_len: usize, steps: usize) -> f64 {
     let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(steps + 2) };
     let mut seqs: Vec<_> = adapters
@@ -87,12 +88,15 @@ pub fn decode_step_seconds(engine: &mut Engine, adapters: &[Option<String>], pro
         engine.step(&mut refs, usize::MAX).expect("prefill");
         engine.step(&mut refs, usize::MAX).expect("warm-up decode");
     }
-    let t = Instant::now();
+    let mut times = Vec::with_capacity(steps);
     for _ in 0..steps {
         let mut refs: Vec<_> = seqs.iter_mut().collect();
+        let t = Instant::now();
         engine.step(&mut refs, usize::MAX).expect("decode");
+        times.push(t.elapsed().as_secs_f64());
     }
-    let secs = t.elapsed().as_secs_f64() / steps as f64;
+    times.sort_by(f64::total_cmp);
+    let secs = percentile(&times, 0.5);
     for s in &mut seqs {
         engine.finish_sequence(s);
     }

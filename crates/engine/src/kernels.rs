@@ -111,35 +111,67 @@ pub(crate) const DOT_BLOCK: usize = 4;
 
 /// The 16 dot products of [`DOT_BLOCK`] weight rows `a` with [`DOT_BLOCK`] activation rows
 /// `x` (`out[j][i] = a_j · x_i`), each formed exactly as [`dot_widen`] forms it (the same
-/// lanes, added in the same order), so blocking never changes a result. Every value loaded
-/// is used four times: a small GEMM limited by arithmetic, not by loads.
+/// lanes, added in the same order), so blocking never changes a result. With AVX-512 every
+/// value loaded is used four times: a small GEMM limited by arithmetic, not by loads.
 #[inline]
 pub(crate) fn dots_4x4(a: [&[f32]; DOT_BLOCK], x: [&[f32]; DOT_BLOCK]) -> [[f32; DOT_BLOCK]; DOT_BLOCK] {
-    let n = a[0].len();
-    let full = n - n % LANES;
-    let mut acc = [[[0f32; LANES]; DOT_BLOCK]; DOT_BLOCK];
-    for k in (0..full).step_by(LANES) {
-        let ws: [&[f32; LANES]; DOT_BLOCK] = std::array::from_fn(|j| a[j][k..k + LANES].try_into().unwrap());
-        let xs: [&[f32; LANES]; DOT_BLOCK] = std::array::from_fn(|i| x[i][k..k + LANES].try_into().unwrap());
-        for (acc_j, w) in acc.iter_mut().zip(&ws) {
-            for (acc_ji, xv) in acc_j.iter_mut().zip(&xs) {
-                for l in 0..LANES {
-                    acc_ji[l] += w[l] * xv[l];
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        let n = a[0].len();
+        assert!(a.iter().chain(&x).all(|r| r.len() == n));
+        let full = n - n % LANES;
+        // SAFETY: AVX-512F was detected and every row holds `n >= full` values.
+        let lanes = unsafe { avx512::dots_4x4_lanes(a, x, full) };
+        let mut out = [[0f32; DOT_BLOCK]; DOT_BLOCK];
+        for j in 0..DOT_BLOCK {
+            for i in 0..DOT_BLOCK {
+                let mut sum: f32 = lanes[j][i].iter().sum();
+                for (w, xv) in a[j][full..].iter().zip(&x[i][full..]) {
+                    sum += w * xv;
+                }
+                out[j][i] = sum;
+            }
+        }
+        return out;
+    }
+    std::array::from_fn(|j| std::array::from_fn(|i| dot_widen(a[j], x[i])))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{DOT_BLOCK, LANES};
+
+    /// The per-lane partial sums of [`super::dots_4x4`] over the first `full` values (a
+    /// multiple of [`LANES`]): 16 accumulators held in registers, products rounded before
+    /// they are added, as in [`super::dot_widen`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dots_4x4_lanes(
+        a: [&[f32]; DOT_BLOCK],
+        x: [&[f32]; DOT_BLOCK],
+        full: usize,
+    ) -> [[[f32; LANES]; DOT_BLOCK]; DOT_BLOCK] {
+        let mut acc = [[_mm512_setzero_ps(); DOT_BLOCK]; DOT_BLOCK];
+        let mut k = 0;
+        while k < full {
+            let w = a.map(|row| _mm512_loadu_ps(row.as_ptr().add(k)));
+            let xv = x.map(|row| _mm512_loadu_ps(row.as_ptr().add(k)));
+            for j in 0..DOT_BLOCK {
+                for i in 0..DOT_BLOCK {
+                    acc[j][i] = _mm512_add_ps(acc[j][i], _mm512_mul_ps(w[j], xv[i]));
                 }
             }
+            k += LANES;
         }
-    }
-    let mut out = [[0f32; DOT_BLOCK]; DOT_BLOCK];
-    for (j, (out_j, acc_j)) in out.iter_mut().zip(&acc).enumerate() {
-        for (i, (o, acc_ji)) in out_j.iter_mut().zip(acc_j).enumerate() {
-            let mut sum: f32 = acc_ji.iter().sum();
-            for (w, xv) in a[j][full..n].iter().zip(&x[i][full..n]) {
-                sum += w * xv;
+        let mut lanes = [[[0f32; LANES]; DOT_BLOCK]; DOT_BLOCK];
+        for j in 0..DOT_BLOCK {
+            for i in 0..DOT_BLOCK {
+                _mm512_storeu_ps(lanes[j][i].as_mut_ptr(), acc[j][i]);
             }
-            *o = sum;
         }
+        lanes
     }
-    out
 }
 
 /// `dst = widen(src)`, element by element.

@@ -62,7 +62,7 @@ struct EngineArgs {
     batches: Vec<usize>,
     #[arg(long, default_value_t = 64)]
     prompt_len: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     decode_steps: usize,
     #[arg(long, value_delimiter = ',', default_value = "8,16,64")]
     lora_ranks: Vec<usize>,
