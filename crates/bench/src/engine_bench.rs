@@ -70,9 +70,18 @@ fn prompt_ids(len: usize, seed: usize) -> Vec<u32> {
     (0..len).map(|i| 100 + ((i * 7919 + seed * 104_729) % 5000) as u32).collect()
 }
 
-/// Median decode step time (seconds) for `adapters.len()` sequences: each step is timed
-/// alone, so a step slowed by something else on the machine does not move the figure.
-pub fn decode_step_seconds(engine: &mut Engine, adapters: &[Option<String>], prompt_len: usize, steps: usize) -> f64 {
+/// Decode step times of one measurement, in seconds.
+#[derive(Clone, Copy, Debug)]
+pub struct StepTimes {
+    /// Total time over steps: what throughput is.
+    pub mean: f64,
+    /// The middle step: what ratios between configurations compare, since a step slowed by
+    /// something else on the machine does not move it.
+    pub median: f64,
+}
+
+/// Times `steps` decode steps of `adapters.len()` sequences, each step alone.
+pub fn decode_step_seconds(engine: &mut Engine, adapters: &[Option<String>], prompt_len: usize, steps: usize) -> StepTimes {
     let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(steps + 2) };
     let mut seqs: Vec<_> = adapters
         .iter()
@@ -95,12 +104,13 @@ pub fn decode_step_seconds(engine: &mut Engine, adapters: &[Option<String>], pro
         engine.step(&mut refs, usize::MAX).expect("decode");
         times.push(t.elapsed().as_secs_f64());
     }
+    let mean = times.iter().sum::<f64>() / steps as f64;
     times.sort_by(f64::total_cmp);
-    let secs = percentile(&times, 0.5);
+    let median = percentile(&times, 0.5);
     for s in &mut seqs {
         engine.finish_sequence(s);
     }
-    secs
+    StepTimes { mean, median }
 }
 
 /// Prefill tokens/s for `batch` prompts of `prompt_len` tokens in one step (best of 3).
@@ -156,7 +166,7 @@ pub fn throughput(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn F
         rows.push(row("roofline", format!("{} {kind}: bandwidth bound, batch 1", cfg.model_label), 1, bw * 1e9 / weights, "tok/s"));
         for &b in &cfg.batches {
             progress(&format!("{kind} decode batch {b}"));
-            let step = decode_step_seconds(&mut engine, &vec![None; b], cfg.prompt_len, cfg.decode_steps);
+            let step = decode_step_seconds(&mut engine, &vec![None; b], cfg.prompt_len, cfg.decode_steps).mean;
             rows.push(row("decode", format!("{} {kind}", cfg.model_label), b, b as f64 / step, "tok/s"));
             progress(&format!("{kind} prefill batch {b}"));
             let tps = prefill_tokens_per_second(&mut engine, b, cfg.prompt_len);
@@ -176,10 +186,10 @@ pub fn lora_cost(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn
         engine.loras_mut().load("x", &dir).expect("load adapter");
         for &b in &cfg.lora_batches {
             progress(&format!("rank {r} batch {b}"));
-            let base = decode_step_seconds(&mut engine, &vec![None; b], cfg.prompt_len, cfg.decode_steps);
-            let unmerged = decode_step_seconds(&mut engine, &vec![Some("x".to_string()); b], cfg.prompt_len, cfg.decode_steps);
+            let base = decode_step_seconds(&mut engine, &vec![None; b], cfg.prompt_len, cfg.decode_steps).median;
+            let unmerged = decode_step_seconds(&mut engine, &vec![Some("x".to_string()); b], cfg.prompt_len, cfg.decode_steps).median;
             engine.merge_adapter("x").expect("merge");
-            let merged = decode_step_seconds(&mut engine, &vec![Some("x".to_string()); b], cfg.prompt_len, cfg.decode_steps);
+            let merged = decode_step_seconds(&mut engine, &vec![Some("x".to_string()); b], cfg.prompt_len, cfg.decode_steps).median;
             engine.unmerge_adapter();
             let label = format!("rank {r} all-linear, float32 base");
             rows.push(row("lora_step_ms", format!("{label}: base"), b, base * 1e3, "ms"));
@@ -198,13 +208,13 @@ pub fn lora_cost(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn
         engine.loras_mut().load(&format!("m{i}"), &dir).expect("load adapter");
     }
     let b = cfg.mixed_batch;
-    let base = decode_step_seconds(&mut engine, &vec![None; b], cfg.prompt_len, cfg.decode_steps);
+    let base = decode_step_seconds(&mut engine, &vec![None; b], cfg.prompt_len, cfg.decode_steps).median;
     rows.push(row("mixed_step_ms", "no adapter", b, base * 1e3, "ms"));
     let mut one = 0.0;
     for &k in &cfg.adapter_counts {
         progress(&format!("{b} sequences over {k} adapters"));
         let adapters: Vec<Option<String>> = (0..b).map(|i| Some(format!("m{}", i % k))).collect();
-        let step = decode_step_seconds(&mut engine, &adapters, cfg.prompt_len, cfg.decode_steps);
+        let step = decode_step_seconds(&mut engine, &adapters, cfg.prompt_len, cfg.decode_steps).median;
         if k == 1 {
             one = step;
         }

@@ -55,6 +55,8 @@ pub struct SwitchRun {
     pub wall_s: f64,
     pub throughput_req_per_sec: f64,
     pub latency: Option<Summary>,
+    /// Time to first token of the requests that succeeded.
+    pub ttft: Option<Summary>,
     /// Adapter switches the server reported during the run (`*_switches_total`), if it exports them.
     pub server_switches: Option<f64>,
     /// Adapter loads the server reported during the run (`loramux_adapter_loads_total`).
@@ -75,6 +77,9 @@ pub struct SwitchSummary {
     pub slowdown_factor: f64,
     pub single_latency: Option<Summary>,
     pub alternating_latency: Option<Summary>,
+    /// Time to first token over all single (alternating) runs.
+    pub single_ttft: Option<Summary>,
+    pub alternating_ttft: Option<Summary>,
     pub errors: usize,
 }
 
@@ -140,6 +145,7 @@ pub async fn measure(
                 wall_s,
                 throughput_req_per_sec: ok as f64 / wall_s,
                 latency: stats::summarize(&run::ok_latencies(&samples)),
+                ttft: stats::summarize(&ok_ttfts(&samples)),
                 server_switches: delta(after.0, before.0),
                 adapter_loads: delta(after.1, before.1),
                 samples,
@@ -149,6 +155,10 @@ pub async fn measure(
     bar.finish_and_clear();
     let summary = summarize_runs(&runs)?;
     Ok(SwitchResult { metadata, settings: settings.clone(), warmup, runs, summary })
+}
+
+fn ok_ttfts(samples: &[Sample]) -> Vec<f64> {
+    samples.iter().filter(|s| s.ok).filter_map(|s| s.ttft_ms).collect()
 }
 
 fn summarize_runs(runs: &[SwitchRun]) -> Result<SwitchSummary, BenchError> {
@@ -161,6 +171,10 @@ fn summarize_runs(runs: &[SwitchRun]) -> Result<SwitchSummary, BenchError> {
     };
     let lat = |kind: &str| {
         let all: Vec<f64> = of(runs, kind).flat_map(|r| run::ok_latencies(&r.samples)).collect();
+        stats::summarize(&all)
+    };
+    let ttft = |kind: &str| {
+        let all: Vec<f64> = of(runs, kind).flat_map(|r| ok_ttfts(&r.samples)).collect();
         stats::summarize(&all)
     };
     let (single, alternating) = (mean_tp("single"), mean_tp("alternating"));
@@ -178,6 +192,8 @@ fn summarize_runs(runs: &[SwitchRun]) -> Result<SwitchSummary, BenchError> {
         slowdown_factor: single / alternating,
         single_latency: lat("single"),
         alternating_latency: lat("alternating"),
+        single_ttft: ttft("single"),
+        alternating_ttft: ttft("alternating"),
         errors: runs.iter().map(|r| r.errors).sum(),
     })
 }
@@ -189,27 +205,30 @@ impl Report for SwitchResult {
         let mut out = format!(
             "# Adapter switching: `{}` vs `{}` alternating\n\n{} · {} · {} ({} cores) · model {} · server {}\n\n\
              {} requests per run, concurrency {}, max_tokens {}, temperature {}, prompt {:?}. Runs interleaved single/alternating after an A→B→A warm-up.\n\n\
-             | Run | Requests | Errors | Throughput (req/s) | p50 latency (ms) | p95 latency (ms) | Switches | Adapter loads |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+             | Run | Requests | Errors | Throughput (req/s) | p50 latency (ms) | p95 latency (ms) | p50 TTFT (ms) | p95 TTFT (ms) | Switches | Adapter loads |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             self.settings.adapter_a, self.settings.adapter_b, m.timestamp, m.machine.hostname, m.machine.cpu_model,
             m.machine.logical_cores, m.base_model, m.server, self.settings.requests, self.settings.concurrency,
             self.settings.max_tokens, self.settings.temperature, self.settings.prompt,
         );
         for r in &self.runs {
             out += &format!(
-                "| `{}` | {} | {} | {:.4} | {} | {} | {} | {} |\n",
+                "| `{}` | {} | {} | {:.4} | {} | {} | {} | {} | {} | {} |\n",
                 r.name,
                 r.requests,
                 r.errors,
                 r.throughput_req_per_sec,
                 fmt_opt(r.latency.as_ref().map(|l| l.p50), 2),
                 fmt_opt(r.latency.as_ref().map(|l| l.p95), 2),
+                fmt_opt(r.ttft.as_ref().map(|l| l.p50), 2),
+                fmt_opt(r.ttft.as_ref().map(|l| l.p95), 2),
                 fmt_opt(r.server_switches, 0),
                 fmt_opt(r.adapter_loads, 0),
             );
         }
         out += &format!(
             "\n- Single-adapter throughput: **{:.4} req/s**\n- Alternating throughput: **{:.4} req/s**\n\
-             - Alternating / single: **{:.3}** (throughput drop {:.2}%, slowdown factor {:.3}x)\n- Errors: {}\n\n\
+             - Alternating / single: **{:.3}** (throughput drop {:.2}%, slowdown factor {:.3}x)\n\
+             - Time to first token p95: single {} ms, alternating {} ms\n- Errors: {}\n\n\
              \"Switches\" is the server's own `*_switches_total` counter where it exports one; loramux mixes adapters \
              in one batch and never switches, so it reports adapter loads (`loramux_adapter_loads_total`) instead: \
              the only time changing adapter costs anything.\n",
@@ -218,6 +237,8 @@ impl Report for SwitchResult {
             s.alternating_over_single,
             s.throughput_drop_percent,
             s.slowdown_factor,
+            fmt_opt(s.single_ttft.as_ref().map(|t| t.p95), 1),
+            fmt_opt(s.alternating_ttft.as_ref().map(|t| t.p95), 1),
             s.errors
         );
         out
