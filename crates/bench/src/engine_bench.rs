@@ -2,6 +2,8 @@
 //! ratios compare like with like — memory-bandwidth roofline, decode and prefill
 //! tokens/s by batch size, the cost of unmerged LoRA against merged and base by rank,
 //! mixed batches over many distinct adapters, and adapter load time and memory.
+//! Throughput is total time over steps; the LoRA comparisons are median step times over
+//! interleaved rounds, so a slow spell of a shared machine does not fall on one side.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -135,6 +137,14 @@ pub fn prefill_tokens_per_second(engine: &mut Engine, batch: usize, prompt_len: 
     best
 }
 
+/// Rounds of interleaved measurements behind each LoRA-cost figure.
+const ROUNDS: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 0.5)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[idx]
@@ -186,11 +196,16 @@ pub fn lora_cost(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn
         engine.loras_mut().load("x", &dir).expect("load adapter");
         for &b in &cfg.lora_batches {
             progress(&format!("rank {r} batch {b}"));
-            let base = decode_step_seconds(&mut engine, &vec![None; b], cfg.prompt_len, cfg.decode_steps).median;
-            let unmerged = decode_step_seconds(&mut engine, &vec![Some("x".to_string()); b], cfg.prompt_len, cfg.decode_steps).median;
-            engine.merge_adapter("x").expect("merge");
-            let merged = decode_step_seconds(&mut engine, &vec![Some("x".to_string()); b], cfg.prompt_len, cfg.decode_steps).median;
-            engine.unmerge_adapter();
+            let (mut base, mut unmerged, mut merged) = (Vec::new(), Vec::new(), Vec::new());
+            // Interleaved rounds, so a slow spell of the machine lands on all three alike.
+            for _ in 0..ROUNDS {
+                base.push(decode_step_seconds(&mut engine, &vec![None; b], cfg.prompt_len, cfg.decode_steps).median);
+                unmerged.push(decode_step_seconds(&mut engine, &vec![Some("x".to_string()); b], cfg.prompt_len, cfg.decode_steps).median);
+                engine.merge_adapter("x").expect("merge");
+                merged.push(decode_step_seconds(&mut engine, &vec![Some("x".to_string()); b], cfg.prompt_len, cfg.decode_steps).median);
+                engine.unmerge_adapter();
+            }
+            let (base, unmerged, merged) = (median(base), median(unmerged), median(merged));
             let label = format!("rank {r} all-linear, float32 base");
             rows.push(row("lora_step_ms", format!("{label}: base"), b, base * 1e3, "ms"));
             rows.push(row("lora_step_ms", format!("{label}: merged"), b, merged * 1e3, "ms"));
@@ -208,19 +223,27 @@ pub fn lora_cost(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn
         engine.loras_mut().load(&format!("m{i}"), &dir).expect("load adapter");
     }
     let b = cfg.mixed_batch;
-    let base = decode_step_seconds(&mut engine, &vec![None; b], cfg.prompt_len, cfg.decode_steps).median;
-    rows.push(row("mixed_step_ms", "no adapter", b, base * 1e3, "ms"));
-    let mut one = 0.0;
-    for &k in &cfg.adapter_counts {
-        progress(&format!("{b} sequences over {k} adapters"));
-        let adapters: Vec<Option<String>> = (0..b).map(|i| Some(format!("m{}", i % k))).collect();
-        let step = decode_step_seconds(&mut engine, &adapters, cfg.prompt_len, cfg.decode_steps).median;
-        if k == 1 {
-            one = step;
+    // Every configuration once per round, rounds interleaved; each figure is the median.
+    let configs: Vec<Option<usize>> = std::iter::once(None).chain(cfg.adapter_counts.iter().copied().map(Some)).collect();
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    for round in 0..ROUNDS {
+        for (config, t) in configs.iter().zip(&mut times) {
+            progress(&format!("{b} sequences over {} adapters, round {}", config.unwrap_or(0), round + 1));
+            let adapters: Vec<Option<String>> = (0..b).map(|i| config.map(|k| format!("m{}", i % k))).collect();
+            t.push(decode_step_seconds(&mut engine, &adapters, cfg.prompt_len, cfg.decode_steps).median);
         }
-        rows.push(row("mixed_step_ms", format!("{k} distinct rank-16 adapters"), b, step * 1e3, "ms"));
-        if one > 0.0 {
-            rows.push(row("mixed_ratio", format!("{k} adapters / 1 adapter"), b, step / one, "x"));
+    }
+    let steps: Vec<f64> = times.into_iter().map(median).collect();
+    let one = configs.iter().zip(&steps).find(|(c, _)| **c == Some(1)).map(|(_, &s)| s);
+    for (config, &step) in configs.iter().zip(&steps) {
+        match config {
+            None => rows.push(row("mixed_step_ms", "no adapter", b, step * 1e3, "ms")),
+            Some(k) => {
+                rows.push(row("mixed_step_ms", format!("{k} distinct rank-16 adapters"), b, step * 1e3, "ms"));
+                if let Some(one) = one {
+                    rows.push(row("mixed_ratio", format!("{k} adapters / 1 adapter"), b, step / one, "x"));
+                }
+            }
         }
     }
 }
