@@ -41,6 +41,11 @@ pub struct SwitchSettings {
     pub max_tokens: usize,
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// Generate exactly --max-tokens tokens (vLLM's `ignore_eos`): adapters that answer at
+    /// different lengths then cost the same work, so throughputs compare switching alone.
+    #[arg(long)]
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// One measured run.
@@ -122,7 +127,7 @@ pub async fn measure(
         prompt: settings.prompt.clone(),
         max_tokens: settings.max_tokens,
         temperature: settings.temperature,
-        ignore_eos: false,
+        ignore_eos: settings.ignore_eos,
     };
     let bar = run::progress(3 + 2 * settings.runs * settings.requests, "switch");
     let (warmup, _) = run::run_closed_loop(endpoint, &[req(a), req(b), req(a)], 1, &bar).await;
@@ -204,11 +209,12 @@ impl Report for SwitchResult {
         let m = &self.metadata;
         let mut out = format!(
             "# Adapter switching: `{}` vs `{}` alternating\n\n{} · {} · {} ({} cores) · model {} · server {}\n\n\
-             {} requests per run, concurrency {}, max_tokens {}, temperature {}, prompt {:?}. Runs interleaved single/alternating after an A→B→A warm-up.\n\n\
+             {} requests per run, concurrency {}, max_tokens {}{}, temperature {}, prompt {:?}. Runs interleaved single/alternating after an A→B→A warm-up.\n\n\
              | Run | Requests | Errors | Throughput (req/s) | p50 latency (ms) | p95 latency (ms) | p50 TTFT (ms) | p95 TTFT (ms) | Switches | Adapter loads |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             self.settings.adapter_a, self.settings.adapter_b, m.timestamp, m.machine.hostname, m.machine.cpu_model,
             m.machine.logical_cores, m.base_model, m.server, self.settings.requests, self.settings.concurrency,
-            self.settings.max_tokens, self.settings.temperature, self.settings.prompt,
+            self.settings.max_tokens, if self.settings.ignore_eos { " (exactly: ignore_eos)" } else { "" },
+            self.settings.temperature, self.settings.prompt,
         );
         for r in &self.runs {
             out += &format!(
