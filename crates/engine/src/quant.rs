@@ -1,7 +1,7 @@
 //! Our quantized matmul for the hot path. candle's CPU path has no SIMD kernel for Q4_1
 //! (the default model's type) or Q5_0 (most of Qwen2.5's Q4_K_M projections) and runs
 //! batched rows as repeated dot products; here Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights are
-//! repacked at load, losslessly, into tiles of 16 output columns so that one
+//! repacked at load, losslessly and no larger, into tiles of 16 output columns so that one
 //! AVX-512 VNNI `vpdpbusd` multiplies 4 k-values of 16 columns at once, and each weight
 //! tile loaded into registers is reused for up to 4 activation rows (a small GEMM).
 //! Activations are quantized per 32-value block to int8 (as llama.cpp's Q8_1), so
@@ -25,8 +25,21 @@ const ROWS: usize = 4;
 enum Codes {
     /// 4-bit codes, two per byte (low nibble k, high nibble k+16 within a block).
     Nibbles,
-    /// 8-bit unsigned codes (Q8_0's, and Q5_0/Q5_1's 5-bit codes widened to a byte).
+    /// 5-bit codes: [`Codes::Nibbles`] plus a plane of fifth bits, one 64-bit mask per
+    /// 64-byte group and nibble half, added as 16 under the mask in registers.
+    Nibbles5,
+    /// 8-bit unsigned codes.
     Bytes,
+}
+
+impl Codes {
+    /// Code bytes per (tile, block).
+    fn group_bytes(self) -> usize {
+        match self {
+            Codes::Nibbles | Codes::Nibbles5 => 4 * 64,
+            Codes::Bytes => 8 * 64,
+        }
+    }
 }
 
 /// A weight matrix `[n, k]` repacked into column tiles.
@@ -34,9 +47,13 @@ pub struct PackedMatrix {
     codes: Codes,
     n: usize,
     k: usize,
-    /// Per (tile, block): Nibbles: 4×64 bytes, Bytes: 8×64 bytes; byte `c*4+t` of 64-byte
-    /// group `j` is column `c`'s code(s) for k-values `4j+t` (and `4j+t+16` for nibbles).
+    /// Per (tile, block): Nibbles and Nibbles5: 4×64 bytes, Bytes: 8×64 bytes; byte `c*4+t`
+    /// of 64-byte group `j` is column `c`'s code(s) for k-values `4j+t` (and `4j+t+16` for
+    /// nibbles).
     qs: Vec<u8>,
+    /// Nibbles5 only, per (tile, block): for each group `j`, the mask of k-values `4j+t`
+    /// then that of `4j+t+16`; bit `c*4+t` is that code's fifth bit.
+    fifth_bits: Vec<u64>,
     /// Per (tile, block): 16 scales `d` then 16 offsets `m`, as f16 bits.
     scales: Vec<u16>,
 }
@@ -52,8 +69,8 @@ impl PackedMatrix {
         let (codes, block_bytes) = match q.dtype() {
             GgmlDType::Q4_0 => (Codes::Nibbles, 18),
             GgmlDType::Q4_1 => (Codes::Nibbles, 20),
-            GgmlDType::Q5_0 => (Codes::Bytes, 22),
-            GgmlDType::Q5_1 => (Codes::Bytes, 24),
+            GgmlDType::Q5_0 => (Codes::Nibbles5, 22),
+            GgmlDType::Q5_1 => (Codes::Nibbles5, 24),
             GgmlDType::Q8_0 => (Codes::Bytes, 34),
             _ => return None,
         };
@@ -62,12 +79,10 @@ impl PackedMatrix {
         if data.len() != n * kb * block_bytes {
             return None;
         }
-        let group_bytes = match codes {
-            Codes::Nibbles => 4 * 64,
-            Codes::Bytes => 8 * 64,
-        };
+        let group_bytes = codes.group_bytes();
         let tiles = n / TILE;
         let mut qs = vec![0u8; tiles * kb * group_bytes];
+        let mut fifth_bits = vec![0u64; if codes == Codes::Nibbles5 { tiles * kb * 8 } else { 0 }];
         let mut scales = vec![0u16; tiles * kb * 2 * TILE];
         let half_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]);
         for col in 0..n {
@@ -114,10 +129,18 @@ impl PackedMatrix {
                 sc[TILE + c] = m.to_bits();
                 let dst = &mut qs[(tile * kb + b) * group_bytes..(tile * kb + b + 1) * group_bytes];
                 match codes {
-                    Codes::Nibbles => {
+                    Codes::Nibbles | Codes::Nibbles5 => {
+                        let masks = &mut fifth_bits[..];
                         for j in 0..4 {
                             for t in 0..4 {
-                                dst[j * 64 + c * 4 + t] = u[4 * j + t] | (u[4 * j + t + 16] << 4);
+                                let (lo, hi) = (u[4 * j + t], u[4 * j + t + 16]);
+                                dst[j * 64 + c * 4 + t] = (lo & 0x0F) | ((hi & 0x0F) << 4);
+                                if codes == Codes::Nibbles5 {
+                                    let bit = 1u64 << (c * 4 + t);
+                                    let at = (tile * kb + b) * 8 + 2 * j;
+                                    masks[at] |= if lo & 0x10 != 0 { bit } else { 0 };
+                                    masks[at + 1] |= if hi & 0x10 != 0 { bit } else { 0 };
+                                }
                             }
                         }
                     }
@@ -131,7 +154,7 @@ impl PackedMatrix {
                 }
             }
         }
-        Some(Self { codes, n, k, qs, scales })
+        Some(Self { codes, n, k, qs, fifth_bits, scales })
     }
 
     /// Output features.
@@ -141,7 +164,7 @@ impl PackedMatrix {
 
     /// Bytes held.
     pub fn size_in_bytes(&self) -> usize {
-        self.qs.len() + self.scales.len() * 2
+        self.qs.len() + self.fifth_bits.len() * 8 + self.scales.len() * 2
     }
 
     /// `y[m, n] = x[m, k] · Wᵀ`.
@@ -228,10 +251,7 @@ impl QuantizedActs {
 /// The same arithmetic as the SIMD path, for CPUs without AVX-512 VNNI.
 unsafe fn scalar_tile(pm: &PackedMatrix, tile: usize, acts: &QuantizedActs, row0: usize, rows: usize, out: *mut f32) {
     let kb = pm.k / BLOCK;
-    let group = match pm.codes {
-        Codes::Nibbles => 256,
-        Codes::Bytes => 512,
-    };
+    let group = pm.codes.group_bytes();
     for r in row0..row0 + rows {
         let mut acc = [0f32; TILE];
         for b in 0..kb {
@@ -241,12 +261,18 @@ unsafe fn scalar_tile(pm: &PackedMatrix, tile: usize, acts: &QuantizedActs, row0
             for (c, a) in acc.iter_mut().enumerate() {
                 let mut dot = 0i32;
                 match pm.codes {
-                    Codes::Nibbles => {
+                    Codes::Nibbles | Codes::Nibbles5 => {
                         for j in 0..4 {
                             for t in 0..4 {
                                 let byte = qs[j * 64 + c * 4 + t];
-                                dot += (byte & 0x0F) as i32 * xq[4 * j + t] as i32;
-                                dot += (byte >> 4) as i32 * xq[16 + 4 * j + t] as i32;
+                                let (mut lo, mut hi) = ((byte & 0x0F) as i32, (byte >> 4) as i32);
+                                if pm.codes == Codes::Nibbles5 {
+                                    let masks = &pm.fifth_bits[(tile * kb + b) * 8 + 2 * j..];
+                                    lo |= (((masks[0] >> (c * 4 + t)) & 1) as i32) << 4;
+                                    hi |= (((masks[1] >> (c * 4 + t)) & 1) as i32) << 4;
+                                }
+                                dot += lo * xq[4 * j + t] as i32;
+                                dot += hi * xq[16 + 4 * j + t] as i32;
                             }
                         }
                     }
@@ -279,10 +305,8 @@ mod avx512 {
         let kb = pm.k / BLOCK;
         let low = _mm512_set1_epi8(0x0F);
         let mut accf = [_mm512_setzero_ps(); R];
-        let group = match pm.codes {
-            Codes::Nibbles => 256,
-            Codes::Bytes => 512,
-        };
+        let group = pm.codes.group_bytes();
+        let sixteen = _mm512_set1_epi8(16);
         let qs_base = pm.qs.as_ptr().add(tile * kb * group);
         let sc_base = pm.scales.as_ptr().add(tile * kb * 2 * TILE);
         let x_base = acts.q.as_ptr();
@@ -297,11 +321,16 @@ mod avx512 {
                 _mm512_set1_epi32(p.read_unaligned())
             };
             match pm.codes {
-                Codes::Nibbles => {
+                Codes::Nibbles | Codes::Nibbles5 => {
+                    let masks = pm.fifth_bits.as_ptr().add((tile * kb + b) * 8);
                     for j in 0..4 {
                         let w = _mm512_loadu_si512(qs.add(j * 64) as *const __m512i);
-                        let lo = _mm512_and_si512(w, low);
-                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+                        let mut lo = _mm512_and_si512(w, low);
+                        let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+                        if pm.codes == Codes::Nibbles5 {
+                            lo = _mm512_mask_add_epi8(lo, *masks.add(2 * j), lo, sixteen);
+                            hi = _mm512_mask_add_epi8(hi, *masks.add(2 * j + 1), hi, sixteen);
+                        }
                         for (r, acc) in acci.iter_mut().enumerate() {
                             *acc = _mm512_dpbusd_epi32(*acc, lo, xb(r, 4 * j));
                             *acc = _mm512_dpbusd_epi32(*acc, hi, xb(r, 16 + 4 * j));
