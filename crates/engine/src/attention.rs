@@ -140,34 +140,34 @@ pub fn attend(
     let group = heads / kv_heads;
     let caches: Vec<&LayerKv> = caches.iter().map(|c| &**c).collect();
     let mut out = vec![0f32; rows * q_row];
-    out.par_chunks_mut(q_row)
+    // One task per (row, head), not per row: a decode step of one sequence is one row, and
+    // its heads are the only work there is to share between the threads.
+    out.par_chunks_mut(hd)
         .enumerate()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (r, out_row)| {
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (i, oh)| {
+            let (r, h) = (i / heads, i % heads);
             let (s, pos) = row_span[r];
             let cache = caches[s];
             let visible = pos + 1;
-            for h in 0..heads {
-                let g = h / group;
-                let qh = &q[r * q_row + h * hd..r * q_row + (h + 1) * hd];
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for t in 0..visible {
-                    let kt = &cache.keys[t * kv_row + g * hd..t * kv_row + (g + 1) * hd];
-                    let sc = dot(qh, kt) * scale;
-                    max = max.max(sc);
-                    scores.push(sc);
-                }
-                let mut sum = 0f32;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                let inv = 1.0 / sum;
-                let oh = &mut out_row[h * hd..(h + 1) * hd];
-                for (t, &w) in scores.iter().enumerate() {
-                    let vt = &cache.values[t * kv_row + g * hd..t * kv_row + (g + 1) * hd];
-                    axpy(oh, w * inv, vt);
-                }
+            let g = h / group;
+            let qh = &q[r * q_row + h * hd..r * q_row + (h + 1) * hd];
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for t in 0..visible {
+                let kt = &cache.keys[t * kv_row + g * hd..t * kv_row + (g + 1) * hd];
+                let sc = dot(qh, kt) * scale;
+                max = max.max(sc);
+                scores.push(sc);
+            }
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            let inv = 1.0 / sum;
+            for (t, &w) in scores.iter().enumerate() {
+                let vt = &cache.values[t * kv_row + g * hd..t * kv_row + (g + 1) * hd];
+                axpy(oh, w * inv, vt);
             }
         });
     out
