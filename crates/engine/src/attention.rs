@@ -151,24 +151,135 @@ pub fn attend(
             let visible = pos + 1;
             let g = h / group;
             let qh = &q[r * q_row + h * hd..r * q_row + (h + 1) * hd];
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for t in 0..visible {
-                let kt = &cache.keys[t * kv_row + g * hd..t * kv_row + (g + 1) * hd];
-                let sc = dot(qh, kt) * scale;
-                max = max.max(sc);
-                scores.push(sc);
-            }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            let inv = 1.0 / sum;
-            for (t, &w) in scores.iter().enumerate() {
-                let vt = &cache.values[t * kv_row + g * hd..t * kv_row + (g + 1) * hd];
-                axpy(oh, w * inv, vt);
-            }
+            let head = CachedHead { keys: &cache.keys, values: &cache.values, stride: kv_row, offset: g * hd, visible };
+            attend_head(qh, &head, scale, scores, oh);
         });
     out
+}
+
+/// One kv head of one sequence's cache: position `t`'s key is
+/// `keys[t·stride + offset ..][..head_dim]`, its value likewise.
+struct CachedHead<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    stride: usize,
+    offset: usize,
+    visible: usize,
+}
+
+/// `out = softmax(scale · q·Kᵀ) · V` for one query head over the visible positions;
+/// `scores` is scratch space.
+fn attend_head(q: &[f32], head: &CachedHead<'_>, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F was detected; the shapes are what the kernels expect.
+        match q.len() {
+            64 => return unsafe { avx512::attend_head::<4>(q, head, scale, scores, out) },
+            128 => return unsafe { avx512::attend_head::<8>(q, head, scale, scores, out) },
+            _ => {}
+        }
+    }
+    let hd = q.len();
+    let at = |t: usize| head.offset + t * head.stride..head.offset + t * head.stride + hd;
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for t in 0..head.visible {
+        let sc = dot(q, &head.keys[at(t)]) * scale;
+        max = max.max(sc);
+        scores.push(sc);
+    }
+    let inv = 1.0 / softmax_numerators(scores, max);
+    for (t, &w) in scores.iter().enumerate() {
+        axpy(out, w * inv, &head.values[at(t)]);
+    }
+}
+
+/// Replaces each score by `exp(score − max)` and returns their sum.
+fn softmax_numerators(scores: &mut [f32], max: f32) -> f32 {
+    let mut sum = 0f32;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += *sc;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{softmax_numerators, CachedHead};
+
+    /// [`super::attend_head`] for a head of `C` × 16 values: the query and the output stay in
+    /// registers while every cached key and value streams past once.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn attend_head<const C: usize>(
+        q: &[f32],
+        head: &CachedHead<'_>,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        assert!(q.len() == C * 16 && out.len() == C * 16);
+        if let Some(last) = head.visible.checked_sub(1) {
+            let end = head.offset + last * head.stride + C * 16;
+            assert!(head.keys.len() >= end && head.values.len() >= end);
+        }
+        let qv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(q.as_ptr().add(16 * c)));
+        scores.clear();
+        scores.reserve(head.visible);
+        let mut max = f32::NEG_INFINITY;
+        for t in 0..head.visible {
+            let k = head.keys.as_ptr().add(head.offset + t * head.stride);
+            let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+            for (c, qc) in qv.iter().enumerate().skip(1) {
+                acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(k.add(16 * c)), acc);
+            }
+            let sc = _mm512_reduce_add_ps(acc) * scale;
+            max = max.max(sc);
+            scores.push(sc);
+        }
+        let inv = 1.0 / softmax_numerators(scores, max);
+        let mut acc: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(out.as_ptr().add(16 * c)));
+        for (t, &w) in scores.iter().enumerate() {
+            let v = head.values.as_ptr().add(head.offset + t * head.stride);
+            let w = _mm512_set1_ps(w * inv);
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(v.add(16 * c)), *a);
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::tests::values;
+
+    /// The vector kernel gives the portable result (up to rounding) for both head sizes.
+    #[test]
+    fn head_kernel_matches_the_definition() {
+        for hd in [64usize, 128] {
+            let (stride, offset, visible) = (3 * hd, hd, 37);
+            let keys = values(visible * stride, 1);
+            let vals = values(visible * stride, 2);
+            let q = values(hd, 3);
+            let head = CachedHead { keys: &keys, values: &vals, stride, offset, visible };
+            let mut out = vec![0f32; hd];
+            attend_head(&q, &head, 0.125, &mut Vec::new(), &mut out);
+            let scores: Vec<f64> = (0..visible)
+                .map(|t| (0..hd).map(|i| q[i] as f64 * keys[offset + t * stride + i] as f64).sum::<f64>() * 0.125)
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = weights.iter().sum();
+            for i in 0..hd {
+                let expected: f64 = (0..visible).map(|t| weights[t] / sum * vals[offset + t * stride + i] as f64).sum();
+                assert!((out[i] as f64 - expected).abs() < 1e-5, "hd {hd}, value {i}: {} vs {expected}", out[i]);
+            }
+        }
+    }
 }
