@@ -37,7 +37,7 @@ import transformers
 from transformers import AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from refutil import dump_json  # noqa: E402
+from refutil import ENGLISH_CORPUS, dump_json  # noqa: E402
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
@@ -56,24 +56,7 @@ CHAT_TEMPLATE = (
     "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
 )
 
-CORPUS = """
-The quick brown fox jumps over the lazy dog. The dog did not mind; it was a very lazy dog.
-Once upon a time there was a small village by the sea. Every morning the fishermen went out
-in their boats, and every evening they came back with nets full of fish. The children played
-on the beach and the old people sat in the sun and told stories about the past.
-A language model reads text one token at a time. It predicts the next token from the tokens it
-has seen so far. Small models are fast, large models are smart, and adapters let one base model
-learn many different styles without copying all of its weights.
-How are you today? I am fine, thank you. What is the capital of France? The capital of France
-is Paris. What is the capital of Italy? The capital of Italy is Rome. Water boils at 100 degrees
-and freezes at 0 degrees. There are 7 days in a week, 12 months in a year and 365 days in a year.
-The garden was full of flowers: red roses, yellow tulips, white lilies and blue violets.
-She opened the window, looked at the rain, and decided to stay at home with a good book.
-He wrote the code carefully, tested it twice, and then shipped it to the server on Friday.
-If you want to learn something new, start small, practice every day, and be patient with yourself.
-The river flows from the mountains to the sea, through forests, fields and old stone towns.
-Please answer the question in one word. Thank you for your help, and have a nice day!
-"""
+CORPUS = ENGLISH_CORPUS
 
 TEXTS = [
     "Hello world",

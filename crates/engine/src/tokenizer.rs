@@ -192,19 +192,36 @@ fn byte_level_spec(md: &Metadata, tokens: &[String], types: &[i32]) -> Spec {
         "gpt-2" | "gpt2" | "default" => (byte_level(true), false),
         other => return Err(format!("GGUF tokenizer pre-tokenizer '{other}' is not supported")),
     };
-    Ok(json!({
+    Ok(tokenizer_json(
+        added,
+        pre_tokenizer,
+        json!(null),
+        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+        json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+               "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+               "ignore_merges": ignore_merges, "vocab": vocab_map(tokens), "merges": merges}),
+    ))
+}
+
+/// A `tokenizer.json` document (no normalizer, truncation or padding) from its parts.
+fn tokenizer_json(
+    added: Vec<serde_json::Value>,
+    pre_tokenizer: serde_json::Value,
+    post_processor: serde_json::Value,
+    decoder: serde_json::Value,
+    model: serde_json::Value,
+) -> serde_json::Value {
+    json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": pre_tokenizer,
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": ignore_merges, "vocab": vocab_map(tokens), "merges": merges}
-    }))
+        "post_processor": post_processor,
+        "decoder": decoder,
+        "model": model,
+    })
 }
 
 /// SentencePiece BPE as transformers 5 rebuilds it from a GGUF (`LlamaTokenizer`, non-legacy):
@@ -266,26 +283,21 @@ fn sentencepiece_spec(md: &Metadata, tokens: &[String], types: &[i32]) -> Spec {
         .flatten()
         .map(|(i, s)| (s.to_string(), json!({"id": s, "ids": [i], "tokens": [s]})))
         .collect();
-    Ok(json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false},
-        "post_processor": {"type": "TemplateProcessing", "single": single, "pair": pair,
-                           "special_tokens": special_tokens},
-        "decoder": {"type": "Sequence", "decoders": [
+    Ok(tokenizer_json(
+        added,
+        json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false}),
+        json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens}),
+        json!({"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
             {"type": "ByteFallback"},
             {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}),
         // transformers leaves unk_token unset; with the 256 byte tokens present it is never used,
         // and without them llama.cpp maps unknown text to it.
-        "model": {"type": "BPE", "dropout": null, "unk_token": unk.map(|(_, s)| s),
-                  "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
-                  "byte_fallback": true, "ignore_merges": false, "vocab": vocab_map(tokens), "merges": merges}
-    }))
+        json!({"type": "BPE", "dropout": null, "unk_token": unk.map(|(_, s)| s),
+               "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+               "byte_fallback": true, "ignore_merges": false, "vocab": vocab_map(tokens), "merges": merges}),
+    ))
 }
 
 /// transformers' `generate_merges` with scores (llama.cpp stores no merges for SentencePiece):
