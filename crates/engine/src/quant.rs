@@ -130,7 +130,6 @@ impl PackedMatrix {
                 let dst = &mut qs[(tile * kb + b) * group_bytes..(tile * kb + b + 1) * group_bytes];
                 match codes {
                     Codes::Nibbles | Codes::Nibbles5 => {
-                        let masks = &mut fifth_bits[..];
                         for j in 0..4 {
                             for t in 0..4 {
                                 let (lo, hi) = (u[4 * j + t], u[4 * j + t + 16]);
@@ -138,8 +137,8 @@ impl PackedMatrix {
                                 if codes == Codes::Nibbles5 {
                                     let bit = 1u64 << (c * 4 + t);
                                     let at = (tile * kb + b) * 8 + 2 * j;
-                                    masks[at] |= if lo & 0x10 != 0 { bit } else { 0 };
-                                    masks[at + 1] |= if hi & 0x10 != 0 { bit } else { 0 };
+                                    fifth_bits[at] |= if lo & 0x10 != 0 { bit } else { 0 };
+                                    fifth_bits[at + 1] |= if hi & 0x10 != 0 { bit } else { 0 };
                                 }
                             }
                         }
