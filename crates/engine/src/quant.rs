@@ -1,7 +1,7 @@
 //! Our quantized matmul for the hot path. candle's CPU path has no SIMD kernel for Q4_1
 //! (the default model's type) or Q5_0 (most of Qwen2.5's Q4_K_M projections) and runs
 //! batched rows as repeated dot products; here Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights are
-//! repacked at load, losslessly and no larger, into tiles of 16 output columns so that one
+//! repacked at load, losslessly, into tiles of 16 output columns so that one
 //! AVX-512 VNNI `vpdpbusd` multiplies 4 k-values of 16 columns at once, and each weight
 //! tile loaded into registers is reused for up to 4 activation rows (a small GEMM).
 //! Activations are quantized per 32-value block to int8 (as llama.cpp's Q8_1), so
@@ -329,14 +329,15 @@ mod avx512 {
             };
             match pm.codes {
                 Codes::Nibbles | Codes::Nibbles5 => {
-                    let masks = pm.fifth_bits.as_ptr().add((tile * kb + b) * 8);
                     for j in 0..4 {
                         let w = _mm512_loadu_si512(qs.add(j * 64) as *const __m512i);
                         let mut lo = _mm512_and_si512(w, low);
                         let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
                         if pm.codes == Codes::Nibbles5 {
-                            lo = _mm512_mask_add_epi8(lo, *masks.add(2 * j), lo, sixteen);
-                            hi = _mm512_mask_add_epi8(hi, *masks.add(2 * j + 1), hi, sixteen);
+                            // Only Nibbles5 matrices hold masks: index them only then.
+                            let masks = &pm.fifth_bits[(tile * kb + b) * 8 + 2 * j..][..2];
+                            lo = _mm512_mask_add_epi8(lo, masks[0], lo, sixteen);
+                            hi = _mm512_mask_add_epi8(hi, masks[1], hi, sixteen);
                         }
                         for (r, acc) in acci.iter_mut().enumerate() {
                             *acc = _mm512_dpbusd_epi32(*acc, lo, xb(r, 4 * j));
