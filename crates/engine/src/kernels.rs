@@ -99,8 +99,15 @@ pub(crate) fn dot_widen<E: Widen>(a: &[E], x: &[f32]) -> f32 {
             acc[i] += ws[i].widen() * xs[i];
         }
     }
-    let mut sum: f32 = acc.iter().sum();
-    for (w, xv) in a[full..].iter().zip(&x[full..]) {
+    finish_dot(&acc, &a[full..], &x[full..])
+}
+
+/// The end of every dot product here: the [`LANES`] partial sums added in lane order, then
+/// the tail values one by one. One definition, so blocked and single dots agree bit for bit.
+#[inline]
+fn finish_dot<E: Widen>(lanes: &[f32; LANES], a_tail: &[E], x_tail: &[f32]) -> f32 {
+    let mut sum: f32 = lanes.iter().sum();
+    for (w, xv) in a_tail.iter().zip(x_tail) {
         sum += w.widen() * xv;
     }
     sum
@@ -122,17 +129,7 @@ pub(crate) fn dots_4x4(a: [&[f32]; DOT_BLOCK], x: [&[f32]; DOT_BLOCK]) -> [[f32;
         let full = n - n % LANES;
         // SAFETY: AVX-512F was detected and every row holds `n >= full` values.
         let lanes = unsafe { avx512::dots_4x4_lanes(a, x, full) };
-        let mut out = [[0f32; DOT_BLOCK]; DOT_BLOCK];
-        for j in 0..DOT_BLOCK {
-            for i in 0..DOT_BLOCK {
-                let mut sum: f32 = lanes[j][i].iter().sum();
-                for (w, xv) in a[j][full..].iter().zip(&x[i][full..]) {
-                    sum += w * xv;
-                }
-                out[j][i] = sum;
-            }
-        }
-        return out;
+        return std::array::from_fn(|j| std::array::from_fn(|i| finish_dot(&lanes[j][i], &a[j][full..], &x[i][full..])));
     }
     std::array::from_fn(|j| std::array::from_fn(|i| dot_widen(a[j], x[i])))
 }
