@@ -106,13 +106,10 @@ pub fn decode_step_seconds(engine: &mut Engine, adapters: &[Option<String>], pro
         engine.step(&mut refs, usize::MAX).expect("decode");
         times.push(t.elapsed().as_secs_f64());
     }
-    let mean = times.iter().sum::<f64>() / steps as f64;
-    times.sort_by(f64::total_cmp);
-    let median = percentile(&times, 0.5);
     for s in &mut seqs {
         engine.finish_sequence(s);
     }
-    StepTimes { mean, median }
+    StepTimes { mean: times.iter().sum::<f64>() / steps as f64, median: median(times) }
 }
 
 /// Prefill tokens/s for `batch` prompts of `prompt_len` tokens in one step (best of 3).
