@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use loramux_engine::{Engine, EngineOptions, LoraLimits, ModelLocation, Prompt, Request, SamplingParams};
+use loramux_engine::{Engine, EngineOptions, LoraLimits, LoraRequest, ModelLocation, Prompt, Request, RequestId, SamplingParams, Scheduler, SchedulerConfig};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -82,33 +82,38 @@ pub struct StepTimes {
     pub median: f64,
 }
 
-/// Times `steps` decode steps of `adapters.len()` sequences, each step alone.
+/// A scheduler that runs `n` sequences of `prompt_len` tokens in one batch, every prompt
+/// prefilled in one pass: the batching `serve` and `generate` use, without a memory limit.
+fn batch_scheduler(engine: &Engine, n: usize, prompt_len: usize) -> Scheduler {
+    let cfg = SchedulerConfig { max_num_batched_tokens: (n * prompt_len).max(8192), ..SchedulerConfig::for_batch(n) };
+    Scheduler::new(cfg, engine).expect("benchmark scheduler")
+}
+
+/// Queues one benchmark request per adapter entry.
+fn add_requests(sched: &mut Scheduler, engine: &mut Engine, adapters: &[Option<String>], prompt_len: usize, seed: usize, params: &SamplingParams) {
+    for (i, a) in adapters.iter().enumerate() {
+        let request = Request { lora: a.clone().map(LoraRequest::new), prompt: Prompt::Tokens(prompt_ids(prompt_len, i + seed)), params: params.clone() };
+        let processed = engine.input().process(request).expect("benchmark request");
+        let ticket = sched.admission_gate().try_enter().expect("room for the batch");
+        sched.add_request(engine, ticket, i as RequestId, processed, None).expect("benchmark request");
+    }
+}
+
+/// Times `steps` decode steps of `adapters.len()` sequences, each scheduler step alone.
 pub fn decode_step_seconds(engine: &mut Engine, adapters: &[Option<String>], prompt_len: usize, steps: usize) -> StepTimes {
     let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(steps + 2) };
-    let mut seqs: Vec<_> = adapters
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            engine
-                .add_sequence(&Request { adapter: a.clone(), prompt: Prompt::Tokens(prompt_ids(prompt_len, i)), params: params.clone() })
-                .expect("benchmark sequence")
-        })
-        .collect();
-    {
-        let mut refs: Vec<_> = seqs.iter_mut().collect();
-        engine.step(&mut refs, usize::MAX).expect("prefill");
-        engine.step(&mut refs, usize::MAX).expect("warm-up decode");
-    }
+    let mut sched = batch_scheduler(engine, adapters.len(), prompt_len);
+    add_requests(&mut sched, engine, adapters, prompt_len, 0, &params);
+    sched.step(engine); // admission, prefill and the first token
+    sched.step(engine); // warm-up decode
     let mut times = Vec::with_capacity(steps);
     for _ in 0..steps {
-        let mut refs: Vec<_> = seqs.iter_mut().collect();
         let t = Instant::now();
-        engine.step(&mut refs, usize::MAX).expect("decode");
+        let report = sched.step(engine);
         times.push(t.elapsed().as_secs_f64());
+        assert_eq!(report.batch.map(|b| b.rows), Some(adapters.len()), "one decode row per sequence");
     }
-    for s in &mut seqs {
-        engine.finish_sequence(s);
-    }
+    sched.abort_all(engine);
     StepTimes { mean: times.iter().sum::<f64>() / steps as f64, median: median(times) }
 }
 
@@ -116,20 +121,12 @@ pub fn decode_step_seconds(engine: &mut Engine, adapters: &[Option<String>], pro
 pub fn prefill_tokens_per_second(engine: &mut Engine, batch: usize, prompt_len: usize) -> f64 {
     let mut best = 0f64;
     for rep in 0..3 {
-        let mut seqs: Vec<_> = (0..batch)
-            .map(|i| {
-                engine
-                    .add_sequence(&Request { adapter: None, prompt: Prompt::Tokens(prompt_ids(prompt_len, i + rep * 97)), params: SamplingParams::greedy(1) })
-                    .expect("benchmark sequence")
-            })
-            .collect();
+        let mut sched = batch_scheduler(engine, batch, prompt_len);
+        add_requests(&mut sched, engine, &vec![None; batch], prompt_len, rep * 97, &SamplingParams::greedy(1));
         let t = Instant::now();
-        let mut refs: Vec<_> = seqs.iter_mut().collect();
-        engine.step(&mut refs, usize::MAX).expect("prefill");
+        sched.step(engine);
         best = best.max((batch * prompt_len) as f64 / t.elapsed().as_secs_f64());
-        for s in &mut seqs {
-            engine.finish_sequence(s);
-        }
+        sched.abort_all(engine);
     }
     best
 }
@@ -137,14 +134,8 @@ pub fn prefill_tokens_per_second(engine: &mut Engine, batch: usize, prompt_len: 
 /// Rounds of interleaved measurements behind each LoRA-cost figure.
 const ROUNDS: usize = 3;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    percentile(&v, 0.5)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[idx]
+fn median(v: Vec<f64>) -> f64 {
+    crate::stats::percentile(&v, 50.0).expect("finite step times")
 }
 
 fn row(section: &str, label: impl Into<String>, batch: usize, value: f64, unit: &str) -> Row {
@@ -209,7 +200,7 @@ pub fn lora_cost(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn
             rows.push(row("lora_step_ms", format!("{label}: unmerged"), b, unmerged * 1e3, "ms"));
             rows.push(row("lora_ratio", format!("{label}: unmerged / merged"), b, unmerged / merged, "x"));
         }
-        engine.loras_mut().remove("x").expect("remove");
+        engine.loras_mut().unload("x").expect("unload");
     }
 
     let max_adapters = cfg.adapter_counts.iter().copied().max().unwrap_or(1);
@@ -263,11 +254,10 @@ pub fn adapter_load(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn
         engine.loras_mut().load(&format!("l{i}"), d).expect("load");
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    times.sort_by(f64::total_cmp);
     let bytes = engine.loras().resident_bytes() as f64 / cfg.load_samples as f64;
     let file = std::fs::metadata(dirs[0].join("adapter_model.safetensors")).map(|m| m.len()).unwrap_or(0) as f64;
-    rows.push(row("adapter_load", "rank-16 all-linear load from disk, p50", 1, percentile(&times, 0.5), "ms"));
-    rows.push(row("adapter_load", "rank-16 all-linear load from disk, p95", 1, percentile(&times, 0.95), "ms"));
+    rows.push(row("adapter_load", "rank-16 all-linear load from disk, p50", 1, crate::stats::percentile(&times, 50.0).unwrap_or(f64::NAN), "ms"));
+    rows.push(row("adapter_load", "rank-16 all-linear load from disk, p95", 1, crate::stats::percentile(&times, 95.0).unwrap_or(f64::NAN), "ms"));
     rows.push(row("adapter_memory", "adapter weights in memory (per adapter)", 1, bytes / 1e6, "MB"));
     rows.push(row("adapter_memory", "adapter file size (bf16)", 1, file / 1e6, "MB"));
 }

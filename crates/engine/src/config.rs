@@ -136,7 +136,10 @@ impl ModelConfig {
             None => None,
         };
         let heads = raw.num_attention_heads;
-        Ok(Self {
+        if heads == 0 {
+            return Err("config.json: num_attention_heads must be positive, got 0".into());
+        }
+        let cfg = Self {
             architecture,
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
@@ -153,7 +156,37 @@ impl ModelConfig {
             attention_bias: architecture == Architecture::Qwen2
                 || raw.attention_bias.unwrap_or(false),
             qk_norm: architecture == Architecture::Qwen3,
-        })
+        };
+        cfg.check_dimensions().map_err(|m| format!("config.json: {m}"))?;
+        Ok(cfg)
+    }
+
+    /// Refuses sizes no model can have (a zero head count, heads that do not divide into
+    /// key/value groups), which would otherwise divide by zero or panic deep in loading.
+    pub fn check_dimensions(&self) -> std::result::Result<(), String> {
+        let positive = [
+            ("vocab size", self.vocab_size),
+            ("hidden size", self.hidden_size),
+            ("intermediate size", self.intermediate_size),
+            ("layer count", self.num_hidden_layers),
+            ("attention head count", self.num_attention_heads),
+            ("key/value head count", self.num_key_value_heads),
+            ("head size", self.head_dim),
+            ("context length", self.max_position_embeddings),
+        ];
+        if let Some((what, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("the {what} must be positive, got 0"));
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(format!(
+                "{} attention heads cannot be split into {} key/value groups",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!("the head size must be even for rotary embeddings, got {}", self.head_dim));
+        }
+        Ok(())
     }
 
     /// Number of floats one token occupies in the KV cache across all layers (K and V).

@@ -1,26 +1,32 @@
-//! The engine: one base model, its tokenizer and chat template, and the adapter manager.
-//! Sequences carry their own KV cache, sampler and adapter slot; [`Engine::step`] runs one
-//! forward pass for any mix of them (prefill chunks and decode tokens, any adapters) and
-//! samples a token for each sequence whose prompt is fully in its cache. The server's
-//! scheduler calls `step` in a loop; [`Engine::generate`] is the same loop for a fixed set.
+//! The engine: one base model, its input processor (tokenizer, chat template) and the
+//! adapter manager. Sequences carry their own KV cache, sampler, detokenizer and adapter
+//! slot; [`Engine::execute`] runs one forward pass for any mix of them (prefill chunks and
+//! decode tokens, any adapters) and samples a token for each sequence whose prompt is then
+//! fully in its cache. What runs in each pass is the [`crate::scheduler::Scheduler`]'s
+//! choice: the server, `loramux generate` and the benchmarks all batch through it.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::quantized::gguf_file::Value;
 use candle_core::Device;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::attention::SeqSpan;
-use crate::chat::{ChatMessage, ChatTemplate};
+use crate::chat::ChatTemplate;
 use crate::config::{Architecture, ModelConfig};
+use crate::detokenizer::Detokenizer;
 use crate::error::{EngineError, Result};
+use crate::input::{InputProcessor, ProcessedRequest, Request};
 use crate::kv::KvCache;
 use crate::lora::manager::LoraLimits;
-use crate::lora::{LoraBatch, LoraManager, LoraSlot, ModuleShapes};
+use crate::lora::{LoraBatch, LoraManager, LoraModel, LoraRequest, LoraSlot, ModuleShapes};
 use crate::model::{LogitsFor, Transformer};
 use crate::registry::ModelLocation;
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
+use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightSource;
 
@@ -47,28 +53,8 @@ impl Default for EngineOptions {
     }
 }
 
-/// What the model is asked to continue.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Prompt {
-    /// Raw text (completions API).
-    Text(String),
-    /// Messages rendered with the model's chat template.
-    Chat(Vec<ChatMessage>),
-    /// Token ids as they are.
-    Tokens(Vec<u32>),
-}
-
-/// One generation request.
-#[derive(Clone, Debug)]
-pub struct Request {
-    /// Adapter name, or `None` for the base model.
-    pub adapter: Option<String>,
-    pub prompt: Prompt,
-    pub params: SamplingParams,
-}
-
 /// Why a sequence stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FinishReason {
     /// End-of-sequence token, stop token or stop string.
@@ -77,10 +63,20 @@ pub enum FinishReason {
     Length,
 }
 
+impl FinishReason {
+    /// The OpenAI `finish_reason` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
 /// A sequence being generated.
 pub struct Sequence {
     pub id: u64,
-    pub adapter: Option<String>,
+    lora: Option<LoraRequest>,
     slot: Option<LoraSlot>,
     pub prompt_ids: Vec<u32>,
     pub output_ids: Vec<u32>,
@@ -89,11 +85,7 @@ pub struct Sequence {
     cache: KvCache,
     sampler: Sampler,
     pub finish: Option<FinishReason>,
-    /// Output text so far, cut at a stop string when one matched.
-    text: String,
-    /// Bytes of `text` already handed out by [`Sequence::take_new_text`].
-    emitted: usize,
-    max_stop_len: usize,
+    detokenizer: Detokenizer,
     max_len: usize,
 }
 
@@ -128,14 +120,14 @@ impl Sequence {
         self.cache.clear();
     }
 
-    /// The resident adapter slot this sequence runs with.
-    pub fn slot(&self) -> Option<LoraSlot> {
-        self.slot
+    /// The adapter the sequence runs with.
+    pub fn lora(&self) -> Option<&LoraRequest> {
+        self.lora.as_ref()
     }
 
-    /// The whole output text (final once `finish` is set).
-    pub fn text(&self) -> &str {
-        &self.text
+    /// Whether the sequence runs with an adapter slot (rows of one slot are batched together).
+    pub(crate) fn slot(&self) -> Option<LoraSlot> {
+        self.slot
     }
 
     /// Sampling parameters of the request.
@@ -143,33 +135,56 @@ impl Sequence {
         self.sampler.params()
     }
 
-    /// Text produced since the last call that can no longer change: while running, the
-    /// tail that might still become a stop string is held back.
-    pub fn take_new_text(&mut self) -> String {
-        let mut end = self.text.len();
-        if self.finish.is_none() {
-            end = end.saturating_sub(self.max_stop_len.saturating_sub(1));
-            // An incomplete UTF-8 character decodes to U+FFFD: wait for the rest.
-            if let Some(i) = self.text.find('\u{FFFD}') {
-                end = end.min(i);
-            }
-        }
-        while end > self.emitted && !self.text.is_char_boundary(end) {
-            end -= 1;
-        }
-        if end <= self.emitted {
-            return String::new();
-        }
-        let s = self.text[self.emitted..end].to_string();
-        self.emitted = end;
-        s
+    /// Output text since the last call that can no longer change: while running, the tail
+    /// that might still become a stop string is held back.
+    pub fn take_new_text(&mut self) -> &str {
+        let finished = self.finish.is_some();
+        self.detokenizer.take_stable(finished)
     }
+
+    /// Where the sequence stands, to put it back after a failed pass.
+    pub(crate) fn mark(&self) -> SeqMark {
+        SeqMark { cached: self.cache.len(), outputs: self.output_ids.len() }
+    }
+
+    /// Whether the sequence got a token since `mark`.
+    pub(crate) fn advanced_since(&self, mark: &SeqMark) -> bool {
+        self.output_ids.len() > mark.outputs
+    }
+
+    /// Puts the cache back to `mark` unless the sequence got its token (then the pass did
+    /// its work for it). A pass that panicked midway may have appended to some layers only.
+    pub(crate) fn rollback_unless_advanced(&mut self, mark: SeqMark) {
+        if !self.advanced_since(&mark) {
+            self.cache.truncate(mark.cached);
+        }
+    }
+
+    /// The finished request.
+    pub fn into_completion(self) -> Completion {
+        Completion {
+            lora: self.lora,
+            prompt_tokens: self.prompt_ids.len(),
+            text: self.detokenizer.into_text(),
+            token_ids: self.output_ids,
+            finish_reason: self.finish.unwrap_or(FinishReason::Length),
+            logprobs: self.logprobs,
+        }
+    }
+}
+
+/// A sequence's cache and output lengths before a pass.
+pub(crate) struct SeqMark {
+    cached: usize,
+    outputs: usize,
 }
 
 /// A finished request.
 #[derive(Clone, Debug, Serialize)]
 pub struct Completion {
-    pub adapter: Option<String>,
+    /// The adapter it ran with.
+    #[serde(rename = "adapter")]
+    pub lora: Option<LoraRequest>,
     pub text: String,
     pub token_ids: Vec<u32>,
     pub prompt_tokens: usize,
@@ -181,13 +196,12 @@ pub struct Completion {
 /// One base model with its adapters.
 pub struct Engine {
     model: Transformer,
-    tokenizer: Tokenizer,
-    chat: Option<ChatTemplate>,
+    input: Arc<InputProcessor>,
     loras: LoraManager,
     eos_ids: Vec<u32>,
-    max_model_len: usize,
     next_id: u64,
-    location: ModelLocation,
+    /// Fault injection for tests: a pass with a row of this adapter panics.
+    panic_on_forward: Option<String>,
 }
 
 fn gguf_config(md: &HashMap<String, Value>, src: &WeightSource) -> Result<ModelConfig> {
@@ -210,12 +224,15 @@ fn gguf_config(md: &HashMap<String, Value>, src: &WeightSource) -> Result<ModelC
     let float = |k: &str| md.get(&key(k)).and_then(|v| v.to_f32().ok()).map(f64::from);
     let heads = int("attention.head_count")?;
     let hidden = int("embedding_length")?;
+    if heads == 0 {
+        return Err(err(format!("GGUF metadata {} must be positive, got 0", key("attention.head_count"))));
+    }
     let vocab = md
         .get("tokenizer.ggml.tokens")
         .and_then(|v| v.to_vec().ok())
         .map(|v| v.len())
         .ok_or_else(|| err("GGUF has no tokenizer.ggml.tokens".into()))?;
-    Ok(ModelConfig {
+    let cfg = ModelConfig {
         architecture,
         vocab_size: vocab,
         hidden_size: hidden,
@@ -231,7 +248,9 @@ fn gguf_config(md: &HashMap<String, Value>, src: &WeightSource) -> Result<ModelC
         tie_word_embeddings: !src.contains("lm_head.weight"),
         attention_bias: architecture == Architecture::Qwen2,
         qk_norm: architecture == Architecture::Qwen3,
-    })
+    };
+    cfg.check_dimensions().map_err(|m| err(format!("GGUF metadata: {m}")))?;
+    Ok(cfg)
 }
 
 fn read_eos_ids(dir: &Path, tokenizer: &Tokenizer) -> Vec<u32> {
@@ -323,20 +342,18 @@ impl Engine {
             Some(t) => Some(ChatTemplate::new(&t, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())?),
             None => None,
         };
+        let input = Arc::new(InputProcessor::new(Arc::new(tokenizer), chat, max_model_len, cfg.vocab_size));
         if options.lora.max_rank > 256 {
             return Err(EngineError::InvalidRequest("max LoRA rank is at most 256".into()));
         }
         let loras = LoraManager::new(ModuleShapes::from_config(&cfg), options.lora.clone());
-        Ok(Self {
-            model,
-            tokenizer,
-            chat,
-            loras,
-            eos_ids,
-            max_model_len,
-            next_id: 0,
-            location: location.clone(),
-        })
+        Ok(Self { model, input, loras, eos_ids, next_id: 0, panic_on_forward: None })
+    }
+
+    /// Makes every forward pass with a row of adapter `name` panic (fault-injection tests only).
+    #[doc(hidden)]
+    pub fn inject_forward_panic(&mut self, name: Option<String>) {
+        self.panic_on_forward = name;
     }
 
     /// The model.
@@ -349,19 +366,19 @@ impl Engine {
         &mut self.model
     }
 
-    /// Where the model was loaded from.
-    pub fn location(&self) -> &ModelLocation {
-        &self.location
+    /// The input processor: shared with callers that tokenize off the batch loop.
+    pub fn input(&self) -> &Arc<InputProcessor> {
+        &self.input
     }
 
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        self.input.tokenizer()
     }
 
     /// The chat template, if the model has one.
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
-        self.chat.as_ref()
+        self.input.chat_template()
     }
 
     /// The adapter manager.
@@ -369,19 +386,14 @@ impl Engine {
         &self.loras
     }
 
-    /// The adapter manager, mutably (register, load, remove).
+    /// The adapter manager, mutably (register, load, unload).
     pub fn loras_mut(&mut self) -> &mut LoraManager {
         &mut self.loras
     }
 
-    /// Tokens that end generation.
-    pub fn eos_ids(&self) -> &[u32] {
-        &self.eos_ids
-    }
-
     /// Longest prompt plus output.
     pub fn max_model_len(&self) -> usize {
-        self.max_model_len
+        self.input.max_model_len()
     }
 
     /// Floats of KV cache per token (all layers, K and V).
@@ -389,72 +401,30 @@ impl Engine {
         self.model.config().kv_floats_per_token()
     }
 
-    /// Token ids of a prompt.
-    pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        match prompt {
-            Prompt::Tokens(ids) => Ok(ids.clone()),
-            Prompt::Text(t) => self.tokenizer.encode(t, true),
-            Prompt::Chat(messages) => {
-                let chat = self.chat.as_ref().ok_or_else(|| {
-                    EngineError::InvalidRequest("this model has no chat template; send a plain prompt".into())
-                })?;
-                let text = chat.render(messages, true)?;
-                self.tokenizer.encode(&text, false)
-            }
-        }
-    }
-
-    /// Starts a sequence: tokenizes, checks lengths and pins the adapter (loading it from
-    /// disk if known but not resident). Call [`Engine::finish_sequence`] when done.
-    pub fn add_sequence(&mut self, request: &Request) -> Result<Sequence> {
-        request.params.validate()?;
-        let prompt_ids = self.tokenize(&request.prompt)?;
-        self.start_sequence(request, prompt_ids)
-    }
-
-    /// Starts a sequence from already tokenized prompt ids.
-    pub fn start_sequence(&mut self, request: &Request, prompt_ids: Vec<u32>) -> Result<Sequence> {
-        if prompt_ids.is_empty() {
-            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
-        }
-        if prompt_ids.len() >= self.max_model_len {
-            return Err(EngineError::InvalidRequest(format!(
-                "the prompt has {} tokens, but the maximum model length is {} (prompt plus at least one generated token)",
-                prompt_ids.len(),
-                self.max_model_len
-            )));
-        }
-        let vocab = self.model.config().vocab_size;
-        if let Some(bad) = prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(EngineError::InvalidRequest(format!("token id {bad} is outside the vocabulary ({vocab})")));
-        }
-        let slot = match (&request.adapter, self.model.merged_adapter()) {
-            (Some(a), Some(m)) if a == m => None,
-            (None, Some(m)) => {
-                return Err(EngineError::InvalidRequest(format!(
-                    "adapter '{m}' is merged into the base weights; the unmodified base model cannot run"
-                )))
-            }
-            // Other adapters apply unmerged on top of the merged weights.
-            (Some(a), _) => Some(self.loras.acquire(a)?),
-            (None, None) => None,
+    /// Starts a sequence for a processed request, pinning its adapter (read from disk now
+    /// if known but not resident). Call [`Engine::finish_sequence`] when done. A request
+    /// for the adapter merged into the base weights runs with no adapter applied.
+    pub fn start_sequence(&mut self, request: ProcessedRequest) -> Result<Sequence> {
+        let max_tokens = request.max_tokens();
+        let (lora, prompt_ids, params) = request.into_parts();
+        let slot = match &lora {
+            Some(l) if self.model.merged_adapter() == Some(l.lora_name.as_str()) => None,
+            Some(l) => Some(self.loras.acquire(&l.lora_name)?),
+            None => None,
         };
         self.next_id += 1;
-        let params = request.params.clone();
-        let max_len = (prompt_ids.len() + params.max_tokens).min(self.max_model_len);
+        let max_len = (prompt_ids.len() + max_tokens).min(self.max_model_len());
         Ok(Sequence {
             id: self.next_id,
-            adapter: request.adapter.clone(),
+            lora,
             slot,
             prompt_ids,
             output_ids: Vec::new(),
             logprobs: Vec::new(),
             cache: self.model.new_cache(),
-            max_stop_len: params.stop.iter().map(|s| s.len()).max().unwrap_or(0),
+            detokenizer: Detokenizer::new(&params.stop),
             sampler: Sampler::new(params),
             finish: None,
-            text: String::new(),
-            emitted: 0,
             max_len,
         })
     }
@@ -467,66 +437,50 @@ impl Engine {
         seq.cache.clear();
     }
 
-    /// One forward pass over `seqs` (unfinished ones): each feeds its next `chunk` of
-    /// uncached tokens (decode sequences feed one), at most `max_batch_tokens` rows in
-    /// all with decode tokens first; sequences whose tokens are then all cached sample
-    /// their next token. Returns the number of rows run.
-    pub fn step(&mut self, seqs: &mut [&mut Sequence], max_batch_tokens: usize) -> Result<usize> {
-        // Order by adapter slot so each adapter's rows are one contiguous segment.
-        let mut order: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
-        order.sort_by_key(|&i| (seqs[i].slot.map_or(0, |s| s + 1), seqs[i].id));
-        // Decode rows first, then prefill chunks in arrival order within the budget.
-        let mut take = vec![0usize; seqs.len()];
-        let mut budget = max_batch_tokens.max(1);
-        for &i in &order {
-            if seqs[i].pending_len() == 1 && budget > 0 {
-                take[i] = 1;
-                budget -= 1;
+    /// One forward pass: `batch[i]` feeds its next `take[i]` uncached tokens (every
+    /// `take[i] > 0`); sequences whose tokens are then all cached sample their next token.
+    /// On error every cache is as it was before the call. Returns the rows run.
+    pub fn execute(&mut self, batch: &mut [&mut Sequence], take: &[usize]) -> Result<usize> {
+        if let Some(bad) = &self.panic_on_forward {
+            if batch.iter().any(|s| s.lora.as_ref().is_some_and(|l| &l.lora_name == bad)) {
+                panic!("injected fault: a forward pass with adapter '{bad}' panics");
             }
         }
-        let mut by_arrival: Vec<usize> = order.iter().copied().filter(|&i| take[i] == 0).collect();
-        by_arrival.sort_by_key(|&i| seqs[i].id);
-        for i in by_arrival {
-            let n = seqs[i].pending_len().min(budget);
-            take[i] = n;
-            budget -= n;
-        }
-        let order: Vec<usize> = order.into_iter().filter(|&i| take[i] > 0).collect();
-        if order.is_empty() {
-            return Ok(0);
-        }
-
-        let mut tokens = Vec::new();
+        // Order by adapter slot so each adapter's rows are one contiguous segment.
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by_key(|&i| (batch[i].slot.map_or(0, |s| s + 1), batch[i].id));
+        let mut tokens = Vec::with_capacity(take.iter().sum());
         let mut spans = Vec::with_capacity(order.len());
-        let mut runs = Vec::with_capacity(order.len());
         for &i in &order {
-            let s = &*seqs[i];
+            let s = &*batch[i];
             let start = tokens.len();
             let from = s.cache.len();
-            let all = s.prompt_ids.iter().chain(s.output_ids.iter());
-            tokens.extend(all.skip(from).take(take[i]));
+            tokens.extend(s.prompt_ids.iter().chain(s.output_ids.iter()).skip(from).take(take[i]));
             spans.push(SeqSpan { start, len: take[i], pos: from });
-            runs.push((start..start + take[i], s.slot));
         }
         let rows = tokens.len();
-        let lora = LoraBatch::from_runs(runs.into_iter().map(|(r, slot)| (r, slot.and_then(|s| self.loras.get(s)))));
-        let mut selected: Vec<Option<&mut Sequence>> = seqs.iter_mut().map(|s| Some(&mut **s)).collect();
-        let mut batch: Vec<&mut Sequence> = order.iter().map(|&i| selected[i].take().expect("each sequence once")).collect();
-        for (s, span) in batch.iter_mut().zip(&spans) {
+        let lora = LoraBatch::from_runs(
+            order.iter().zip(&spans).map(|(&i, span)| (span.start..span.start + span.len, batch[i].slot.and_then(|s| self.loras.get(s)))),
+        );
+        let mut ordered: Vec<&mut Sequence> = Vec::with_capacity(order.len());
+        {
+            let mut slots: Vec<Option<&mut Sequence>> = batch.iter_mut().map(|s| Some(&mut **s)).collect();
+            ordered.extend(order.iter().map(|&i| slots[i].take().expect("each sequence once")));
+        }
+        for (s, span) in ordered.iter_mut().zip(&spans) {
             s.cache.reserve(span.pos + span.len);
         }
         let logits = {
-            let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|s| &mut s.cache).collect();
+            let mut caches: Vec<&mut KvCache> = ordered.iter_mut().map(|s| &mut s.cache).collect();
             self.model.forward(&tokens, &spans, &mut caches, &lora, LogitsFor::LastOfEachSpan)?
         };
         let vocab = logits.dim(1)?;
         let logits = logits.flatten_all()?.to_vec1::<f32>()?;
-        for (k, seq) in batch.into_iter().enumerate() {
+        for (k, seq) in ordered.into_iter().enumerate() {
             if seq.pending_len() > 0 {
                 continue; // prompt not fully prefilled yet
             }
-            let row = &logits[k * vocab..(k + 1) * vocab];
-            let t = seq.sampler.sample(row);
+            let t = seq.sampler.sample(&logits[k * vocab..(k + 1) * vocab]);
             self.append_token(seq, t)?;
         }
         Ok(rows)
@@ -543,68 +497,54 @@ impl Engine {
         if is_eos || params.stop_token_ids.contains(&id) {
             seq.finish = Some(FinishReason::Stop);
         }
-        seq.text = self.tokenizer.decode(&seq.output_ids, true)?;
-        if let Some(cut) = params
-            .stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| seq.text.find(s.as_str()))
-            .min()
-        {
-            seq.text.truncate(cut);
+        if seq.detokenizer.push(self.input.tokenizer(), &seq.output_ids, &params.stop)? {
             seq.finish = Some(FinishReason::Stop);
         }
-        if seq.finish.is_none() && (seq.output_ids.len() >= params.max_tokens || seq.len() >= seq.max_len) {
+        let max_tokens = params.max_tokens.unwrap_or(usize::MAX);
+        if seq.finish.is_none() && (seq.output_ids.len() >= max_tokens || seq.len() >= seq.max_len) {
             seq.finish = Some(FinishReason::Length);
         }
         Ok(())
     }
 
     /// Runs requests to completion as one mixed batch (every adapter in the same forward
-    /// passes); results come back in input order.
+    /// passes, scheduled as the server schedules them); results come back in input order.
     pub fn generate(&mut self, requests: &[Request]) -> Result<Vec<Completion>> {
-        let mut seqs = Vec::with_capacity(requests.len());
-        for r in requests {
-            match self.add_sequence(r) {
-                Ok(s) => seqs.push(s),
-                Err(e) => {
-                    for s in &mut seqs {
-                        self.finish_sequence(s);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        let result = (|| -> Result<()> {
-            while seqs.iter().any(|s| s.finish.is_none()) {
-                let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-                self.step(&mut refs, 8192)?;
-            }
-            Ok(())
-        })();
-        for s in &mut seqs {
-            self.finish_sequence(s);
-        }
-        result?;
-        Ok(seqs
-            .into_iter()
-            .map(|s| Completion {
-                adapter: s.adapter,
-                text: s.text,
-                prompt_tokens: s.prompt_ids.len(),
-                token_ids: s.output_ids,
-                finish_reason: s.finish.expect("finished"),
-                logprobs: s.logprobs,
-            })
-            .collect())
+        let processed = requests.iter().map(|r| self.input.process(r.clone())).collect::<Result<Vec<_>>>()?;
+        Scheduler::new(SchedulerConfig::for_batch(processed.len()), self)?.run_to_completion(self, processed)
     }
 
-    /// Folds a (resident or known) adapter into the float base weights.
+    /// Folds a resident or known adapter into the float base weights (restorable).
     pub fn merge_adapter(&mut self, name: &str) -> Result<()> {
         let slot = self.loras.acquire(name)?;
         let adapter = self.loras.get_by_name(name).expect("just acquired");
         self.loras.release(slot);
         self.model.merge_lora(&adapter, true)
+    }
+
+    /// Folds the PEFT adapter in `path` into the float base weights for good and returns
+    /// the name requests use for it (its folder name). Its rank is not bounded by the
+    /// maximum LoRA rank: merged, an adapter costs nothing per token whatever its rank.
+    pub fn merge_adapter_dir(&mut self, path: &Path) -> Result<String> {
+        if self.model.is_quantized() {
+            return Err(EngineError::model(
+                path,
+                "merging an adapter needs a float base model, but the model's weights are quantized: load the GGUF \
+                 dequantized (--dequantize) or serve a safetensors directory",
+            ));
+        }
+        let name = path.file_name().and_then(|n| n.to_str()).filter(|n| !n.is_empty()).unwrap_or("merged").to_string();
+        let t = Instant::now();
+        let adapter = LoraModel::load(&name, path, self.loras.shapes(), usize::MAX)?;
+        self.model.merge_lora(&adapter, false)?;
+        tracing::info!(
+            adapter = %name,
+            path = %path.display(),
+            rank = adapter.max_rank,
+            ms = format!("{:.1}", t.elapsed().as_secs_f64() * 1e3),
+            "adapter merged into the base weights"
+        );
+        Ok(name)
     }
 
     /// Restores the base weights.

@@ -24,6 +24,9 @@ pub enum EngineError {
         field: String,
         message: String,
     },
+    /// A runtime load named an adapter that is already loaded (and did not ask to replace it).
+    #[error("The lora adapter '{0}' has already been loaded.")]
+    AdapterExists(String),
     /// An adapter name is not known to the engine.
     #[error("unknown adapter '{0}'")]
     UnknownAdapter(String),
@@ -33,6 +36,23 @@ pub enum EngineError {
     /// A request cannot be served as asked (prompt too long, bad sampling values...).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The prompt, or the room it leaves for the completion, cannot be served; `field` says
+    /// which part of the request to fix.
+    #[error("invalid request: {message}")]
+    InvalidInput { field: InputField, message: String, context_length_exceeded: bool },
+    /// The request's deadline passed while it waited or ran; its memory is freed.
+    #[error("request timed out: {0}")]
+    DeadlineExceeded(String),
+    /// The admission queue is full: the caller should retry later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// The forward pass failed for the sequences of this request (the batch's other
+    /// sequences went on).
+    #[error("generation failed: {0}")]
+    StepFailed(String),
+    /// Settings that cannot work together (a KV budget too small for one sequence...).
+    #[error("configuration: {0}")]
+    Config(String),
     /// Tokenizer construction or encoding failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -42,6 +62,15 @@ pub enum EngineError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// The part of a request an [`EngineError::InvalidInput`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputField {
+    /// The prompt (`messages` for chat, `prompt` for completions).
+    Prompt,
+    /// The completion length asked for.
+    MaxTokens,
 }
 
 impl EngineError {

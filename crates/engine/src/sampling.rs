@@ -5,8 +5,16 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::detokenizer::MAX_STOP_STRING_BYTES;
 use crate::error::{EngineError, Result};
 use crate::kernels::argmax;
+
+/// Temperatures below this sample greedily (vLLM's `_SAMPLING_EPS`): dividing logits by a
+/// tinier one overflows to infinities whose softmax is NaN.
+pub const GREEDY_BELOW_TEMPERATURE: f32 = 1e-5;
+
+/// Most stop strings one request may give.
+pub const MAX_STOP_STRINGS: usize = 16;
 
 /// How one request samples and when it stops.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -20,8 +28,8 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Seed for the request's own random generator.
     pub seed: Option<u64>,
-    /// Most tokens to generate.
-    pub max_tokens: usize,
+    /// Most tokens to generate; `None` fills the model's context.
+    pub max_tokens: Option<usize>,
     /// Strings that end generation (not included in the text).
     pub stop: Vec<String>,
     /// Token ids that end generation, besides the model's end-of-sequence tokens.
@@ -39,7 +47,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: 0,
             seed: None,
-            max_tokens: 256,
+            max_tokens: None,
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
@@ -53,7 +61,7 @@ impl SamplingParams {
     pub fn greedy(max_tokens: usize) -> Self {
         Self {
             temperature: 0.0,
-            max_tokens,
+            max_tokens: Some(max_tokens),
             ..Self::default()
         }
     }
@@ -66,8 +74,20 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(EngineError::InvalidRequest(format!("top_p must be in (0, 1], got {}", self.top_p)));
         }
-        if self.max_tokens == 0 {
+        if self.max_tokens == Some(0) {
             return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
+        }
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return Err(EngineError::InvalidRequest(format!(
+                "at most {MAX_STOP_STRINGS} stop strings are accepted, got {}",
+                self.stop.len()
+            )));
+        }
+        if let Some(long) = self.stop.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
+            return Err(EngineError::InvalidRequest(format!(
+                "stop strings may have at most {MAX_STOP_STRING_BYTES} bytes, got one of {}",
+                long.len()
+            )));
         }
         if self.logprobs.is_some_and(|n| n > 20) {
             return Err(EngineError::InvalidRequest("top_logprobs must be at most 20".into()));
@@ -114,7 +134,7 @@ impl Sampler {
     /// Picks the next token from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> SampledToken {
         let p = &self.params;
-        let id = if p.temperature == 0.0 || p.top_k == 1 {
+        let id = if p.temperature < GREEDY_BELOW_TEMPERATURE || p.top_k == 1 {
             argmax(logits) as u32
         } else {
             self.sample_random(logits)
@@ -159,6 +179,10 @@ impl Sampler {
             c.truncate(keep);
         }
         let total: f32 = c.iter().map(|x| x.1).sum();
+        if !(total.is_finite() && total > 0.0) {
+            // Logits with infinities or NaN: no distribution to draw from.
+            return argmax(logits) as u32;
+        }
         let mut u = self.rng.random::<f32>() * total;
         for x in c.iter() {
             u -= x.1;
@@ -212,6 +236,29 @@ mod tests {
         // The three largest logits are at i % 7 == 6: 6, 13, 20, ... ties broken by select;
         // every sample must be one of the maximal-value tokens.
         assert!(xs.iter().all(|&i| i % 7 == 6));
+    }
+
+    #[test]
+    fn tiny_temperatures_sample_greedily_without_nan() {
+        let logits = [0.5f32, 3.0, -1.0, 2.9];
+        for t in [1e-30f32, 1e-12, 1e-6] {
+            let mut s = Sampler::new(SamplingParams { temperature: t, seed: Some(3), logprobs: Some(1), ..Default::default() });
+            let tok = s.sample(&logits);
+            assert_eq!(tok.id, 1, "temperature {t}");
+            assert!(tok.logprob.is_finite());
+        }
+        let mut s = Sampler::new(SamplingParams { temperature: 1e-4, seed: Some(3), ..Default::default() });
+        assert_eq!(s.sample(&[f32::INFINITY, 0.0, f32::NAN]).id, 0, "non-finite logits fall back to argmax");
+    }
+
+    #[test]
+    fn stop_strings_are_bounded() {
+        let ok = SamplingParams { stop: vec!["x".repeat(MAX_STOP_STRING_BYTES)], ..Default::default() };
+        assert!(ok.validate().is_ok());
+        let long = SamplingParams { stop: vec!["x".repeat(MAX_STOP_STRING_BYTES + 1)], ..Default::default() };
+        assert!(long.validate().unwrap_err().to_string().contains("at most"));
+        let many = SamplingParams { stop: vec!["a".into(); MAX_STOP_STRINGS + 1], ..Default::default() };
+        assert!(many.validate().is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use loramux_engine::{Engine, EngineError, EngineOptions, LoraLimits, ModelLocation, Prompt, Request, SamplingParams};
+use loramux_engine::{Engine, EngineError, EngineOptions, LoraLimits, LoraRequest, ModelLocation, Prompt, Request, SamplingParams};
 
 fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny/llama")
@@ -35,7 +35,7 @@ fn field_of(err: EngineError) -> (String, String) {
 
 fn greedy(engine: &mut Engine, adapter: Option<&str>) -> Vec<u32> {
     let r = Request {
-        adapter: adapter.map(str::to_string),
+        lora: adapter.map(LoraRequest::new),
         prompt: Prompt::Tokens(vec![284, 282, 359, 298, 264]),
         params: SamplingParams { ignore_eos: true, ..SamplingParams::greedy(6) },
     };
@@ -85,7 +85,7 @@ fn unsupported_and_broken_adapters_are_refused_by_field() {
 
     // Nothing was loaded or changed by any failure.
     assert_eq!(e.loras().resident_count(), 1);
-    assert!(!e.loras().is_known("bad"));
+    assert!(e.loras().adapters().iter().all(|a| a.name != "bad"));
     assert_eq!(greedy(&mut e, Some("good")), before);
 }
 
@@ -123,19 +123,23 @@ fn resident_set_evicts_least_recently_used_idle_adapter_and_reloads_on_demand() 
 
     // Pinned adapters are never evicted: with both slots in use a third cannot load.
     let req = |a: &str| Request {
-        adapter: Some(a.into()),
+        lora: Some(LoraRequest::new(a)),
         prompt: Prompt::Tokens(vec![1, 2, 3]),
         params: SamplingParams::greedy(2),
     };
-    let mut s1 = e.add_sequence(&req("a")).unwrap();
+    let start = |e: &mut Engine, r: Request| {
+        let processed = e.input().process(r)?;
+        e.start_sequence(processed)
+    };
+    let mut s1 = start(&mut e, req("a")).unwrap();
     let resident_now: Vec<String> = e.loras().adapters().into_iter().filter(|a| a.resident.is_some()).map(|a| a.name).collect();
     let other = resident_now.iter().find(|n| *n != "a").unwrap().clone();
-    let mut s2 = e.add_sequence(&req(&other)).unwrap();
+    let mut s2 = start(&mut e, req(&other)).unwrap();
     let third = ["a", "b", "c"].into_iter().find(|n| !resident_now.iter().any(|r| r == n)).unwrap();
-    assert!(matches!(e.add_sequence(&req(third)), Err(EngineError::AdapterCapacity(_))));
+    assert!(matches!(start(&mut e, req(third)), Err(EngineError::AdapterCapacity(_))));
     e.finish_sequence(&mut s1);
     e.finish_sequence(&mut s2);
-    assert!(e.add_sequence(&req(third)).is_ok());
+    assert!(start(&mut e, req(third)).is_ok());
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use loramux_engine::registry::{cached_model_path, known_model};
-use loramux_engine::{ChatMessage, Engine, EngineOptions, ModelLocation, Prompt, Request, SamplingParams};
+use loramux_engine::{ChatMessage, Engine, EngineOptions, LoraRequest, ModelLocation, Prompt, Request, SamplingParams};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -64,7 +64,7 @@ fn check_text(engine: &Engine, fx: &Fixture, name: &str) {
     for c in &fx.chat {
         let text = template.render(&c.messages, true).unwrap();
         assert_eq!(text, c.text, "{name}: chat rendering");
-        assert_eq!(engine.tokenize(&Prompt::Chat(c.messages.clone())).unwrap(), c.ids, "{name}: chat ids");
+        assert_eq!(engine.input().tokenize(&Prompt::Chat(c.messages.clone())).unwrap(), c.ids, "{name}: chat ids");
     }
 }
 
@@ -73,13 +73,13 @@ fn check_greedy(engine: &mut Engine, fx: &Fixture, name: &str) {
         .greedy
         .iter()
         .map(|g| Request {
-            adapter: g.adapter.clone(),
+            lora: g.adapter.clone().map(LoraRequest::new),
             prompt: Prompt::Chat(g.messages.clone()),
             params: SamplingParams::greedy(g.output_ids.len().max(1)),
         })
         .collect();
     for (g, r) in fx.greedy.iter().zip(&requests) {
-        assert_eq!(engine.tokenize(&r.prompt).unwrap(), g.prompt_ids, "{name}: prompt ids");
+        assert_eq!(engine.input().tokenize(&r.prompt).unwrap(), g.prompt_ids, "{name}: prompt ids");
     }
     // All prompts, base and adapter, in one mixed batch.
     let out = engine.generate(&requests).unwrap();
@@ -143,7 +143,7 @@ fn quantized_as_shipped_answers_like_the_reference(name: &str) {
         .find(|g| g.adapter.is_none() && g.messages.iter().any(|m| m.content.contains("capital of France")))
         .expect("the fixture has the France prompt");
     let params = SamplingParams::greedy(g.output_ids.len() + 8);
-    let out = engine.generate(&[Request { adapter: None, prompt: Prompt::Chat(g.messages.clone()), params }]).unwrap();
+    let out = engine.generate(&[Request { lora: None, prompt: Prompt::Chat(g.messages.clone()), params }]).unwrap();
     assert_eq!(out[0].token_ids, g.output_ids, "{name}: {:?}", out[0].text);
 }
 

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use loramux_engine::lora::LoraBatch;
 use loramux_engine::model::LogitsFor;
 use loramux_engine::{
-    attention::SeqSpan, ChatMessage, Engine, EngineOptions, LoraLimits, ModelLocation, Prompt, Request,
+    attention::SeqSpan, ChatMessage, Engine, EngineOptions, LoraLimits, LoraRequest, ModelLocation, Prompt, Request,
     SamplingParams,
 };
 use serde::Deserialize;
@@ -107,7 +107,7 @@ fn greedy(engine: &mut Engine, prompts: &[Vec<u32>], adapters: &[Option<String>]
     let requests: Vec<Request> = prompts
         .iter()
         .zip(adapters)
-        .map(|(p, a)| Request { adapter: a.clone(), prompt: Prompt::Tokens(p.clone()), params: params.clone() })
+        .map(|(p, a)| Request { lora: a.clone().map(LoraRequest::new), prompt: Prompt::Tokens(p.clone()), params: params.clone() })
         .collect();
     engine.generate(&requests).unwrap().into_iter().map(|c| c.token_ids).collect()
 }
@@ -206,7 +206,7 @@ fn chat_template_and_tokenizer_match_transformers() {
             assert_eq!(text, c.text, "{arch}: rendered chat");
             assert_eq!(engine.tokenizer().encode(&text, false).unwrap(), c.ids, "{arch}: chat ids");
             if c.add_generation_prompt {
-                assert_eq!(engine.tokenize(&Prompt::Chat(c.messages.clone())).unwrap(), c.ids);
+                assert_eq!(engine.input().tokenize(&Prompt::Chat(c.messages.clone())).unwrap(), c.ids);
             }
         }
         for t in &fx.tokenize {

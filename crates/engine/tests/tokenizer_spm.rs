@@ -70,11 +70,11 @@ fn spm_gguf_model_loads_and_renders_chat() {
     let (fx, path) = fixture();
     let engine = Engine::load(&ModelLocation::Gguf(path), &EngineOptions::default()).unwrap();
     let plain = &fx.cases[0];
-    assert_eq!(engine.tokenize(&Prompt::Text(plain.text.clone())).unwrap(), plain.ids);
+    assert_eq!(engine.input().tokenize(&Prompt::Text(plain.text.clone())).unwrap(), plain.ids);
     let template = engine.chat_template().expect("fixture has a chat template");
     for c in &fx.chat {
         assert_eq!(template.render(&c.messages, true).unwrap(), c.text, "chat rendering");
-        assert_eq!(engine.tokenize(&Prompt::Chat(c.messages.clone())).unwrap(), c.ids, "chat ids");
+        assert_eq!(engine.input().tokenize(&Prompt::Chat(c.messages.clone())).unwrap(), c.ids, "chat ids");
     }
 }
 

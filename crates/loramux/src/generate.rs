@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use loramux_engine::registry::{known_model, resolve_model, ResolveError, DEFAULT_MODEL};
-use loramux_engine::{ChatMessage, Engine, EngineOptions, LoraLimits, ModelLocation, Prompt, Request, SamplingParams};
+use loramux_engine::{ChatMessage, Engine, EngineOptions, LoraLimits, LoraRequest, ModelLocation, Prompt, Request, SamplingParams};
 use serde::Deserialize;
 
 use crate::pull;
@@ -101,7 +101,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         top_k: args.top_k,
         seed: args.seed,
-        max_tokens: args.max_tokens,
+        max_tokens: Some(args.max_tokens),
         stop: args.stop.clone(),
         ..SamplingParams::default()
     };
@@ -123,9 +123,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             };
             let mut p = params.clone();
             if let Some(m) = r.max_tokens {
-                p.max_tokens = m;
+                p.max_tokens = Some(m);
             }
-            out.push(Request { adapter: r.adapter, prompt, params: p });
+            out.push(Request { lora: r.adapter.map(LoraRequest::new), prompt, params: p });
         }
         if out.is_empty() {
             bail!("{}: no requests", file.display());
@@ -137,11 +137,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             (None, Some(c)) => Prompt::Chat(vec![ChatMessage::user(c.clone())]),
             _ => bail!("give one of --prompt, --chat or --requests"),
         };
-        vec![Request { adapter: args.adapter.clone(), prompt, params: params.clone() }]
+        vec![Request { lora: args.adapter.clone().map(LoraRequest::new), prompt, params: params.clone() }]
     };
     let loras = args.loras.iter().map(|s| parse_lora(s)).collect::<Result<Vec<_>>>()?;
     for r in &requests {
-        if let Some(a) = &r.adapter {
+        if let Some(a) = r.lora.as_ref().map(|l| &l.lora_name) {
             if !loras.iter().any(|(n, _)| n == a) {
                 bail!("request uses adapter '{a}', which no --lora NAME=PATH provides");
             }

@@ -23,7 +23,7 @@ enum Command {
     /// Generate text, for one prompt or a mixed-adapter batch from a JSONL file.
     Generate(generate::GenerateArgs),
     /// Serve the OpenAI-compatible API: one base model, many adapters, batched together.
-    Serve(serve::ServeArgs),
+    Serve(loramux_server::ServeConfig),
     /// Measure: engine speed, and (soon) serving scenarios.
     Bench(bench::BenchArgs),
     /// Fetch and list models in the local cache.

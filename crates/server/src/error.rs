@@ -3,8 +3,9 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use loramux_engine::EngineError;
-use serde_json::json;
+use loramux_engine::{EngineError, InputField};
+
+use crate::protocol::{ErrorDetail, ErrorResponse};
 
 /// Why the server could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -46,11 +47,13 @@ pub struct ApiError {
     pub param: Option<String>,
     /// A machine-readable code (`model_not_found`, `invalid_api_key`...).
     pub code: Option<&'static str>,
+    /// Seconds a client should wait before retrying (the `Retry-After` header of a 429).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), kind, param: None, code: None }
+        Self { status, message: message.into(), kind, param: None, code: None, retry_after: None }
     }
 
     /// 400 invalid request.
@@ -114,6 +117,24 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message).with_code("service_unavailable")
     }
 
+    /// 429 the waiting queue is full: retry after a second (OpenAI's rate-limit shape, which
+    /// clients retry with backoff).
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).with_code("server_overloaded");
+        e.retry_after = Some(1);
+        e
+    }
+
+    /// 504 the request's deadline (`--request-timeout-secs`) passed while it waited or ran.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", message).with_code("request_timeout")
+    }
+
+    /// 408 the client took too long to send its request.
+    pub fn slow_client(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", message).with_code("request_timeout")
+    }
+
     /// 500 something broke inside.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
@@ -130,20 +151,47 @@ impl ApiError {
     }
 
     /// The JSON body, `{"error": {...}}`.
-    pub fn body(&self) -> serde_json::Value {
-        json!({
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
+    pub fn body(&self) -> ErrorResponse {
+        ErrorResponse {
+            error: ErrorDetail {
+                message: self.message.clone(),
+                kind: self.kind.to_string(),
+                param: self.param.clone(),
+                code: self.code.map(str::to_string),
+            },
+        }
+    }
+
+    /// Maps an engine error on a request to what the client should see; prompt errors
+    /// name `prompt_param` (`messages` or `prompt`).
+    pub fn from_input(e: &EngineError, prompt_param: &str) -> Self {
+        match e {
+            EngineError::InvalidInput { field, message, context_length_exceeded } => {
+                let param = match field {
+                    InputField::Prompt => prompt_param,
+                    InputField::MaxTokens => "max_tokens",
+                };
+                let err = Self::invalid_param(param, message.clone());
+                if *context_length_exceeded {
+                    err.with_code("context_length_exceeded")
+                } else {
+                    err
+                }
             }
-        })
+            EngineError::Tokenizer(_) => Self::from_engine(e).with_param(prompt_param),
+            _ => Self::from_engine(e),
+        }
     }
 
     /// Maps an engine error on a request to what the client should see.
     pub fn from_engine(e: &EngineError) -> Self {
         match e {
+            EngineError::InvalidInput { .. } => Self::from_input(e, "prompt"),
+            EngineError::AdapterExists(_) => Self::bad_request(e.to_string()),
+            EngineError::Overloaded(m) => Self::overloaded(m.clone()),
+            EngineError::DeadlineExceeded(m) => Self::timeout(m.clone()),
+            EngineError::StepFailed(m) => Self::internal(m.clone()),
+            EngineError::Config(m) => Self::bad_request(m.clone()),
             EngineError::UnknownAdapter(name) => Self::model_not_found(name),
             EngineError::InvalidRequest(m) => Self::bad_request(m.clone()),
             EngineError::ChatTemplate(m) => Self::invalid_param("messages", format!("chat template: {m}")),
@@ -165,6 +213,10 @@ impl std::fmt::Display for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&self.body()).unwrap_or_default();
-        (self.status, [(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
+        let mut response = (self.status, [(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response();
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }

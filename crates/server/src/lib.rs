@@ -1,11 +1,13 @@
 //! loramux's server: one base model, many LoRA adapters, OpenAI/vLLM-compatible HTTP.
 //!
-//! - [`scheduler`]: the batch loop on its own thread, owning the engine; continuous
-//!   mixed-adapter batching, chunked prefill, KV-cache budget with preemption, adapter-aware
-//!   FCFS admission with lazy loading off the loop.
+//! - [`scheduler`]: the batch loop on its own thread, a thin actor over the engine's
+//!   scheduler (continuous mixed-adapter batching, chunked prefill, KV-cache budget with
+//!   preemption, adapter-aware FCFS admission with lazy loading off the loop); a bounded
+//!   waiting queue refuses excess requests with 429 at once.
 //! - [`routes`]: `/v1/chat/completions`, `/v1/completions` (JSON and SSE), `/v1/models`,
 //!   `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, `/health`, `/metrics`.
-//! - [`openai`]: request parsing and response shapes; [`error`]: OpenAI-style errors.
+//! - [`openai`]: request parsing; [`protocol`]: the typed responses, stream chunks,
+//!   logprobs and model cards; [`error`]: OpenAI-style errors.
 //! - [`auth`], [`adapters`] (adapter roots and `--lora-dir`), [`metrics`], [`config`].
 //!
 //! [`Server::start`] binds and serves; [`Server::shutdown`] drains gracefully.
@@ -14,8 +16,10 @@ pub mod adapters;
 pub mod auth;
 pub mod config;
 pub mod error;
+mod http;
 pub mod metrics;
 pub mod openai;
+pub mod protocol;
 pub mod routes;
 pub mod scheduler;
 
@@ -53,7 +57,8 @@ impl Server {
     /// Loads the model and adapters, binds `settings.host:settings.port` (port 0 picks a free
     /// one) and starts serving. Must be called inside a multi-threaded Tokio runtime.
     pub async fn start(location: ModelLocation, settings: Settings) -> Result<Self, ServerError> {
-        // Checked before the model loads, which can take a while.
+        // Checked before the model loads, which can take a while (the engine refuses a
+        // quantized base too, later).
         if let Some(merge) = &settings.merge_lora {
             if matches!(location, ModelLocation::Gguf(_)) && !settings.dequantize {
                 return Err(ServerError::Config(format!(
@@ -138,8 +143,9 @@ impl Server {
             auth: Auth::new(settings.api_keys.clone(), settings.admin_api_key.clone()),
             metrics,
             base_name: settings.served_model_name.clone(),
-            lora_dirs,
             adapter_roots: roots,
+            request_timeout: settings.request_timeout,
+            http_read_timeout: settings.http_read_timeout,
             lora_updates: settings.enable_lora_updates,
             max_body: settings.max_request_bytes,
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
@@ -153,20 +159,9 @@ impl Server {
             }
         };
         let addr = listener.local_addr().map_err(|e| ServerError::io("local address", e))?;
-        let (stop, mut stop_rx) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(false);
         let app = routes::router(state.clone());
-        // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds
-        // each one until the client's delayed ACK (40 ms on Linux).
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let http = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop_rx.wait_for(|s| *s).await;
-                })
-                .await
-        });
+        let http = tokio::spawn(http::serve(listener, app, settings.http_read_timeout, stop_rx));
         if let Some(m) = crate::metrics::process_memory() {
             tracing::info!(
                 rss = %mib(m.resident_bytes as usize),
@@ -226,13 +221,15 @@ impl Server {
         Ok(())
     }
 
-    /// Serves until SIGINT or SIGTERM, then shuts down gracefully. A second signal exits at once.
+    /// Serves until SIGINT or SIGTERM, then shuts down gracefully. A second signal exits at
+    /// once. If the batch loop dies, returns an error (the process should exit non-zero so
+    /// an orchestrator restarts it; `/health` already answers 503).
     pub async fn run_until_signal(self) -> Result<(), ServerError> {
         let which = tokio::select! {
             s = shutdown_signal() => s,
-            r = self.wait_http() => {
-                r?;
-                return Err(ServerError::Scheduler("the HTTP server stopped unexpectedly".into()));
+            stopped = self.watch() => {
+                let _ = self.stop.send(true);
+                return Err(ServerError::Scheduler(stopped.into()));
             }
         };
         tracing::info!("{which} received: shutting down (up to {:.0}s for in-flight requests; signal again to exit now)", self.shutdown_timeout.as_secs_f64());
@@ -244,12 +241,16 @@ impl Server {
         self.shutdown().await
     }
 
-    async fn wait_http(&self) -> Result<(), ServerError> {
+    /// Resolves when the HTTP server or the batch loop stopped on its own, saying which.
+    async fn watch(&self) -> &'static str {
         loop {
             if self.http.is_finished() {
-                return Ok(());
+                return "the HTTP server stopped unexpectedly";
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            if !self.state.sched.shared.is_alive() {
+                return "the batch loop stopped (see the error above)";
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }

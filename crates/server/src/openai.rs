@@ -1,13 +1,12 @@
 //! OpenAI request parsing (`/v1/chat/completions`, `/v1/completions`) into engine terms,
-//! with a precise 400 for every malformed, mistyped, out-of-range or unsupported field,
-//! and the response, chunk and logprobs shapes OpenAI clients read.
+//! with a precise 400 for every malformed, mistyped, out-of-range or unsupported field.
+//! The answers' shapes are in [`crate::protocol`].
 
 use loramux_engine::{ChatMessage, Prompt, SamplingParams};
 use serde_json::{json, Map, Value};
 
 use crate::config::defaults::MAX_N;
 use crate::error::ApiError;
-use crate::scheduler::TokenLogprob;
 
 /// Which API a request came through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,8 +27,8 @@ pub struct GenRequest {
     pub n: usize,
     /// One prompt for chat; one or more for completions.
     pub prompts: Vec<Prompt>,
+    /// `max_tokens: None` fills the context.
     pub params: SamplingParams,
-    pub max_tokens: Option<usize>,
     /// Log-probabilities asked for (`Some(top_n)`).
     pub logprobs: Option<usize>,
 }
@@ -268,13 +267,12 @@ fn common(f: &mut Fields, api: Api, max_model_len: usize) -> Result<GenRequest, 
             top_p,
             top_k,
             seed,
-            max_tokens: 1,
+            max_tokens,
             stop,
             stop_token_ids,
             ignore_eos,
             logprobs: None,
         },
-        max_tokens,
         logprobs: None,
     })
 }
@@ -438,51 +436,6 @@ pub fn parse_completion(body: &[u8], max_model_len: usize) -> Result<GenRequest,
     Ok(req)
 }
 
-/// Usage block.
-pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
-    json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    })
-}
-
-/// Chat logprobs content entries for some tokens.
-pub fn chat_logprobs(tokens: &[TokenLogprob]) -> Value {
-    let entry = |t: &str, lp: f32| json!({"token": t, "logprob": lp.max(-9999.0), "bytes": t.as_bytes()});
-    let content: Vec<Value> = tokens
-        .iter()
-        .map(|t| {
-            let mut e = entry(&t.token, t.logprob);
-            e["top_logprobs"] = Value::Array(t.top.iter().map(|(s, lp)| entry(s, *lp)).collect());
-            e
-        })
-        .collect();
-    json!({ "content": content })
-}
-
-/// Completions logprobs (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`);
-/// `offset` is where these tokens start in the choice's text.
-pub fn completion_logprobs(tokens: &[TokenLogprob], mut offset: usize) -> Value {
-    let mut text_offset = Vec::with_capacity(tokens.len());
-    for t in tokens {
-        text_offset.push(offset);
-        offset += t.token.len();
-    }
-    json!({
-        "tokens": tokens.iter().map(|t| t.token.clone()).collect::<Vec<_>>(),
-        "token_logprobs": tokens.iter().map(|t| t.logprob.max(-9999.0)).collect::<Vec<_>>(),
-        "top_logprobs": tokens.iter().map(|t| {
-            let mut m = Map::new();
-            for (s, lp) in &t.top {
-                m.entry(s.clone()).or_insert(json!(lp.max(-9999.0)));
-            }
-            Value::Object(m)
-        }).collect::<Vec<_>>(),
-        "text_offset": text_offset,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,14 +447,14 @@ mod tests {
     #[test]
     fn chat_parses_and_validates() {
         let r = parse_chat(br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"temperature":0,"stop":"x","seed":3}"#, 100).unwrap();
-        assert_eq!(r.max_tokens, Some(5));
+        assert_eq!(r.params.max_tokens, Some(5));
         assert_eq!(r.params.stop, vec!["x"]);
         assert_eq!(r.params.temperature, 0.0);
         assert_eq!(r.params.seed, Some(3));
         let r = parse_chat(br#"{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],"max_completion_tokens":2,"logprobs":true,"top_logprobs":2}"#, 100).unwrap();
         assert_eq!(r.prompts, vec![Prompt::Chat(vec![ChatMessage::user("ab")])]);
         assert_eq!(r.params.logprobs, Some(2));
-        assert_eq!(r.max_tokens, Some(2));
+        assert_eq!(r.params.max_tokens, Some(2));
         assert_eq!(err(parse_chat(b"{", 100)).code, Some("invalid_json"));
         assert_eq!(err(parse_chat(b"[]", 100)).status, 400);
         assert_eq!(err(parse_chat(br#"{"model":"m"}"#, 100)).param.as_deref(), Some("messages"));
@@ -543,17 +496,5 @@ mod tests {
         assert_eq!(err(parse_completion(br#"{"prompt":[-1]}"#, 100)).param.as_deref(), Some("prompt[0]"));
         assert_eq!(err(parse_completion(br#"{"prompt":"x","echo":true}"#, 100)).param.as_deref(), Some("echo"));
         assert_eq!(err(parse_completion(br#"{"prompt":"x","logprobs":21}"#, 100)).param.as_deref(), Some("logprobs"));
-    }
-
-    #[test]
-    fn logprob_shapes() {
-        let t = vec![TokenLogprob { token: "ab".into(), logprob: -0.5, top: vec![("ab".into(), -0.5), ("c".into(), -1.0)] }];
-        let c = chat_logprobs(&t);
-        assert_eq!(c["content"][0]["token"], "ab");
-        assert_eq!(c["content"][0]["bytes"], json!([97, 98]));
-        assert_eq!(c["content"][0]["top_logprobs"][1]["token"], "c");
-        let p = completion_logprobs(&t, 3);
-        assert_eq!(p["text_offset"], json!([3]));
-        assert_eq!(p["top_logprobs"][0]["c"], json!(-1.0));
     }
 }

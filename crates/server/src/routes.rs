@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, State};
@@ -14,17 +14,21 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::stream::{self, SelectAll, Stream, StreamExt};
-use loramux_engine::lora::LoraModel;
+use loramux_engine::{FinishReason, LoraRequest};
 use rand::Rng;
-use serde_json::{json, Value};
+use serde::Serialize;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::adapters::{check_adapter_name, find_in_lora_dirs, resolve_adapter_path};
+use crate::adapters::{check_adapter_name, resolve_adapter_path};
 use crate::auth::{Auth, Caller};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::openai::{self, Api, Fields, GenRequest};
-use crate::scheduler::{Event, Finish, InsertOutcome, Job, SchedulerHandle, TokenLogprob};
+use crate::protocol::{
+    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs, ChatMessageOut, Completion,
+    CompletionChoice, CompletionLogprobs, ModelCard, ModelList, Role, TokenLogprob, Usage, Version,
+};
+use crate::scheduler::{Event, InsertOutcome, Job, SchedulerHandle};
 
 /// What every handler shares.
 pub struct AppState {
@@ -32,10 +36,12 @@ pub struct AppState {
     pub auth: Auth,
     pub metrics: Arc<Metrics>,
     pub base_name: String,
-    /// Canonical `--lora-dir`s (adapters found by folder name).
-    pub lora_dirs: Vec<PathBuf>,
     /// Canonical roots `load_lora_adapter` may read from.
     pub adapter_roots: Vec<PathBuf>,
+    /// Deadline of each generation request (queue plus generation), if any.
+    pub request_timeout: Option<Duration>,
+    /// How long a client may take to send its body.
+    pub http_read_timeout: Duration,
     pub lora_updates: bool,
     pub max_body: usize,
     pub created: u64,
@@ -60,7 +66,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// A JSON body with status 200.
-fn json_response(v: &Value) -> Response {
+fn json_response(v: &impl Serialize) -> Response {
     ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], serde_json::to_vec(v).unwrap_or_default()).into_response()
 }
 
@@ -74,6 +80,18 @@ fn random_id(prefix: &str) -> String {
 }
 
 impl AppState {
+    /// The request body, within the size limit and the read timeout (a client that
+    /// trickles its body gets 408 and frees the connection).
+    async fn read_body(&self, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+        match tokio::time::timeout(self.http_read_timeout, read_body(headers, body, self.max_body)).await {
+            Ok(r) => r,
+            Err(_) => Err(ApiError::slow_client(format!(
+                "the request body did not arrive within {} s",
+                self.http_read_timeout.as_secs_f64()
+            ))),
+        }
+    }
+
     fn fail(&self, e: ApiError) -> Response {
         self.metrics.error(e.status.as_u16());
         e.into_response()
@@ -124,7 +142,7 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn version() -> Response {
-    json_response(&json!({ "version": env!("CARGO_PKG_VERSION") }))
+    json_response(&Version { version: env!("CARGO_PKG_VERSION").to_string() })
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
@@ -135,30 +153,29 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-fn model_card(st: &AppState, id: &str, root: &str, parent: Option<&str>) -> Value {
-    json!({
-        "id": id,
-        "object": "model",
-        "created": st.created,
-        "owned_by": "loramux",
-        "root": root,
-        "parent": parent,
-        "max_model_len": st.sched.info.max_model_len,
-        "permission": [],
-    })
+/// A card names the model and its parent only: where its files are is not for key holders.
+fn model_card(st: &AppState, id: &str, parent: Option<&str>) -> ModelCard {
+    ModelCard {
+        id: id.to_string(),
+        created: st.created,
+        owned_by: "loramux".to_string(),
+        root: id.to_string(),
+        parent: parent.map(str::to_string),
+        max_model_len: st.sched.info.max_model_len,
+        permission: Vec::new(),
+    }
 }
 
-fn model_cards(st: &AppState) -> Vec<Value> {
-    let base_root = st.sched.info.location.path().display().to_string();
-    let mut data = vec![model_card(st, &st.base_name, &base_root, None)];
+fn model_cards(st: &AppState) -> Vec<ModelCard> {
+    let mut data = vec![model_card(st, &st.base_name, None)];
     for a in st.sched.shared.adapters() {
-        data.push(model_card(st, &a.name, &a.path.display().to_string(), Some(&st.base_name)));
+        data.push(model_card(st, &a.name, Some(&st.base_name)));
     }
     data
 }
 
 async fn list_models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let r = st.auth.check(&headers).map(|_| json_response(&json!({ "object": "list", "data": model_cards(&st) })));
+    let r = st.auth.check(&headers).map(|_| json_response(&ModelList { data: model_cards(&st) }));
     st.respond(r)
 }
 
@@ -166,37 +183,27 @@ async fn get_model(State(st): State<Arc<AppState>>, headers: HeaderMap, UrlPath(
     let r = st.auth.check(&headers).and_then(|_| {
         model_cards(&st)
             .into_iter()
-            .find(|c| c["id"] == id.as_str())
+            .find(|c| c.id == id)
             .map(|c| json_response(&c))
             .ok_or_else(|| ApiError::model_not_found(&id))
     });
     st.respond(r)
 }
 
-/// Which adapter a request runs with.
+/// Which adapter a request runs with: the one `model` names, else the caller's default,
+/// else the base model. Whether the adapter exists is the batch loop's answer.
 struct Target {
-    adapter: Option<String>,
-    discovered: Option<PathBuf>,
+    lora: Option<LoraRequest>,
     /// Name echoed in responses and used as the metrics label.
     model: String,
 }
 
-fn resolve_target(st: &AppState, requested: Option<&str>, caller: &Caller) -> Result<Target, ApiError> {
+fn resolve_target(st: &AppState, requested: Option<&str>, caller: &Caller) -> Target {
     let named = requested.filter(|m| *m != st.base_name);
-    let adapter = match named {
-        Some(n) => Some(n.to_string()),
-        None => caller.default_adapter.clone(),
-    };
-    let Some(a) = adapter else {
-        return Ok(Target { adapter: None, discovered: None, model: st.base_name.clone() });
-    };
-    if st.sched.shared.has_adapter(&a) {
-        return Ok(Target { adapter: Some(a.clone()), discovered: None, model: a });
+    match named.map(str::to_string).or_else(|| caller.default_adapter.clone()) {
+        Some(a) => Target { lora: Some(LoraRequest::new(a.clone())), model: a },
+        None => Target { lora: None, model: st.base_name.clone() },
     }
-    if let Some(p) = find_in_lora_dirs(&st.lora_dirs, &a) {
-        return Ok(Target { adapter: Some(a.clone()), discovered: Some(p), model: a });
-    }
-    Err(ApiError::model_not_found(&a))
 }
 
 async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -211,33 +218,34 @@ async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
 
 async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api) -> Result<Response, ApiError> {
     let caller = st.auth.check(headers)?;
-    let bytes = read_body(headers, body, st.max_body).await?;
-    let info = &st.sched.info;
+    let bytes = st.read_body(headers, body).await?;
+    let input = &st.sched.input;
     let req = match api {
-        Api::Chat => openai::parse_chat(&bytes, info.max_model_len)?,
-        Api::Completions => openai::parse_completion(&bytes, info.max_model_len)?,
+        Api::Chat => openai::parse_chat(&bytes, input.max_model_len())?,
+        Api::Completions => openai::parse_completion(&bytes, input.max_model_len())?,
     };
-    if api == Api::Chat && !info.has_chat_template {
+    if api == Api::Chat && input.chat_template().is_none() {
         return Err(ApiError::bad_request("this model has no chat template: use /v1/completions with a plain prompt"));
     }
-    let target = resolve_target(st, req.model.as_deref(), &caller)?;
+    let target = resolve_target(st, req.model.as_deref(), &caller);
     let prompt_param = if api == Api::Chat { "messages" } else { "prompt" };
-    let mut receivers = Vec::with_capacity(req.prompts.len() * req.n);
+    let deadline = st.request_timeout.map(|t| Instant::now() + t);
+    // Tokenized and checked here, on the handler's thread: the batch loop only schedules.
+    let mut jobs = Vec::with_capacity(req.prompts.len() * req.n);
     for prompt in &req.prompts {
+        let ids = input.tokenize(prompt).map_err(|e| ApiError::from_input(&e, prompt_param))?;
         for j in 0..req.n {
             let mut params = req.params.clone();
             params.seed = params.seed.map(|s| s.wrapping_add(j as u64));
-            let job = Job {
-                adapter: target.adapter.clone(),
-                discovered_path: target.discovered.clone(),
-                label: target.model.clone(),
-                prompt: prompt.clone(),
-                params,
-                max_tokens: req.max_tokens,
-                prompt_param,
-            };
-            receivers.push(st.sched.submit(job)?);
+            let request = input
+                .process_tokens(target.lora.clone(), ids.clone(), prompt, params)
+                .map_err(|e| ApiError::from_input(&e, prompt_param))?;
+            jobs.push(Job { request, label: target.model.clone(), deadline });
         }
+    }
+    let mut receivers = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        receivers.push(st.sched.submit(job)?);
     }
     // Every choice is checked (tokenized, lengths) before answering, so errors get a status.
     let mut prompt_tokens = 0;
@@ -278,7 +286,7 @@ struct Meta {
 struct ChoiceAcc {
     text: String,
     logprobs: Vec<TokenLogprob>,
-    finish: Option<Finish>,
+    finish: Option<FinishReason>,
     completion_tokens: usize,
 }
 
@@ -304,37 +312,40 @@ async fn collect_response(meta: Meta, req: &GenRequest, receivers: Vec<Unbounded
         }
         choices.push(acc);
     }
-    let completion_tokens: usize = choices.iter().map(|c| c.completion_tokens).sum();
+    let usage = Usage::new(meta.prompt_tokens, choices.iter().map(|c| c.completion_tokens).sum());
     let want_logprobs = req.logprobs.is_some();
-    let body = match meta.api {
-        Api::Chat => json!({
-            "id": meta.id,
-            "object": "chat.completion",
-            "created": meta.created,
-            "model": meta.model,
-            "choices": choices.iter().enumerate().map(|(i, c)| json!({
-                "index": i,
-                "message": { "role": "assistant", "content": c.text },
-                "logprobs": if want_logprobs { openai::chat_logprobs(&c.logprobs) } else { Value::Null },
-                "finish_reason": c.finish.map(Finish::as_str),
-            })).collect::<Vec<_>>(),
-            "usage": openai::usage(meta.prompt_tokens, completion_tokens),
+    let (id, created, model) = (meta.id, meta.created, meta.model);
+    let choices = choices.into_iter().enumerate();
+    Ok(match meta.api {
+        Api::Chat => json_response(&ChatCompletion {
+            id,
+            created,
+            model,
+            choices: choices
+                .map(|(index, c)| ChatChoice {
+                    index,
+                    message: ChatMessageOut { role: Role::Assistant, content: c.text },
+                    logprobs: want_logprobs.then(|| ChatLogprobs::new(c.logprobs)),
+                    finish_reason: c.finish,
+                })
+                .collect(),
+            usage,
         }),
-        Api::Completions => json!({
-            "id": meta.id,
-            "object": "text_completion",
-            "created": meta.created,
-            "model": meta.model,
-            "choices": choices.iter().enumerate().map(|(i, c)| json!({
-                "index": i,
-                "text": c.text,
-                "logprobs": if want_logprobs { openai::completion_logprobs(&c.logprobs, 0) } else { Value::Null },
-                "finish_reason": c.finish.map(Finish::as_str),
-            })).collect::<Vec<_>>(),
-            "usage": openai::usage(meta.prompt_tokens, completion_tokens),
+        Api::Completions => json_response(&Completion {
+            id,
+            created,
+            model,
+            choices: choices
+                .map(|(index, c)| CompletionChoice {
+                    index,
+                    text: c.text,
+                    logprobs: want_logprobs.then(|| CompletionLogprobs::new(c.logprobs, 0)),
+                    finish_reason: c.finish,
+                })
+                .collect(),
+            usage: Some(Some(usage)),
         }),
-    };
-    Ok(json_response(&body))
+    })
 }
 
 type Tagged = Box<dyn Stream<Item = (usize, Event)> + Send + Unpin>;
@@ -353,51 +364,83 @@ struct SseState {
     want_logprobs: bool,
     started: bool,
     open: usize,
-    text_len: Vec<usize>,
     /// Where the next token starts in each choice's text (completions logprobs).
     token_offset: Vec<usize>,
     completion_tokens: Vec<usize>,
     finished: bool,
 }
 
-fn frame(v: &Value) -> String {
-    format!("data: {v}\n\n")
+/// One SSE event.
+fn frame(v: &impl Serialize) -> String {
+    format!("data: {}\n\n", serde_json::to_string(v).unwrap_or_default())
 }
 
 impl SseState {
-    fn usage(&self) -> Value {
-        openai::usage(self.meta.prompt_tokens, self.completion_tokens.iter().sum())
+    fn usage(&self) -> Usage {
+        Usage::new(self.meta.prompt_tokens, self.completion_tokens.iter().sum())
     }
 
-    fn chunk(&self, choice: Value) -> Value {
-        let object = if self.meta.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
-        let mut v = json!({
-            "id": self.meta.id,
-            "object": object,
-            "created": self.meta.created,
-            "model": self.meta.model,
-            "choices": [choice],
-        });
+    /// A chunk's `usage`: the running counts, `null`, or left out (see [`ChatCompletionChunk::usage`]).
+    fn chunk_usage(&self) -> Option<Option<Usage>> {
         if self.continuous_usage {
-            v["usage"] = self.usage();
+            Some(Some(self.usage()))
         } else if self.include_usage {
-            v["usage"] = Value::Null;
+            Some(None)
+        } else {
+            None
         }
-        v
     }
 
+    /// A chat chunk frame.
+    fn chat_frame(&self, choices: Vec<ChatChunkChoice>, usage: Option<Option<Usage>>) -> String {
+        frame(&ChatCompletionChunk { id: self.meta.id.clone(), created: self.meta.created, model: self.meta.model.clone(), choices, usage })
+    }
+
+    /// A completions chunk frame.
+    fn completion_frame(&self, choices: Vec<CompletionChoice>, usage: Option<Option<Usage>>) -> String {
+        frame(&Completion { id: self.meta.id.clone(), created: self.meta.created, model: self.meta.model.clone(), choices, usage })
+    }
+
+    /// The frame for a piece of choice `i`: new text (`None` in chat's last chunk, whose delta
+    /// is empty), the logprobs of its tokens, or the finish reason.
+    fn choice_frame(&self, i: usize, text: Option<String>, logprobs: Vec<TokenLogprob>, finish_reason: Option<FinishReason>) -> String {
+        let logprobs = (self.want_logprobs && !logprobs.is_empty()).then_some(logprobs);
+        match self.meta.api {
+            Api::Chat => {
+                let choice = ChatChunkChoice {
+                    index: i,
+                    delta: ChatDelta { role: None, content: text },
+                    logprobs: logprobs.map(ChatLogprobs::new),
+                    finish_reason,
+                };
+                self.chat_frame(vec![choice], self.chunk_usage())
+            }
+            Api::Completions => {
+                let choice = CompletionChoice {
+                    index: i,
+                    text: text.unwrap_or_default(),
+                    logprobs: logprobs.map(|l| CompletionLogprobs::new(l, self.token_offset[i])),
+                    finish_reason,
+                };
+                self.completion_frame(vec![choice], self.chunk_usage())
+            }
+        }
+    }
+
+    /// Chat's first chunk per choice names the role.
     fn opening(&self) -> String {
         if self.meta.api != Api::Chat {
             return String::new();
         }
-        (0..self.text_len.len())
+        (0..self.completion_tokens.len())
             .map(|i| {
-                frame(&self.chunk(json!({
-                    "index": i,
-                    "delta": { "role": "assistant", "content": "" },
-                    "logprobs": Value::Null,
-                    "finish_reason": Value::Null,
-                })))
+                let choice = ChatChunkChoice {
+                    index: i,
+                    delta: ChatDelta { role: Some(Role::Assistant), content: Some(String::new()) },
+                    logprobs: None,
+                    finish_reason: None,
+                };
+                self.chat_frame(vec![choice], self.chunk_usage())
             })
             .collect()
     }
@@ -407,41 +450,22 @@ impl SseState {
             Event::Accepted { .. } => String::new(),
             Event::Delta { text, tokens, logprobs } => {
                 self.completion_tokens[i] += tokens;
-                let lp = if self.want_logprobs && !logprobs.is_empty() {
-                    match self.meta.api {
-                        Api::Chat => openai::chat_logprobs(&logprobs),
-                        Api::Completions => openai::completion_logprobs(&logprobs, self.token_offset[i]),
-                    }
-                } else {
-                    Value::Null
-                };
-                self.text_len[i] += text.len();
-                self.token_offset[i] += logprobs.iter().map(|t| t.token.len()).sum::<usize>();
-                let choice = match self.meta.api {
-                    Api::Chat => json!({ "index": i, "delta": { "content": text }, "logprobs": lp, "finish_reason": Value::Null }),
-                    Api::Completions => json!({ "index": i, "text": text, "logprobs": lp, "finish_reason": Value::Null }),
-                };
-                frame(&self.chunk(choice))
+                let advance: usize = logprobs.iter().map(|t| t.token.len()).sum();
+                let out = self.choice_frame(i, Some(text), logprobs, None);
+                self.token_offset[i] += advance;
+                out
             }
             Event::Done { finish, completion_tokens, .. } => {
                 self.completion_tokens[i] = completion_tokens;
-                let choice = match self.meta.api {
-                    Api::Chat => json!({ "index": i, "delta": {}, "logprobs": Value::Null, "finish_reason": finish.as_str() }),
-                    Api::Completions => json!({ "index": i, "text": "", "logprobs": Value::Null, "finish_reason": finish.as_str() }),
-                };
-                let mut out = frame(&self.chunk(choice));
+                let mut out = self.choice_frame(i, None, Vec::new(), Some(finish));
                 self.open -= 1;
                 if self.open == 0 {
                     if self.include_usage {
-                        let object = if self.meta.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
-                        out.push_str(&frame(&json!({
-                            "id": self.meta.id,
-                            "object": object,
-                            "created": self.meta.created,
-                            "model": self.meta.model,
-                            "choices": [],
-                            "usage": self.usage(),
-                        })));
+                        let usage = Some(Some(self.usage()));
+                        out.push_str(&match self.meta.api {
+                            Api::Chat => self.chat_frame(Vec::new(), usage),
+                            Api::Completions => self.completion_frame(Vec::new(), usage),
+                        });
                     }
                     out.push_str("data: [DONE]\n\n");
                     self.finished = true;
@@ -470,7 +494,6 @@ fn stream_response(st: Arc<AppState>, meta: Meta, req: &GenRequest, receivers: V
         want_logprobs: req.logprobs.is_some(),
         started: false,
         open: n,
-        text_len: vec![0; n],
         token_offset: vec![0; n],
         completion_tokens: vec![0; n],
         finished: false,
@@ -523,30 +546,22 @@ fn lora_updates_enabled(st: &AppState) -> Result<(), ApiError> {
 async fn load_lora_inner(st: &Arc<AppState>, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
     lora_updates_enabled(st)?;
     st.auth.check_admin(headers)?;
-    let bytes = read_body(headers, body, st.max_body).await?;
+    let bytes = st.read_body(headers, body).await?;
     let mut f = Fields::parse(&bytes)?;
     let name = f.string("lora_name")?.ok_or_else(|| ApiError::invalid_param("lora_name", "'lora_name' is required"))?;
     let path = f.string("lora_path")?.ok_or_else(|| ApiError::invalid_param("lora_path", "'lora_path' is required"))?;
     let replace = f.bool("load_inplace")?.unwrap_or(false);
     f.finish()?;
     check_adapter_name(&name)?;
-    if name == st.base_name {
-        return Err(ApiError::invalid_param("lora_name", format!("'{name}' is the base model's name")));
-    }
-    if !replace && st.sched.shared.has_adapter(&name) {
-        return Err(ApiError::invalid_param("lora_name", format!("The lora adapter '{name}' has already been loaded.")));
-    }
     let dir = resolve_adapter_path(&st.adapter_roots, &path)?;
-    let info = st.sched.info.clone();
-    let t = Instant::now();
+    let reader = st.sched.reader.clone();
     let read_name = name.clone();
     let read_dir = dir.clone();
-    let loaded = tokio::task::spawn_blocking(move || LoraModel::load(&read_name, &read_dir, &info.shapes, info.max_lora_rank))
+    let loaded = tokio::task::spawn_blocking(move || reader.read(&read_name, &read_dir))
         .await
         .map_err(|e| ApiError::internal(format!("adapter reader failed: {e}")))?;
-    let seconds = t.elapsed().as_secs_f64();
-    let model = match loaded {
-        Ok(m) => m,
+    let (model, seconds) = match loaded {
+        Ok(read) => read,
         Err(e) => {
             st.metrics.adapter_load_failures.inc();
             tracing::warn!(adapter = %name, path = %dir.display(), "adapter load refused: {e}");
@@ -569,7 +584,7 @@ async fn unload_lora(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
     let r = async {
         lora_updates_enabled(&st)?;
         st.auth.check_admin(&headers)?;
-        let bytes = read_body(&headers, body, st.max_body).await?;
+        let bytes = st.read_body(&headers, body).await?;
         let mut f = Fields::parse(&bytes)?;
         let name = f.string("lora_name")?.ok_or_else(|| ApiError::invalid_param("lora_name", "'lora_name' is required"))?;
         f.ignore(&["lora_int_id"]);

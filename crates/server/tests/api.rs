@@ -834,3 +834,39 @@ async fn ignore_eos_runs_to_max_tokens_and_usage_counts_tokens() {
     }
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_cards_name_models_without_server_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_adapter(&fixture_adapter("llama", "b"), &tmp.path().join("db"));
+    let mut s = with_modules("llama", &["a"]);
+    s.lora_dirs = vec![tmp.path().to_path_buf()];
+    let srv = TestServer::tiny("llama", s).await;
+
+    let (st, models) = srv.get_json("/v1/models").await;
+    assert_eq!(st, 200, "{models}");
+    fn strings(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.push(s.clone()),
+            Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+            Value::Object(o) => o.values().for_each(|x| strings(x, out)),
+            _ => {}
+        }
+    }
+    let mut values = Vec::new();
+    strings(&models, &mut values);
+    assert!(values.iter().all(|s| !s.contains('/') && !s.contains('\\')), "a path leaks: {models}");
+
+    let list: loramux_server::protocol::ModelList = serde_json::from_value(models.clone()).expect("a model list");
+    let ids: Vec<&str> = list.data.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["tiny", "a", "db"], "{models}");
+    for card in &list.data {
+        assert_eq!(card.root, card.id, "{models}");
+        let want_parent = if card.id == "tiny" { None } else { Some("tiny") };
+        assert_eq!(card.parent.as_deref(), want_parent, "{models}");
+    }
+    let (st, one) = srv.get_json("/v1/models/db").await;
+    assert_eq!(st, 200, "{one}");
+    assert_eq!(one, models["data"][2]);
+    srv.shutdown().await;
+}

@@ -154,6 +154,25 @@ impl PeftConfig {
                 message: "rank must be positive".into(),
             });
         }
+        // A zero rank leaves a module with empty A/B matrices that no kernel can apply.
+        if let Some((key, _)) = self.rank_pattern.iter().find(|(_, &r)| r == 0) {
+            return Err(Unsupported {
+                field: "rank_pattern",
+                message: format!("'{key}': rank must be positive, got 0"),
+            });
+        }
+        if let Some((key, a)) = self.alpha_pattern.iter().find(|(_, a)| !a.is_finite()) {
+            return Err(Unsupported {
+                field: "alpha_pattern",
+                message: format!("'{key}': alpha must be a finite number, got {a}"),
+            });
+        }
+        if !self.lora_alpha.is_finite() {
+            return Err(Unsupported {
+                field: "lora_alpha",
+                message: format!("must be a finite number, got {}", self.lora_alpha),
+            });
+        }
         if let Some(t) = &self.target_modules {
             let names: Vec<&str> = match t {
                 StringOrList::One(s) => vec![s.as_str()],

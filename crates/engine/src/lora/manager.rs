@@ -1,15 +1,25 @@
 //! The adapter set beside one base model (vLLM's `LoRAModelManager`): adapters known by
-//! name (loaded lazily from disk), a bounded resident set occupying numbered slots, and
-//! least-recently-used eviction of idle adapters when the count or byte limit is reached.
+//! name (registered, or found by folder name in a `--lora-dir`), a bounded resident set
+//! occupying numbered slots with least-recently-used eviction of idle adapters, and each
+//! adapter's readiness for the scheduler: resident, being read off the loop, read and
+//! waiting for a slot, or unloaded while requests still run on it. This is the one place
+//! that answers "is this adapter known, and can a request on it run now?".
 //! Loading never touches the base model.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
+use super::loader::{AdapterLoader, AdapterReader};
 use super::{LoraModel, ModuleShapes};
 use crate::error::{EngineError, Result};
+
+/// Adapters resident at once unless configured (vLLM's `--max-loras`).
+pub const DEFAULT_MAX_LORAS: usize = 8;
+/// Largest adapter rank accepted unless configured (vLLM's `--max-lora-rank`).
+pub const DEFAULT_MAX_LORA_RANK: usize = 64;
+/// Bytes all resident adapters may occupy unless configured.
+pub const DEFAULT_MAX_LORA_BYTES: usize = 2 << 30;
 
 /// Index of a resident adapter; rows of a batch carry one (or none for the base).
 pub type LoraSlot = usize;
@@ -28,9 +38,9 @@ pub struct LoraLimits {
 impl Default for LoraLimits {
     fn default() -> Self {
         Self {
-            max_loras: 16,
-            max_bytes: 2 << 30,
-            max_rank: 64,
+            max_loras: DEFAULT_MAX_LORAS,
+            max_bytes: DEFAULT_MAX_LORA_BYTES,
+            max_rank: DEFAULT_MAX_LORA_RANK,
         }
     }
 }
@@ -60,15 +70,92 @@ pub struct AdapterInfo {
     pub active: usize,
 }
 
-/// Owns the known adapters and the resident set.
+/// Where an adapter stands for a request that wants to run on it now.
+#[derive(Debug)]
+pub enum Readiness {
+    /// Resident: a sequence can pin it.
+    Resident,
+    /// Being read from disk off the loop.
+    Loading,
+    /// Read (or readable) but every slot is pinned by running sequences.
+    Blocked,
+}
+
+/// The answer of a runtime adapter load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// Resident now.
+    Resident,
+    /// Known and validated; every slot is in use, so it becomes resident on first use.
+    Registered,
+}
+
+/// The answer of an unload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnloadOutcome {
+    /// Gone now.
+    Removed,
+    /// Gone for new requests; removed when its running sequences end.
+    WhenIdle,
+}
+
+/// What finished reading off the loop since the last poll.
+#[derive(Debug, Default)]
+pub struct LoadEvents {
+    /// Adapters read and validated, with their read time in seconds.
+    pub loaded: Vec<(String, f64)>,
+    /// Adapters that could not be read: requests waiting for them must fail.
+    pub failed: Vec<(String, Arc<EngineError>)>,
+}
+
+/// Owns the known adapters, the resident set and each adapter's readiness.
 pub struct LoraManager {
     shapes: ModuleShapes,
+    reader: AdapterReader,
     limits: LoraLimits,
     known: HashMap<String, PathBuf>,
     slots: Vec<Option<Resident>>,
     by_name: HashMap<String, LoraSlot>,
     clock: u64,
     stats: LoraManagerStats,
+    /// Directories whose adapter folders are known by name, found on first use.
+    lora_dirs: Vec<PathBuf>,
+    /// Unloaded through the API and not loaded again since: a `--lora-dir` adapter is not
+    /// found on disk again (vLLM users expect an unload to stick).
+    removed: HashSet<String>,
+    /// Unloaded while sequences still run on them: removed when the last one ends.
+    unloading: HashSet<String>,
+    /// Read and validated, waiting for a slot.
+    staged: HashMap<String, (LoraModel, f64)>,
+    /// Bumped at every runtime load or unload of a name, so a read that started before is
+    /// recognised as stale when it finishes.
+    generations: HashMap<String, u64>,
+    next_generation: u64,
+    loader: AdapterLoader,
+}
+
+/// Whether `name` can be a folder directly under a `--lora-dir` (one plain path component),
+/// so a client-chosen name cannot walk out of the directory.
+fn is_plain_folder_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0']) && Path::new(name).components().count() == 1
+}
+
+/// Adapter subdirectories of a `--lora-dir` (those with an `adapter_config.json`), by name.
+pub fn scan_lora_dir(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
+        if !is_plain_folder_name(&name) {
+            continue;
+        }
+        let path = entry.path();
+        if path.join("adapter_config.json").is_file() {
+            found.push((name, path));
+        }
+    }
+    found.sort();
+    Ok(found)
 }
 
 impl LoraManager {
@@ -76,6 +163,7 @@ impl LoraManager {
     pub fn new(shapes: ModuleShapes, limits: LoraLimits) -> Self {
         let slots = (0..limits.max_loras).map(|_| None).collect();
         Self {
+            reader: AdapterReader::new(shapes.clone(), limits.max_rank),
             shapes,
             limits,
             known: HashMap::new(),
@@ -83,12 +171,20 @@ impl LoraManager {
             by_name: HashMap::new(),
             clock: 0,
             stats: LoraManagerStats::default(),
+            lora_dirs: Vec::new(),
+            removed: HashSet::new(),
+            unloading: HashSet::new(),
+            staged: HashMap::new(),
+            generations: HashMap::new(),
+            next_generation: 0,
+            loader: AdapterLoader::new(None),
         }
     }
 
-    /// Limits in force.
-    pub fn limits(&self) -> &LoraLimits {
-        &self.limits
+    /// Makes the off-loop reader of adapter `name` panic (fault-injection tests only).
+    #[doc(hidden)]
+    pub fn inject_reader_panic(&mut self, name: Option<String>) {
+        self.loader = AdapterLoader::new(name);
     }
 
     /// Shapes adapters are checked against.
@@ -96,54 +192,78 @@ impl LoraManager {
         &self.shapes
     }
 
+    /// Resident adapters allowed at once.
+    pub fn max_loras(&self) -> usize {
+        self.limits.max_loras
+    }
+
+    /// Largest rank accepted.
+    pub fn max_rank(&self) -> usize {
+        self.limits.max_rank
+    }
+
     /// Makes an adapter known without loading it (loaded on first use).
     pub fn register(&mut self, name: &str, path: &Path) {
         self.known.insert(name.to_string(), path.to_path_buf());
     }
 
-    /// Whether an adapter of this name is known.
-    pub fn is_known(&self, name: &str) -> bool {
-        self.known.contains_key(name)
+    /// Serves the adapter folders of `dir` by folder name; they are read on first use.
+    pub fn add_lora_dir(&mut self, dir: PathBuf) {
+        if !self.lora_dirs.contains(&dir) {
+            self.lora_dirs.push(dir);
+        }
     }
 
-    /// Reads and validates an adapter from disk without touching the resident set, so
-    /// it can run off the batch loop; pass the result to [`LoraManager::insert`].
-    pub fn read(&self, name: &str, path: &Path) -> Result<(LoraModel, f64)> {
-        let t = Instant::now();
-        let model = LoraModel::load(name, path, &self.shapes, self.limits.max_rank)?;
-        Ok((model, t.elapsed().as_secs_f64()))
+    /// Whether requests may name this adapter: known (and not being unloaded), or a folder
+    /// of a `--lora-dir` that was not unloaded through the API. A folder found here
+    /// becomes known.
+    pub fn resolve(&mut self, name: &str) -> Result<()> {
+        if self.unloading.contains(name) {
+            return Err(EngineError::UnknownAdapter(name.to_string()));
+        }
+        if self.known.contains_key(name) {
+            return Ok(());
+        }
+        if self.removed.contains(name) || !is_plain_folder_name(name) {
+            return Err(EngineError::UnknownAdapter(name.to_string()));
+        }
+        let found = self.lora_dirs.iter().map(|d| d.join(name)).find(|p| p.join("adapter_config.json").is_file());
+        match found {
+            Some(path) => {
+                tracing::info!(adapter = %name, path = %path.display(), "adapter found in --lora-dir");
+                self.known.insert(name.to_string(), path);
+                Ok(())
+            }
+            None => Err(EngineError::UnknownAdapter(name.to_string())),
+        }
+    }
+
+    /// Reads and validates adapters for this base off the loop (runtime loads).
+    pub fn reader(&self) -> &AdapterReader {
+        &self.reader
     }
 
     /// Loads an adapter now and makes it resident (registering it under `name`).
     pub fn load(&mut self, name: &str, path: &Path) -> Result<LoraSlot> {
-        let (model, secs) = self.read(name, path)?;
+        let (model, secs) = self.reader.read(name, path)?;
         self.insert(model, secs)
     }
 
-    /// Makes an already read adapter resident, evicting idle ones as the limits need.
-    /// On error the resident set is unchanged.
-    pub fn insert(&mut self, model: LoraModel, load_seconds: f64) -> Result<LoraSlot> {
-        if model.bytes > self.limits.max_bytes {
-            return Err(EngineError::AdapterCapacity(format!(
-                "adapter '{}' needs {} bytes, above the adapter memory limit {}",
-                model.name, model.bytes, self.limits.max_bytes
-            )));
-        }
-        let name = model.name.clone();
-        // Replacing an adapter of the same name: only when idle.
-        if let Some(&slot) = self.by_name.get(&name) {
-            if self.slots[slot].as_ref().is_some_and(|r| r.active > 0) {
-                return Err(EngineError::AdapterCapacity(format!(
-                    "adapter '{name}' is in use by running requests and cannot be replaced now"
-                )));
-            }
-        }
-        let replacing = self.by_name.get(&name).copied();
-        let need_bytes = model.bytes;
-        // Plan evictions first so a failure leaves everything as it was.
-        let mut victims = Vec::new();
-        let mut used: usize = self.resident_bytes()
-            - replacing.map(|s| self.slots[s].as_ref().unwrap().model.bytes).unwrap_or(0);
+    fn too_large(&self, model: &LoraModel) -> Option<EngineError> {
+        (model.bytes > self.limits.max_bytes).then(|| {
+            EngineError::adapter(
+                &model.name,
+                "adapter_model.safetensors",
+                format!("the adapter needs {} bytes, above the adapter memory limit of {} bytes", model.bytes, self.limits.max_bytes),
+            )
+        })
+    }
+
+    /// Slots to evict so an adapter of `bytes` fits, least recently used first; `None`
+    /// when idle adapters are not enough.
+    fn plan_evictions(&self, name: &str, bytes: usize) -> Option<(LoraSlot, Vec<LoraSlot>)> {
+        let replacing = self.by_name.get(name).copied();
+        let mut used = self.resident_bytes() - replacing.map(|s| self.slots[s].as_ref().expect("resident").model.bytes).unwrap_or(0);
         let mut free_slot = replacing.or_else(|| self.slots.iter().position(Option::is_none));
         let mut idle: Vec<(u64, LoraSlot)> = self
             .slots
@@ -155,50 +275,182 @@ impl LoraManager {
             .collect();
         idle.sort_unstable();
         let mut idle = idle.into_iter();
-        while free_slot.is_none() || used + need_bytes > self.limits.max_bytes {
-            let Some((_, victim)) = idle.next() else {
-                return Err(EngineError::AdapterCapacity(format!(
-                    "cannot make '{name}' resident: all {} resident adapters are in use",
-                    self.resident_count()
-                )));
-            };
-            used -= self.slots[victim].as_ref().unwrap().model.bytes;
+        let mut victims = Vec::new();
+        while free_slot.is_none() || used + bytes > self.limits.max_bytes {
+            let (_, victim) = idle.next()?;
+            used -= self.slots[victim].as_ref().expect("resident").model.bytes;
             victims.push(victim);
-            if free_slot.is_none() {
-                free_slot = Some(victim);
-            }
+            free_slot.get_or_insert(victim);
         }
+        Some((free_slot.expect("a slot was found"), victims))
+    }
+
+    fn is_pinned(&self, name: &str) -> bool {
+        self.by_name.get(name).and_then(|&s| self.slots[s].as_ref()).is_some_and(|r| r.active > 0)
+    }
+
+    /// Makes an already read adapter resident, evicting idle ones as the limits need.
+    /// On error the resident set is unchanged.
+    pub fn insert(&mut self, model: LoraModel, load_seconds: f64) -> Result<LoraSlot> {
+        if let Some(e) = self.too_large(&model) {
+            return Err(e);
+        }
+        let name = model.name.clone();
+        if self.is_pinned(&name) {
+            return Err(EngineError::AdapterCapacity(format!(
+                "adapter '{name}' is in use by running requests and cannot be replaced now"
+            )));
+        }
+        let Some((slot, victims)) = self.plan_evictions(&name, model.bytes) else {
+            return Err(EngineError::AdapterCapacity(format!(
+                "cannot make '{name}' resident: all {} resident adapters are in use",
+                self.resident_count()
+            )));
+        };
         for v in victims {
-            let old = self.slots[v].take().unwrap();
+            let old = self.slots[v].take().expect("victim is resident");
             self.by_name.remove(&old.model.name);
             self.stats.evictions += 1;
             tracing::info!(adapter = %old.model.name, "evicted idle adapter (LRU)");
         }
-        let slot = free_slot.unwrap();
         self.clock += 1;
         self.known.insert(name.clone(), model.path.clone());
-        self.slots[slot] = Some(Resident {
-            model: Arc::new(model),
-            last_used: self.clock,
-            active: 0,
-        });
+        self.slots[slot] = Some(Resident { model: Arc::new(model), last_used: self.clock, active: 0 });
         self.by_name.insert(name, slot);
         self.stats.loads += 1;
         self.stats.load_seconds += load_seconds;
         Ok(slot)
     }
 
-    /// Pins an adapter for a new sequence, loading it from disk first if it is known but
-    /// not resident. Release it with [`LoraManager::release`].
+    fn bump_generation(&mut self, name: &str) -> u64 {
+        self.next_generation += 1;
+        self.generations.insert(name.to_string(), self.next_generation);
+        self.loader.cancel(name);
+        self.next_generation
+    }
+
+    /// A runtime load (vLLM's `load_lora_adapter`) of an adapter read off the loop: resident
+    /// now if a slot can be had, else known and resident on first use. `replace` swaps an
+    /// adapter of the same name, unless sequences run on it.
+    pub fn add(&mut self, model: LoraModel, load_seconds: f64, replace: bool) -> Result<InsertOutcome> {
+        let name = model.name.clone();
+        if self.unloading.contains(&name) {
+            return Err(EngineError::AdapterCapacity(format!(
+                "adapter '{name}' is being unloaded and still serves running requests; retry when they finish"
+            )));
+        }
+        if self.known.contains_key(&name) && !replace {
+            return Err(EngineError::AdapterExists(name));
+        }
+        if let Some(e) = self.too_large(&model) {
+            return Err(e);
+        }
+        if replace && self.is_pinned(&name) {
+            return Err(EngineError::AdapterCapacity(format!(
+                "adapter '{name}' is in use by running requests and cannot be replaced now"
+            )));
+        }
+        self.bump_generation(&name);
+        self.staged.remove(&name);
+        self.removed.remove(&name);
+        if self.plan_evictions(&name, model.bytes).is_some() {
+            self.insert(model, load_seconds)?;
+            return Ok(InsertOutcome::Resident);
+        }
+        // Every slot is pinned: keep it validated and ready.
+        self.remove_resident(&name);
+        self.known.insert(name.clone(), model.path.clone());
+        self.staged.insert(name, (model, load_seconds));
+        Ok(InsertOutcome::Registered)
+    }
+
+    fn remove_resident(&mut self, name: &str) {
+        if let Some(slot) = self.by_name.remove(name) {
+            self.slots[slot] = None;
+        }
+    }
+
+    /// Forgets an adapter for new requests (vLLM's `unload_lora_adapter`): at once when
+    /// idle, else when its running sequences end. A `--lora-dir` adapter stays unloaded
+    /// until loaded again.
+    pub fn unload(&mut self, name: &str) -> Result<UnloadOutcome> {
+        if !self.known.contains_key(name) || self.unloading.contains(name) {
+            return Err(EngineError::UnknownAdapter(name.to_string()));
+        }
+        self.bump_generation(name);
+        self.staged.remove(name);
+        self.removed.insert(name.to_string());
+        if self.is_pinned(name) {
+            self.unloading.insert(name.to_string());
+            return Ok(UnloadOutcome::WhenIdle);
+        }
+        self.remove_resident(name);
+        self.known.remove(name);
+        Ok(UnloadOutcome::Removed)
+    }
+
+    /// Whether a request on `name` can start now. A known adapter that is not resident is
+    /// made resident from its staged read, or read off the loop; `Err` when it cannot be
+    /// served at all. At most `max_loras` reads are held outside the resident set.
+    pub fn readiness(&mut self, name: &str) -> Result<Readiness> {
+        self.resolve(name)?;
+        if self.by_name.contains_key(name) {
+            return Ok(Readiness::Resident);
+        }
+        if let Some((model, secs)) = self.staged.remove(name) {
+            if self.plan_evictions(name, model.bytes).is_some() {
+                self.insert(model, secs)?;
+                return Ok(Readiness::Resident);
+            }
+            self.staged.insert(name.to_string(), (model, secs));
+            return Ok(Readiness::Blocked);
+        }
+        if self.loader.is_loading(name) {
+            return Ok(Readiness::Loading);
+        }
+        if self.loader.in_flight() + self.staged.len() < self.limits.max_loras {
+            let path = self.known[name].clone();
+            let generation = self.generations.get(name).copied().unwrap_or(0);
+            self.loader.start(name, path, generation, self.reader.clone());
+            return Ok(Readiness::Loading);
+        }
+        Ok(Readiness::Blocked)
+    }
+
+    /// Takes the reads that finished off the loop: valid ones are staged for a slot,
+    /// failed ones (and adapters too large to ever fit) are reported.
+    pub fn poll_loads(&mut self) -> LoadEvents {
+        let mut events = LoadEvents::default();
+        for done in self.loader.finished() {
+            match done.result {
+                Ok((model, secs)) => {
+                    if let Some(e) = self.too_large(&model) {
+                        events.failed.push((done.name, Arc::new(e)));
+                    } else if self.known.contains_key(&done.name) && !self.unloading.contains(&done.name) {
+                        events.loaded.push((done.name.clone(), secs));
+                        self.staged.insert(done.name, (model, secs));
+                    }
+                }
+                Err(e) => events.failed.push((done.name, e)),
+            }
+        }
+        events
+    }
+
+    /// Drops staged reads no waiting request wants any more, so they do not hold the
+    /// read-ahead bound.
+    pub fn retain_staged(&mut self, wanted: impl Fn(&str) -> bool) {
+        self.staged.retain(|name, _| wanted(name));
+    }
+
+    /// Pins a known adapter for a new sequence, loading it from disk first if it is not
+    /// resident. Release it with [`LoraManager::release`].
     pub fn acquire(&mut self, name: &str) -> Result<LoraSlot> {
         let slot = match self.by_name.get(name) {
             Some(&s) => s,
             None => {
-                let path = self
-                    .known
-                    .get(name)
-                    .cloned()
-                    .ok_or_else(|| EngineError::UnknownAdapter(name.to_string()))?;
+                self.resolve(name)?;
+                let path = self.known[name].clone();
                 self.load(name, &path)?
             }
         };
@@ -209,28 +461,18 @@ impl LoraManager {
         Ok(slot)
     }
 
-    /// Unpins an adapter when a sequence using it ends.
+    /// Unpins an adapter when a sequence using it ends; an adapter unloaded while in use
+    /// goes when its last sequence does.
     pub fn release(&mut self, slot: LoraSlot) {
-        if let Some(r) = self.slots[slot].as_mut() {
-            r.active = r.active.saturating_sub(1);
+        let Some(r) = self.slots[slot].as_mut() else { return };
+        r.active = r.active.saturating_sub(1);
+        if r.active == 0 && self.unloading.contains(&r.model.name) {
+            let name = r.model.name.clone();
+            self.unloading.remove(&name);
+            self.remove_resident(&name);
+            self.known.remove(&name);
+            tracing::info!(adapter = %name, "adapter removed (unloaded while in use)");
         }
-    }
-
-    /// Forgets an adapter; refused while sequences use it.
-    pub fn remove(&mut self, name: &str) -> Result<()> {
-        if let Some(&slot) = self.by_name.get(name) {
-            if self.slots[slot].as_ref().is_some_and(|r| r.active > 0) {
-                return Err(EngineError::AdapterCapacity(format!(
-                    "adapter '{name}' is in use by running requests"
-                )));
-            }
-            self.slots[slot] = None;
-            self.by_name.remove(name);
-        } else if !self.known.contains_key(name) {
-            return Err(EngineError::UnknownAdapter(name.to_string()));
-        }
-        self.known.remove(name);
-        Ok(())
     }
 
     /// The adapter in a slot.
@@ -254,11 +496,12 @@ impl LoraManager {
         self.slots.iter().flatten().map(|r| r.model.bytes).sum()
     }
 
-    /// Every known adapter, sorted by name.
+    /// Every adapter requests may name, sorted by name (those being unloaded excluded).
     pub fn adapters(&self) -> Vec<AdapterInfo> {
         let mut list: Vec<AdapterInfo> = self
             .known
             .iter()
+            .filter(|(name, _)| !self.unloading.contains(*name))
             .map(|(name, path)| {
                 let slot = self.by_name.get(name).copied();
                 let r = slot.and_then(|s| self.slots[s].as_ref());

@@ -1,18 +1,39 @@
 //! LoRA adapters served unmerged beside one base model, named after vLLM's `vllm/lora/`:
 //! [`config`] reads PEFT's `adapter_config.json`, [`model`] holds one adapter's weights
 //! checked against the base (`LoRAModel`), [`manager`] owns the resident set, its slots
-//! and LRU (`LoRAModelManager`), and [`punica`] applies many adapters to one batch, each
-//! only on its own rows (shrink then expand, vLLM's Punica wrapper).
+//! and LRU (`LoRAModelManager`) with adapters read off the loop by a loader, and
+//! [`punica`] applies many adapters to one batch, each only on its own rows (shrink then
+//! expand, vLLM's Punica wrapper). A request names its adapter with a [`LoraRequest`].
 
 pub mod config;
+mod loader;
 pub mod manager;
 pub mod model;
 pub mod punica;
 
 pub use config::PeftConfig;
-pub use manager::{AdapterInfo, LoraManager, LoraManagerStats, LoraSlot};
+pub use loader::{panic_message, AdapterReader};
+pub use manager::{
+    scan_lora_dir, AdapterInfo, InsertOutcome, LoadEvents, LoraManager, LoraManagerStats, LoraSlot, Readiness, UnloadOutcome,
+};
 pub use model::{LoraLayerWeights, LoraMatrix, LoraModel};
 pub use punica::LoraBatch;
+
+/// The adapter a request runs with (vLLM's `LoRARequest`); a request without one runs on
+/// the base model.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct LoraRequest {
+    /// The adapter's name: what clients put in `model`.
+    pub lora_name: String,
+}
+
+impl LoraRequest {
+    /// A request for the adapter called `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { lora_name: name.into() }
+    }
+}
 
 /// The projections an adapter may target, in the order the model stores them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

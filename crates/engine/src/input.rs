@@ -1,0 +1,174 @@
+//! Turning a request into checked token ids (vLLM's input processor): chat-template
+//! rendering, tokenization, and every check of the prompt and the room it leaves for the
+//! completion. It is shared (`Arc`) so HTTP handlers run it on their own threads, never on
+//! the batch loop, and a [`ProcessedRequest`] can only come from here: the scheduler and
+//! the model trust its lengths and ids without checking them again.
+
+use std::sync::Arc;
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::error::{EngineError, InputField, Result};
+use crate::lora::LoraRequest;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::Tokenizer;
+
+/// What the model is asked to continue.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    /// Raw text (completions API).
+    Text(String),
+    /// Messages rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Token ids as they are.
+    Tokens(Vec<u32>),
+}
+
+/// One generation request as a caller gives it.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The adapter, or `None` for the base model.
+    pub lora: Option<LoraRequest>,
+    pub prompt: Prompt,
+    /// `max_tokens: None` fills the context.
+    pub params: SamplingParams,
+}
+
+/// A request whose prompt is tokenized and checked, and whose `max_tokens` is resolved.
+#[derive(Clone, Debug)]
+pub struct ProcessedRequest {
+    lora: Option<LoraRequest>,
+    prompt_ids: Vec<u32>,
+    params: SamplingParams,
+}
+
+impl ProcessedRequest {
+    /// The adapter the request runs with.
+    pub fn lora(&self) -> Option<&LoraRequest> {
+        self.lora.as_ref()
+    }
+
+    /// Prompt token ids (non-empty, inside the vocabulary, leaving room to generate).
+    pub fn prompt_ids(&self) -> &[u32] {
+        &self.prompt_ids
+    }
+
+    /// Sampling parameters, `max_tokens` resolved.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Most tokens the completion can have.
+    pub fn max_tokens(&self) -> usize {
+        self.params.max_tokens.expect("resolved by the input processor")
+    }
+
+    pub(crate) fn into_parts(self) -> (Option<LoraRequest>, Vec<u32>, SamplingParams) {
+        (self.lora, self.prompt_ids, self.params)
+    }
+}
+
+/// Tokenizer, chat template and length limits of one model.
+pub struct InputProcessor {
+    tokenizer: Arc<Tokenizer>,
+    chat: Option<ChatTemplate>,
+    max_model_len: usize,
+    vocab_size: usize,
+}
+
+impl InputProcessor {
+    pub(crate) fn new(tokenizer: Arc<Tokenizer>, chat: Option<ChatTemplate>, max_model_len: usize, vocab_size: usize) -> Self {
+        Self { tokenizer, chat, max_model_len, vocab_size }
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// The chat template, if the model has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat.as_ref()
+    }
+
+    /// Longest prompt plus completion.
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    /// Token ids of a prompt, unchecked.
+    pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        match prompt {
+            Prompt::Tokens(ids) => Ok(ids.clone()),
+            Prompt::Text(t) => self.tokenizer.encode(t, true),
+            Prompt::Chat(messages) => {
+                let chat = self.chat.as_ref().ok_or_else(|| {
+                    EngineError::InvalidRequest("this model has no chat template; send a plain prompt".into())
+                })?;
+                let text = chat.render(messages, true)?;
+                self.tokenizer.encode(&text, false)
+            }
+        }
+    }
+
+    /// Tokenizes and checks a request: the one place prompts are checked.
+    pub fn process(&self, request: Request) -> Result<ProcessedRequest> {
+        let ids = self.tokenize(&request.prompt)?;
+        self.process_tokens(request.lora, ids, &request.prompt, request.params)
+    }
+
+    /// Like [`InputProcessor::process`] for a prompt already tokenized with
+    /// [`InputProcessor::tokenize`] (several choices of one prompt tokenize it once).
+    pub fn process_tokens(
+        &self,
+        lora: Option<LoraRequest>,
+        prompt_ids: Vec<u32>,
+        prompt: &Prompt,
+        mut params: SamplingParams,
+    ) -> Result<ProcessedRequest> {
+        let what = if matches!(prompt, Prompt::Chat(_)) { "messages" } else { "prompt" };
+        let max_len = self.max_model_len;
+        let invalid = |field, message: String, context_length_exceeded| EngineError::InvalidInput {
+            field,
+            message,
+            context_length_exceeded,
+        };
+        let n = prompt_ids.len();
+        if n == 0 {
+            return Err(invalid(InputField::Prompt, "the prompt is empty".into(), false));
+        }
+        if n >= max_len {
+            return Err(invalid(
+                InputField::Prompt,
+                format!(
+                    "This model's maximum context length is {max_len} tokens. However, your request has {n} input tokens \
+                     (at least one token must be left for the completion). Please reduce the length of the input."
+                ),
+                true,
+            ));
+        }
+        if let Some(bad) = prompt_ids.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(invalid(
+                InputField::Prompt,
+                format!("token id {bad} is outside the vocabulary (size {})", self.vocab_size),
+                false,
+            ));
+        }
+        match params.max_tokens {
+            Some(m) if n + m > max_len => {
+                return Err(invalid(
+                    InputField::MaxTokens,
+                    format!(
+                        "This model's maximum context length is {max_len} tokens. However, you requested {} tokens \
+                         ({n} in the {what}, {m} in the completion). Please reduce the length of the {what} or completion.",
+                        n + m
+                    ),
+                    true,
+                ));
+            }
+            Some(_) => {}
+            None => params.max_tokens = Some(max_len - n),
+        }
+        params.validate()?;
+        Ok(ProcessedRequest { lora, prompt_ids, params })
+    }
+}

@@ -1,0 +1,87 @@
+//! Admission: which waiting requests join the running batch this step. Preempted
+//! sequences come back first, oldest first; then waiting requests first come first served
+//! while there are sequence slots and KV blocks, each only once its adapter is resident
+//! (the adapter manager reads it off the loop meanwhile, and later requests on resident
+//! adapters go ahead). A request blocked on adapter capacity longer than `adapter_wait`
+//! stops later adapter requests from pinning more slots, so it cannot starve.
+
+use std::time::Instant;
+
+use super::budget::blocks;
+use super::{failed, RequestEvent, RequestOutput, Running, Scheduler};
+use crate::engine::Engine;
+use crate::lora::Readiness;
+
+impl Scheduler {
+    pub(super) fn admit(&mut self, engine: &mut Engine, outputs: &mut Vec<RequestOutput>) {
+        let budget = self.budget_blocks;
+        let mut committed = self.committed_blocks();
+        let mut preempted: Vec<usize> = (0..self.running.len()).filter(|&i| self.running[i].preempted).collect();
+        preempted.sort_by_key(|&i| self.running[i].seq.id);
+        for i in preempted {
+            let need = blocks(self.running[i].seq.len() + 1);
+            if committed + need > budget {
+                return;
+            }
+            self.running[i].preempted = false;
+            committed += need;
+        }
+        // Adapters read for requests that have since gone must not hold the read-ahead bound.
+        let waiting = &self.waiting;
+        engine.loras_mut().retain_staged(|name| waiting.iter().any(|w| w.request.lora().is_some_and(|l| l.lora_name == name)));
+
+        let now = Instant::now();
+        let mut starving = false;
+        let mut i = 0;
+        while i < self.waiting.len() && self.running.len() < self.cfg.max_num_seqs {
+            let adapter = self.waiting[i].request.lora().map(|l| l.lora_name.clone());
+            if let (Some(a), Some(p)) = (&adapter, &self.panic_on_admit) {
+                if a == p {
+                    panic!("injected fault: admission of a request on adapter '{a}' panics");
+                }
+            }
+            let readiness = match &adapter {
+                None => Ok(Readiness::Resident),
+                Some(a) => engine.loras_mut().readiness(a),
+            };
+            match readiness {
+                Err(e) => {
+                    let w = self.waiting.remove(i).expect("index in range");
+                    outputs.push(failed(w.id, e));
+                    continue;
+                }
+                Ok(Readiness::Loading) => {
+                    i += 1;
+                    continue;
+                }
+                Ok(Readiness::Blocked) => {
+                    let since = *self.waiting[i].blocked_since.get_or_insert(now);
+                    if now.duration_since(since) >= self.cfg.adapter_wait {
+                        starving = true;
+                    }
+                    i += 1;
+                    continue;
+                }
+                Ok(Readiness::Resident) if starving && adapter.is_some() => {
+                    i += 1;
+                    continue;
+                }
+                Ok(Readiness::Resident) => {}
+            }
+            let need = blocks(self.waiting[i].request.prompt_ids().len() + 1);
+            if committed + need > budget {
+                break; // first come, first served on memory
+            }
+            let w = self.waiting.remove(i).expect("index in range");
+            let prompt_tokens = w.request.prompt_ids().len();
+            match engine.start_sequence(w.request) {
+                Ok(seq) => {
+                    committed += need;
+                    outputs.push(RequestOutput { id: w.id, event: RequestEvent::Started { prompt_tokens } });
+                    self.running.push(Running { id: w.id, seq, deadline: w.deadline, sent_tokens: 0, sent_logprobs: 0, preempted: false });
+                }
+                Err(e) => outputs.push(failed(w.id, e)),
+            }
+        }
+    }
+}

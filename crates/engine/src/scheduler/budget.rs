@@ -1,0 +1,91 @@
+//! The two budgets of a step: tokens per forward pass (decode rows first, then prefill
+//! chunks in arrival order, vLLM's chunked prefill) and KV-cache blocks (the newest
+//! sequence is preempted, its cache dropped and recomputed later, while the planned pass
+//! would not fit). The plan computed here is the one the pass runs.
+
+use super::{Running, Scheduler};
+use crate::engine::Sequence;
+use crate::kv::{KvCache, KV_BLOCK_TOKENS};
+
+/// KV blocks that hold `tokens` positions.
+pub(super) fn blocks(tokens: usize) -> usize {
+    KvCache::blocks_for(tokens)
+}
+
+/// KV blocks a sequence's cache holds now.
+pub(super) fn cache_blocks(seq: &Sequence) -> usize {
+    seq.cache().capacity_tokens() / KV_BLOCK_TOKENS
+}
+
+fn is_active(r: &Running) -> bool {
+    !r.preempted && r.seq.finish.is_none()
+}
+
+impl Scheduler {
+    /// Tokens each running sequence feeds in the next pass (0: not in it): one for every
+    /// decoding sequence, then prompt chunks in arrival order with what the budget leaves.
+    /// Without chunked prefill a prompt runs whole or waits for a later pass.
+    pub(super) fn plan_chunks(&self) -> Vec<usize> {
+        let mut take = vec![0usize; self.running.len()];
+        let mut budget = self.cfg.max_num_batched_tokens;
+        for (i, r) in self.running.iter().enumerate() {
+            if is_active(r) && r.seq.pending_len() == 1 && budget > 0 {
+                take[i] = 1;
+                budget -= 1;
+            }
+        }
+        let mut prefills: Vec<usize> =
+            (0..self.running.len()).filter(|&i| take[i] == 0 && is_active(&self.running[i]) && self.running[i].seq.pending_len() > 0).collect();
+        prefills.sort_by_key(|&i| self.running[i].seq.id);
+        for i in prefills {
+            let pending = self.running[i].seq.pending_len();
+            let n = if self.cfg.enable_chunked_prefill {
+                pending.min(budget)
+            } else if pending <= budget {
+                pending
+            } else {
+                0
+            };
+            take[i] = n;
+            budget -= n;
+        }
+        take
+    }
+
+    /// KV blocks the running (not preempted) sequences hold after a pass feeding `take`.
+    fn blocks_after(&self, take: &[usize]) -> usize {
+        self.running
+            .iter()
+            .zip(take)
+            .filter(|(r, _)| !r.preempted)
+            .map(|(r, &t)| cache_blocks(&r.seq).max(blocks(r.seq.cached_len() + t)))
+            .sum()
+    }
+
+    /// KV blocks the running (not preempted) sequences need to produce their next token:
+    /// what admission must leave room for.
+    pub(super) fn committed_blocks(&self) -> usize {
+        self.running.iter().filter(|r| !r.preempted).map(|r| blocks(r.seq.len() + 1).max(cache_blocks(&r.seq))).sum()
+    }
+
+    /// Preempts the newest sequences while the planned pass would overflow the KV budget;
+    /// one sequence always fits (checked when the scheduler was made). Returns how many.
+    pub(super) fn preempt_to_fit(&mut self) -> usize {
+        let mut preempted = 0;
+        while self.blocks_after(&self.plan_chunks()) > self.budget_blocks {
+            if self.running.iter().filter(|r| !r.preempted).count() <= 1 {
+                break;
+            }
+            let Some(victim) = (0..self.running.len()).filter(|&i| !self.running[i].preempted).max_by_key(|&i| self.running[i].seq.id)
+            else {
+                break;
+            };
+            let r = &mut self.running[victim];
+            tracing::debug!(seq = r.seq.id, "KV cache full: preempting the newest sequence (recomputed later)");
+            r.seq.drop_cache();
+            r.preempted = true;
+            preempted += 1;
+        }
+        preempted
+    }
+}

@@ -1,0 +1,431 @@
+//! The scheduler: which sequences run in each forward pass. One scheduler serves every
+//! caller (the server's batch loop, `loramux generate`, the engine benchmark), so what is
+//! measured is what is served.
+//!
+//! Requests flow one way: [`Scheduler::add_request`] puts a processed request in the
+//! bounded waiting queue; each [`Scheduler::step`] expires deadlines, admits waiting
+//! requests first come first served within the limits ([`admission`]: sequences, KV-cache
+//! blocks, adapter readiness from the [`crate::lora::LoraManager`]), plans the pass under
+//! the token budget with decode rows first and prefill chunks after, preempting the newest
+//! sequence while the KV budget would overflow ([`budget`]), runs it with failures isolated
+//! to the adapter group that caused them ([`batch`]), and reports each request's new text,
+//! end or error as [`RequestOutput`]s.
+
+mod admission;
+mod batch;
+mod budget;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::engine::{Completion, Engine, Sequence};
+use crate::error::{EngineError, Result};
+use crate::input::ProcessedRequest;
+use crate::kv::KV_BLOCK_TOKENS;
+use crate::lora::{InsertOutcome, LoraModel, UnloadOutcome};
+use crate::sampling::SampledToken;
+
+/// A caller's handle on one request.
+pub type RequestId = u64;
+
+/// The bound of the waiting queue, shared with the threads that submit requests so they
+/// can refuse one at once (HTTP 429) when it is full, without waiting for the batch loop.
+#[derive(Debug)]
+pub struct AdmissionGate {
+    capacity: usize,
+    queued: AtomicUsize,
+}
+
+/// A place in the waiting queue, held from submission until the request starts, fails or
+/// is dropped; dropping it frees the place.
+#[derive(Debug)]
+pub struct AdmissionTicket(Arc<AdmissionGate>);
+
+impl AdmissionGate {
+    /// A gate letting `capacity` requests wait at once.
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self { capacity, queued: AtomicUsize::new(0) })
+    }
+
+    /// A place in the queue, or [`EngineError::Overloaded`] when it is full.
+    pub fn try_enter(self: &Arc<Self>) -> Result<AdmissionTicket> {
+        let entered = self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < self.capacity).then_some(q + 1));
+        match entered {
+            Ok(_) => Ok(AdmissionTicket(self.clone())),
+            Err(q) => Err(EngineError::Overloaded(format!("{q} requests are waiting already; retry later"))),
+        }
+    }
+
+    /// Requests holding a place now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for AdmissionTicket {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Limits the scheduler keeps (vLLM's scheduler settings, same names).
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Sequences in the running batch at once.
+    pub max_num_seqs: usize,
+    /// Tokens per forward pass: decode tokens plus prefill chunks.
+    pub max_num_batched_tokens: usize,
+    /// Split long prompts into chunks that fill what the decodes leave of the budget;
+    /// without it a prompt is prefilled whole in one pass.
+    pub enable_chunked_prefill: bool,
+    /// Memory all sequences' KV caches may hold.
+    pub kv_cache_bytes: usize,
+    /// Requests waiting at once; more are refused ([`EngineError::Overloaded`]) by the
+    /// [`AdmissionGate`].
+    pub max_waiting: usize,
+    /// How long a request blocked on adapter capacity lets later requests overtake it.
+    pub adapter_wait: Duration,
+}
+
+impl SchedulerConfig {
+    /// Settings that run `n` requests at once with no memory limit (offline batches).
+    pub fn for_batch(n: usize) -> Self {
+        Self {
+            max_num_seqs: n.max(1),
+            max_num_batched_tokens: 8192,
+            enable_chunked_prefill: true,
+            kv_cache_bytes: usize::MAX / 4,
+            max_waiting: n.max(1),
+            adapter_wait: Duration::ZERO,
+        }
+    }
+}
+
+/// What happened to a request in a step.
+#[derive(Debug)]
+pub enum RequestEvent {
+    /// It joined the running batch.
+    Started { prompt_tokens: usize },
+    /// New tokens: the text that can no longer change, and the tokens' log-probabilities
+    /// when asked for.
+    Output { text: String, new_tokens: usize, logprobs: Vec<SampledToken> },
+    /// It ended; `completion.text` is the whole output (already sent in `Output`s).
+    Finished { completion: Box<Completion> },
+    /// It failed before or during generation; its memory is freed.
+    Failed(Arc<EngineError>),
+}
+
+/// One event of one request.
+#[derive(Debug)]
+pub struct RequestOutput {
+    pub id: RequestId,
+    pub event: RequestEvent,
+}
+
+/// The forward pass a step ran.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchStats {
+    /// Sequences in the pass.
+    pub seqs: usize,
+    /// Token rows run.
+    pub rows: usize,
+    /// Wall time of the pass.
+    pub seconds: f64,
+}
+
+/// What one step did.
+#[derive(Debug, Default)]
+pub struct StepReport {
+    pub outputs: Vec<RequestOutput>,
+    /// The pass, if one ran.
+    pub batch: Option<BatchStats>,
+    /// Sequences whose cache was dropped for lack of KV memory in this step.
+    pub preemptions: usize,
+    /// Adapters read off the loop since the last step, with their read time.
+    pub adapters_loaded: Vec<(String, f64)>,
+    /// Adapter reads that failed since the last step.
+    pub adapter_load_failures: usize,
+}
+
+struct Waiting {
+    /// Its place in the queue, freed when it leaves the queue in any way.
+    _ticket: AdmissionTicket,
+    id: RequestId,
+    request: ProcessedRequest,
+    deadline: Option<Instant>,
+    /// When the request first found every adapter slot pinned.
+    blocked_since: Option<Instant>,
+}
+
+struct Running {
+    id: RequestId,
+    seq: Sequence,
+    deadline: Option<Instant>,
+    /// Output tokens and logprobs already reported.
+    sent_tokens: usize,
+    sent_logprobs: usize,
+    /// Cache dropped for lack of KV memory; recomputed when it fits again.
+    preempted: bool,
+}
+
+/// Waiting and running requests of one engine, and the limits they run under.
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    gate: Arc<AdmissionGate>,
+    budget_blocks: usize,
+    block_bytes: usize,
+    waiting: VecDeque<Waiting>,
+    running: Vec<Running>,
+    /// Events produced outside a step (unloads, aborts), delivered with the next one.
+    pending: Vec<RequestOutput>,
+    /// Fault injection for tests: an adapter name whose admission panics.
+    panic_on_admit: Option<String>,
+}
+
+fn failed(id: RequestId, e: EngineError) -> RequestOutput {
+    RequestOutput { id, event: RequestEvent::Failed(Arc::new(e)) }
+}
+
+impl Scheduler {
+    /// A scheduler for `engine` under `cfg`; refuses a KV budget that cannot hold one
+    /// sequence of the model's maximum length, and whole-prompt prefill with a token budget
+    /// smaller than the longest prompt.
+    pub fn new(cfg: SchedulerConfig, engine: &Engine) -> Result<Self> {
+        let block_bytes = engine.kv_floats_per_token() * std::mem::size_of::<f32>() * KV_BLOCK_TOKENS;
+        let budget_blocks = cfg.kv_cache_bytes / block_bytes.max(1);
+        let max_model_len = engine.max_model_len();
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        if budget_blocks < budget::blocks(max_model_len) {
+            return Err(EngineError::Config(format!(
+                "the KV cache budget ({:.2} GiB) cannot hold one sequence of the maximum model length {max_model_len} \
+                 ({:.2} GiB): raise --kv-cache-gib or lower --max-model-len",
+                gib(cfg.kv_cache_bytes),
+                gib(budget::blocks(max_model_len) * block_bytes)
+            )));
+        }
+        if !cfg.enable_chunked_prefill && cfg.max_num_batched_tokens < max_model_len {
+            return Err(EngineError::Config(format!(
+                "without chunked prefill a prompt runs whole in one pass: --max-num-batched-tokens ({}) must be at least \
+                 the maximum model length ({max_model_len})",
+                cfg.max_num_batched_tokens
+            )));
+        }
+        if cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens == 0 || cfg.max_waiting == 0 {
+            return Err(EngineError::Config("max_num_seqs, max_num_batched_tokens and max_waiting must be positive".into()));
+        }
+        Ok(Self {
+            gate: AdmissionGate::new(cfg.max_waiting),
+            cfg,
+            budget_blocks,
+            block_bytes,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            pending: Vec::new(),
+            panic_on_admit: None,
+        })
+    }
+
+    /// Makes admitting a request on adapter `name` panic (fault-injection tests only).
+    #[doc(hidden)]
+    pub fn inject_admission_panic(&mut self, name: Option<String>) {
+        self.panic_on_admit = name;
+    }
+
+    /// The waiting queue's bound, for threads that submit requests.
+    pub fn admission_gate(&self) -> &Arc<AdmissionGate> {
+        &self.gate
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Queues a request that holds a place from [`AdmissionGate::try_enter`]. Refused when
+    /// its adapter is unknown (checked by the adapter manager, the one place that knows).
+    pub fn add_request(
+        &mut self,
+        engine: &mut Engine,
+        ticket: AdmissionTicket,
+        id: RequestId,
+        request: ProcessedRequest,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        if let Some(l) = request.lora() {
+            engine.loras_mut().resolve(&l.lora_name)?;
+        }
+        self.waiting.push_back(Waiting { _ticket: ticket, id, request, deadline, blocked_since: None });
+        Ok(())
+    }
+
+    /// Drops a request whose caller went away, freeing its memory. Returns whether it was here.
+    pub fn abort(&mut self, engine: &mut Engine, id: RequestId) -> bool {
+        if let Some(i) = self.waiting.iter().position(|w| w.id == id) {
+            self.waiting.remove(i);
+            return true;
+        }
+        if let Some(i) = self.running.iter().position(|r| r.id == id) {
+            let mut r = self.running.swap_remove(i);
+            engine.finish_sequence(&mut r.seq);
+            return true;
+        }
+        false
+    }
+
+    /// Drops every request (shutdown), freeing their memory; returns their ids so the
+    /// caller can tell each why.
+    pub fn abort_all(&mut self, engine: &mut Engine) -> Vec<RequestId> {
+        let mut ids: Vec<RequestId> = self.waiting.drain(..).map(|w| w.id).collect();
+        for mut r in self.running.drain(..) {
+            engine.finish_sequence(&mut r.seq);
+            ids.push(r.id);
+        }
+        ids
+    }
+
+    /// Loads an adapter read off the loop (vLLM's `load_lora_adapter`).
+    pub fn load_adapter(&mut self, engine: &mut Engine, model: LoraModel, seconds: f64, replace: bool) -> Result<InsertOutcome> {
+        engine.loras_mut().add(model, seconds, replace)
+    }
+
+    /// Unloads an adapter (vLLM's `unload_lora_adapter`): running requests on it finish,
+    /// waiting ones fail as for an unknown model.
+    pub fn unload_adapter(&mut self, engine: &mut Engine, name: &str) -> Result<UnloadOutcome> {
+        let outcome = engine.loras_mut().unload(name)?;
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for w in self.waiting.drain(..) {
+            if w.request.lora().is_some_and(|l| l.lora_name == name) {
+                self.pending.push(failed(w.id, EngineError::UnknownAdapter(name.to_string())));
+            } else {
+                kept.push_back(w);
+            }
+        }
+        self.waiting = kept;
+        Ok(outcome)
+    }
+
+    /// Requests waiting to start.
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Requests in the running batch (preempted ones included).
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Whether any request is waiting or running.
+    pub fn has_unfinished(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Whether the next step has a pass to run (else callers may sleep until a request comes).
+    pub fn has_runnable(&self) -> bool {
+        self.running.iter().any(|r| !r.preempted) || !self.pending.is_empty()
+    }
+
+    /// KV-cache bytes the running sequences hold, and the budget.
+    pub fn kv_usage_bytes(&self) -> (usize, usize) {
+        let used: usize = self.running.iter().map(|r| budget::cache_blocks(&r.seq)).sum();
+        (used * self.block_bytes, self.budget_blocks * self.block_bytes)
+    }
+
+    /// Adapter names of running requests, sorted, each once.
+    pub fn running_adapters(&self) -> Vec<&str> {
+        sorted_names(self.running.iter().filter_map(|r| r.seq.lora()).map(|l| l.lora_name.as_str()))
+    }
+
+    /// Adapter names of waiting requests, sorted, each once.
+    pub fn waiting_adapters(&self) -> Vec<&str> {
+        sorted_names(self.waiting.iter().filter_map(|w| w.request.lora()).map(|l| l.lora_name.as_str()))
+    }
+
+    /// One scheduling iteration: adapter reads, deadlines, admission, one forward pass, and
+    /// every request's news.
+    pub fn step(&mut self, engine: &mut Engine) -> StepReport {
+        let mut report = StepReport { outputs: std::mem::take(&mut self.pending), ..StepReport::default() };
+        let loads = engine.loras_mut().poll_loads();
+        report.adapters_loaded = loads.loaded;
+        report.adapter_load_failures = loads.failed.len();
+        for (name, e) in loads.failed {
+            tracing::warn!(adapter = %name, "adapter failed to load: {e}");
+            self.fail_waiting_on(&name, &e, &mut report.outputs);
+        }
+        self.expire(engine, Instant::now(), &mut report.outputs);
+        self.admit(engine, &mut report.outputs);
+        report.preemptions = self.preempt_to_fit();
+        self.run_batch(engine, &mut report);
+        report
+    }
+
+    fn fail_waiting_on(&mut self, adapter: &str, e: &Arc<EngineError>, outputs: &mut Vec<RequestOutput>) {
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for w in self.waiting.drain(..) {
+            if w.request.lora().is_some_and(|l| l.lora_name == adapter) {
+                outputs.push(RequestOutput { id: w.id, event: RequestEvent::Failed(e.clone()) });
+            } else {
+                kept.push_back(w);
+            }
+        }
+        self.waiting = kept;
+    }
+
+    /// Fails requests whose deadline passed, freeing their memory.
+    fn expire(&mut self, engine: &mut Engine, now: Instant, outputs: &mut Vec<RequestOutput>) {
+        let late = |d: Option<Instant>| d.is_some_and(|d| now >= d);
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for w in self.waiting.drain(..) {
+            if late(w.deadline) {
+                outputs.push(failed(w.id, EngineError::DeadlineExceeded("the request waited past its deadline".into())));
+            } else {
+                kept.push_back(w);
+            }
+        }
+        self.waiting = kept;
+        let mut i = 0;
+        while i < self.running.len() {
+            if late(self.running[i].deadline) {
+                let mut r = self.running.swap_remove(i);
+                engine.finish_sequence(&mut r.seq);
+                outputs.push(failed(r.id, EngineError::DeadlineExceeded("generation ran past the request's deadline".into())));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Runs `requests` to completion (no deadlines, every request admitted at once when the
+    /// limits allow); results in input order.
+    pub fn run_to_completion(mut self, engine: &mut Engine, requests: Vec<ProcessedRequest>) -> Result<Vec<Completion>> {
+        let n = requests.len();
+        for (id, r) in requests.into_iter().enumerate() {
+            let ticket = self.gate.try_enter()?;
+            self.add_request(engine, ticket, id as RequestId, r, None)?;
+        }
+        let mut done: HashMap<RequestId, Completion> = HashMap::with_capacity(n);
+        while self.has_unfinished() || !self.pending.is_empty() {
+            for out in self.step(engine).outputs {
+                match out.event {
+                    RequestEvent::Finished { completion } => {
+                        done.insert(out.id, *completion);
+                    }
+                    RequestEvent::Failed(e) => {
+                        self.abort_all(engine);
+                        return Err(Arc::try_unwrap(e).unwrap_or_else(|e| EngineError::StepFailed(e.to_string())));
+                    }
+                    RequestEvent::Started { .. } | RequestEvent::Output { .. } => {}
+                }
+            }
+        }
+        (0..n as RequestId).map(|id| done.remove(&id).ok_or_else(|| EngineError::StepFailed(format!("request {id} did not finish")))).collect()
+    }
+}
+
+fn sorted_names<'a>(names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut v: Vec<&str> = names.collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}

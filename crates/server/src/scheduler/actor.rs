@@ -1,0 +1,206 @@
+//! The batch loop: a thread that owns the engine and its scheduler, takes commands from
+//! handlers, and steps. Each iteration takes every queued command, drops requests whose
+//! client went away, runs one scheduler step (admission, one forward pass) and hands the
+//! outputs to the [`Emitter`]. A panic anywhere in an iteration ends the loop cleanly:
+//! every request gets a 500, `/health` turns 503 and the server process exits non-zero so
+//! an orchestrator restarts it, instead of a live HTTP front over a dead engine.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use loramux_engine::lora::{panic_message, InsertOutcome, LoraModel, UnloadOutcome};
+use loramux_engine::{Engine, EngineError, Scheduler};
+use tokio::sync::mpsc as tmpsc;
+
+use super::emitter::Emitter;
+use super::{AdapterEntry, Command, Event, Job, Shared};
+use crate::config::Settings;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// How long an idle loop sleeps for a command; with requests waiting (for an adapter
+/// read, say) it looks again sooner.
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+const WAITING_POLL: Duration = Duration::from_millis(5);
+
+pub(super) struct BatchLoop {
+    engine: Engine,
+    scheduler: Scheduler,
+    rx: mpsc::Receiver<Command>,
+    shared: Arc<Shared>,
+    emitter: Emitter,
+    base_name: String,
+    drain_deadline: Option<Instant>,
+    /// The adapter list changed since it was last published.
+    views_dirty: bool,
+    last_evictions: u64,
+}
+
+impl BatchLoop {
+    pub fn new(engine: Engine, scheduler: Scheduler, rx: mpsc::Receiver<Command>, shared: Arc<Shared>, metrics: Arc<Metrics>, settings: &Settings) -> Self {
+        let emitter = Emitter::new(metrics, engine.input().tokenizer().clone(), settings.lora.max_loras);
+        Self {
+            engine,
+            scheduler,
+            rx,
+            shared,
+            emitter,
+            base_name: settings.served_model_name.clone(),
+            drain_deadline: None,
+            views_dirty: true,
+            last_evictions: 0,
+        }
+    }
+
+    /// Serves until drained or every handle is gone; a panic ends the loop with every
+    /// request failed and the loop marked dead.
+    pub fn run(mut self) {
+        self.publish_adapters();
+        loop {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| self.iterate())) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(panic) => {
+                    let message = format!("the batch loop crashed: {}", panic_message(&*panic));
+                    tracing::error!("{message}; failing every request and stopping (the process exits non-zero)");
+                    self.shared.alive.store(false, Ordering::Relaxed);
+                    self.emitter.fail_all(ApiError::internal(message));
+                    return;
+                }
+            }
+        }
+        self.scheduler.abort_all(&mut self.engine);
+        self.emitter.fail_all(ApiError::unavailable("the server is stopping"));
+        self.shared.alive.store(false, Ordering::Relaxed);
+    }
+
+    /// One iteration; `false` when the loop should end.
+    fn iterate(&mut self) -> bool {
+        if !self.scheduler.has_runnable() {
+            if self.drain_deadline.is_some() && !self.scheduler.has_unfinished() {
+                return false;
+            }
+            // Every handle is gone (the server was dropped without a shutdown): stop.
+            if Arc::strong_count(&self.shared) == 1 {
+                return false;
+            }
+            let wait = if self.scheduler.has_unfinished() { WAITING_POLL } else { IDLE_WAIT };
+            match self.rx.recv_timeout(wait) {
+                Ok(cmd) => self.handle(cmd),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return self.scheduler.has_unfinished(),
+            }
+        }
+        while let Ok(cmd) = self.rx.try_recv() {
+            self.handle(cmd);
+        }
+        if self.drain_deadline.is_some_and(|d| Instant::now() >= d) {
+            for id in self.scheduler.abort_all(&mut self.engine) {
+                self.emitter.reject(id, ApiError::unavailable("the server is shutting down: request cancelled"));
+            }
+        }
+        for id in self.emitter.cancelled() {
+            self.scheduler.abort(&mut self.engine, id);
+        }
+        let report = self.scheduler.step(&mut self.engine);
+        if !report.adapters_loaded.is_empty() || report.adapter_load_failures > 0 {
+            self.views_dirty = true;
+        }
+        self.emitter.deliver(report);
+        self.update_views();
+        true
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit { job, ticket, events, arrival } => self.submit(*job, ticket, events, arrival),
+            // The published adapter list is brought up to date before the reply, so a client
+            // that lists models or sends a request right after sees the change.
+            Command::Insert { model, seconds, replace, reply } => {
+                let r = self.insert(*model, seconds, replace);
+                self.publish_adapters();
+                let _ = reply.send(r);
+            }
+            Command::Unload { name, reply } => {
+                let r = self.unload(&name);
+                self.publish_adapters();
+                let _ = reply.send(r);
+            }
+            Command::Drain { deadline } => {
+                tracing::info!(
+                    running = self.scheduler.num_running(),
+                    waiting = self.scheduler.num_waiting(),
+                    "draining: no new requests; in-flight ones have until the shutdown timeout"
+                );
+                self.drain_deadline = Some(deadline);
+            }
+        }
+    }
+
+    fn submit(&mut self, job: Job, ticket: loramux_engine::AdmissionTicket, events: tmpsc::UnboundedSender<Event>, arrival: Instant) {
+        if self.drain_deadline.is_some() {
+            let _ = events.send(Event::Error(ApiError::unavailable("the server is shutting down")));
+            return;
+        }
+        let id = self.emitter.register(events, job.label, arrival);
+        if let Err(e) = self.scheduler.add_request(&mut self.engine, ticket, id, job.request, job.deadline) {
+            self.emitter.reject(id, ApiError::from_engine(&e));
+        }
+    }
+
+    fn insert(&mut self, model: LoraModel, seconds: f64, replace: bool) -> Result<InsertOutcome, ApiError> {
+        let name = model.name.clone();
+        if name == self.base_name {
+            return Err(ApiError::invalid_param("lora_name", format!("'{name}' is the base model's name")));
+        }
+        let outcome = self.scheduler.load_adapter(&mut self.engine, model, seconds, replace).map_err(|e| match e {
+            EngineError::AdapterExists(_) => ApiError::invalid_param("lora_name", e.to_string()),
+            e => ApiError::from_engine(&e),
+        })?;
+        match outcome {
+            InsertOutcome::Resident => tracing::info!(adapter = %name, ms = format!("{:.1}", seconds * 1e3), "adapter loaded at run time"),
+            InsertOutcome::Registered => tracing::info!(adapter = %name, "adapter registered at run time; resident on first use (all slots busy)"),
+        }
+        Ok(outcome)
+    }
+
+    fn unload(&mut self, name: &str) -> Result<(), ApiError> {
+        if name == self.base_name {
+            return Err(ApiError::invalid_param("lora_name", "the base model cannot be unloaded"));
+        }
+        match self.scheduler.unload_adapter(&mut self.engine, name) {
+            Ok(UnloadOutcome::Removed) => tracing::info!(adapter = %name, "adapter unloaded"),
+            Ok(UnloadOutcome::WhenIdle) => tracing::info!(adapter = %name, "adapter unloaded; removed when its running requests finish"),
+            Err(EngineError::UnknownAdapter(_)) => {
+                return Err(ApiError::not_found(format!("The lora adapter '{name}' cannot be found.")).with_param("lora_name"))
+            }
+            Err(e) => return Err(ApiError::from_engine(&e)),
+        }
+        Ok(())
+    }
+
+    fn publish_adapters(&mut self) {
+        let list = self.engine.loras().adapters();
+        self.emitter.adapter_gauges(&list, self.engine.loras());
+        let entries = list
+            .into_iter()
+            .map(|a| AdapterEntry { name: a.name, resident: a.resident.is_some(), bytes: a.bytes, active: a.active })
+            .collect();
+        if let Ok(mut v) = self.shared.adapters.write() {
+            *v = entries;
+        }
+        self.views_dirty = false;
+    }
+
+    fn update_views(&mut self) {
+        let evictions = self.engine.loras().stats().evictions;
+        if self.views_dirty || evictions != self.last_evictions {
+            self.last_evictions = evictions;
+            self.publish_adapters();
+        }
+        self.emitter.scheduler_gauges(&self.scheduler, self.engine.loras().stats());
+    }
+}

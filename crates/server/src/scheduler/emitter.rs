@@ -1,0 +1,193 @@
+//! The end of the one-way flow: each step's outputs become events on the streams of the
+//! requests they belong to, and the metrics gateways and dashboards read (TTFT and
+//! inter-token latency per adapter, queue time, token counts, vLLM's gauges) move with them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use loramux_engine::lora::{AdapterInfo, LoraManager, LoraManagerStats};
+use loramux_engine::tokenizer::Tokenizer;
+use loramux_engine::{RequestEvent, RequestId, SampledToken, Scheduler, StepReport};
+use tokio::sync::mpsc as tmpsc;
+
+use super::Event;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::protocol::TokenLogprob;
+
+/// One request's stream and timings.
+struct Stream {
+    events: tmpsc::UnboundedSender<Event>,
+    label: String,
+    arrival: Instant,
+    first_token: Option<Instant>,
+    last_token: Instant,
+}
+
+pub(super) struct Emitter {
+    metrics: Arc<Metrics>,
+    tokenizer: Arc<Tokenizer>,
+    streams: HashMap<RequestId, Stream>,
+    next_id: RequestId,
+    max_loras: usize,
+    /// `vllm:lora_requests_info`'s running and waiting lists as last published.
+    lora_info: (String, String),
+    last_stats: LoraManagerStats,
+}
+
+impl Emitter {
+    pub fn new(metrics: Arc<Metrics>, tokenizer: Arc<Tokenizer>, max_loras: usize) -> Self {
+        Self {
+            metrics,
+            tokenizer,
+            streams: HashMap::new(),
+            next_id: 0,
+            max_loras,
+            lora_info: (String::new(), String::new()),
+            last_stats: LoraManagerStats::default(),
+        }
+    }
+
+    /// A new request's stream; returns the id the scheduler knows it by.
+    pub fn register(&mut self, events: tmpsc::UnboundedSender<Event>, label: String, arrival: Instant) -> RequestId {
+        self.next_id += 1;
+        self.streams.insert(self.next_id, Stream { events, label, arrival, first_token: None, last_token: arrival });
+        self.next_id
+    }
+
+    /// Fails one request (the HTTP layer counts the error when it answers).
+    pub fn reject(&mut self, id: RequestId, e: ApiError) {
+        if let Some(s) = self.streams.remove(&id) {
+            self.metrics.requests.with_label_values(&[&s.label, "error"]).inc();
+            let _ = s.events.send(Event::Error(e));
+        }
+    }
+
+    /// Fails every request still open.
+    pub fn fail_all(&mut self, e: ApiError) {
+        let ids: Vec<RequestId> = self.streams.keys().copied().collect();
+        for id in ids {
+            self.reject(id, e.clone());
+        }
+    }
+
+    /// Requests whose client went away: forgotten here, to be aborted in the scheduler.
+    pub fn cancelled(&mut self) -> Vec<RequestId> {
+        let gone: Vec<RequestId> = self.streams.iter().filter(|(_, s)| s.events.is_closed()).map(|(&id, _)| id).collect();
+        for id in &gone {
+            if let Some(s) = self.streams.remove(id) {
+                self.metrics.requests.with_label_values(&[&s.label, "abort"]).inc();
+            }
+        }
+        if !gone.is_empty() {
+            tracing::debug!(requests = gone.len(), "cancelled requests of disconnected clients");
+        }
+        gone
+    }
+
+    fn token_logprob(&self, t: &SampledToken) -> TokenLogprob {
+        let decode = |id: u32| self.tokenizer.decode(&[id], false).unwrap_or_default();
+        TokenLogprob { token: decode(t.id), logprob: t.logprob, top: t.top.iter().map(|&(id, lp)| (decode(id), lp)).collect() }
+    }
+
+    /// Sends each output of a step to its request and records its metrics.
+    pub fn deliver(&mut self, report: StepReport) {
+        let now = Instant::now();
+        let m = self.metrics.clone();
+        if let Some(b) = report.batch {
+            m.batch_size.observe(b.seqs as f64);
+            m.batch_tokens.observe(b.rows as f64);
+            m.step_seconds.observe(b.seconds);
+        }
+        m.preemptions.inc_by(report.preemptions as u64);
+        for (_, seconds) in &report.adapters_loaded {
+            m.adapter_load_latency.observe(*seconds);
+        }
+        m.adapter_load_failures.inc_by(report.adapter_load_failures as u64);
+        for out in report.outputs {
+            match out.event {
+                RequestEvent::Started { prompt_tokens } => {
+                    let Some(s) = self.streams.get(&out.id) else { continue };
+                    m.queue_time.with_label_values(&[&s.label]).observe(now.duration_since(s.arrival).as_secs_f64());
+                    m.prompt_tokens.with_label_values(&[&s.label]).inc_by(prompt_tokens as u64);
+                    m.vllm_prompt_tokens.inc_by(prompt_tokens as u64);
+                    let _ = s.events.send(Event::Accepted { prompt_tokens });
+                }
+                RequestEvent::Output { text, new_tokens, logprobs } => {
+                    let logprobs: Vec<TokenLogprob> = logprobs.iter().map(|t| self.token_logprob(t)).collect();
+                    let Some(s) = self.streams.get_mut(&out.id) else { continue };
+                    if new_tokens > 0 {
+                        let label = [s.label.as_str()];
+                        match s.first_token {
+                            None => {
+                                let ttft = now.duration_since(s.arrival).as_secs_f64();
+                                m.ttft.with_label_values(&label).observe(ttft);
+                                m.vllm_ttft.observe(ttft);
+                                s.first_token = Some(now);
+                            }
+                            Some(_) => {
+                                let itl = now.duration_since(s.last_token).as_secs_f64();
+                                m.itl.with_label_values(&label).observe(itl);
+                                m.vllm_itl.observe(itl);
+                            }
+                        }
+                        s.last_token = now;
+                        m.generation_tokens.with_label_values(&label).inc_by(new_tokens as u64);
+                        m.vllm_generation_tokens.inc_by(new_tokens as u64);
+                    }
+                    if !text.is_empty() || !logprobs.is_empty() {
+                        let _ = s.events.send(Event::Delta { text, tokens: new_tokens, logprobs });
+                    }
+                }
+                RequestEvent::Finished { completion } => {
+                    let Some(s) = self.streams.remove(&out.id) else { continue };
+                    let finish = completion.finish_reason;
+                    let e2e = now.duration_since(s.arrival).as_secs_f64();
+                    m.e2e.with_label_values(&[&s.label]).observe(e2e);
+                    m.vllm_e2e.observe(e2e);
+                    m.vllm_success.with_label_values(&[finish.as_str()]).inc();
+                    m.requests.with_label_values(&[&s.label, finish.as_str()]).inc();
+                    let _ = s.events.send(Event::Done {
+                        finish,
+                        prompt_tokens: completion.prompt_tokens,
+                        completion_tokens: completion.token_ids.len(),
+                    });
+                }
+                RequestEvent::Failed(e) => self.reject(out.id, ApiError::from_engine(&e)),
+            }
+        }
+    }
+
+    /// Per-adapter residency gauges and the known/resident totals.
+    pub fn adapter_gauges(&self, list: &[AdapterInfo], loras: &LoraManager) {
+        let m = &self.metrics;
+        m.adapter_resident.reset();
+        m.adapter_bytes.reset();
+        for a in list.iter().filter(|a| a.resident.is_some()) {
+            m.adapter_resident.with_label_values(&[&a.name]).set(1.0);
+            m.adapter_bytes.with_label_values(&[&a.name]).set(a.bytes as f64);
+        }
+        m.adapters_known.set(list.len() as i64);
+        m.adapters_resident.set(loras.resident_count() as i64);
+        m.adapters_resident_bytes.set(loras.resident_bytes() as i64);
+    }
+
+    /// Queue, KV and adapter gauges after a step, and the adapter load counters.
+    pub fn scheduler_gauges(&mut self, scheduler: &Scheduler, stats: &LoraManagerStats) {
+        let m = &self.metrics;
+        m.adapter_loads.inc_by(stats.loads - self.last_stats.loads);
+        m.adapter_evictions.inc_by(stats.evictions - self.last_stats.evictions);
+        m.adapter_load_seconds.inc_by((stats.load_seconds - self.last_stats.load_seconds).max(0.0));
+        self.last_stats = stats.clone();
+        m.set_queue(scheduler.num_running(), scheduler.num_waiting());
+        let (used, capacity) = scheduler.kv_usage_bytes();
+        m.set_kv(used, capacity);
+        let running = scheduler.running_adapters().join(",");
+        let waiting = scheduler.waiting_adapters().join(",");
+        if (running.as_str(), waiting.as_str()) != (self.lora_info.0.as_str(), self.lora_info.1.as_str()) {
+            m.set_lora_info(self.max_loras, &running, &waiting);
+            self.lora_info = (running, waiting);
+        }
+    }
+}

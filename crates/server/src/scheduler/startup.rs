@@ -1,0 +1,146 @@
+//! Starting the batch thread: the model, the `--merge-lora` adapter, the `--lora-dir`s and
+//! `--lora-modules` are loaded there (the engine never leaves that thread), then the loop
+//! runs. The caller waits for the model to load and gets a [`SchedulerHandle`] back.
+
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use loramux_engine::lora::scan_lora_dir;
+use loramux_engine::{Engine, EngineOptions, ModelLocation, Scheduler, SchedulerConfig};
+use tokio::sync::oneshot;
+
+use super::actor::BatchLoop;
+use super::{EngineInfo, SchedulerHandle, Shared};
+use crate::config::Settings;
+use crate::error::ServerError;
+use crate::metrics::Metrics;
+
+/// Commands that may wait for the loop beyond the waiting queue (adapter loads, unloads).
+const ADMIN_COMMANDS: usize = 64;
+
+/// Starts the loop thread: loads the model and startup adapters there, then serves.
+pub(crate) async fn spawn(
+    location: ModelLocation,
+    settings: &Settings,
+    lora_dirs: Vec<PathBuf>,
+    metrics: Arc<Metrics>,
+) -> Result<(SchedulerHandle, JoinHandle<()>), ServerError> {
+    let (tx, rx) = mpsc::sync_channel(settings.max_waiting + ADMIN_COMMANDS);
+    let shared = Arc::new(Shared::new());
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let settings = settings.clone();
+    let thread_shared = shared.clone();
+    let join = std::thread::Builder::new()
+        .name("loramux-batch".into())
+        .spawn(move || match load(location, &settings, &lora_dirs) {
+            Ok((engine, scheduler, info)) => {
+                let gate = scheduler.admission_gate().clone();
+                let input = engine.input().clone();
+                let reader = engine.loras().reader().clone();
+                let _ = ready_tx.send(Ok((info, gate, input, reader)));
+                BatchLoop::new(engine, scheduler, rx, thread_shared, metrics, &settings).run();
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        })
+        .map_err(|e| ServerError::io("spawning the batch thread", e))?;
+    match ready_rx.await {
+        Ok(Ok((info, gate, input, reader))) => Ok((SchedulerHandle { tx, gate, shared, info: Arc::new(info), input, reader }, join)),
+        Ok(Err(e)) => {
+            let _ = join.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = join.join();
+            Err(ServerError::Scheduler("the batch thread died while loading the model".into()))
+        }
+    }
+}
+
+fn load(location: ModelLocation, settings: &Settings, lora_dirs: &[PathBuf]) -> Result<(Engine, Scheduler, EngineInfo), ServerError> {
+    let t = Instant::now();
+    let options = EngineOptions {
+        dequantize: settings.dequantize,
+        max_model_len: settings.max_model_len,
+        lora: settings.lora.clone(),
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::load(&location, &options)?;
+    let load_seconds = t.elapsed().as_secs_f64();
+    if let Some(path) = &settings.merge_lora {
+        engine.merge_adapter_dir(path).map_err(|source| ServerError::MergeLora { path: path.clone(), source })?;
+    }
+    let scheduler = Scheduler::new(
+        SchedulerConfig {
+            max_num_seqs: settings.max_num_seqs,
+            max_num_batched_tokens: settings.max_num_batched_tokens,
+            enable_chunked_prefill: settings.enable_chunked_prefill,
+            kv_cache_bytes: settings.kv_cache_bytes,
+            max_waiting: settings.max_waiting,
+            adapter_wait: settings.adapter_wait,
+        },
+        &engine,
+    )
+    .map_err(|e| ServerError::Config(e.to_string()))?;
+    let mut scheduler = scheduler;
+    scheduler.inject_admission_panic(settings.debug_faults.panic_on_admit.clone());
+    engine.loras_mut().inject_reader_panic(settings.debug_faults.panic_on_adapter_read.clone());
+    engine.inject_forward_panic(settings.debug_faults.panic_on_forward.clone());
+
+    let mut startup_adapters = Vec::new();
+    // --lora-dir adapters: known by folder name, read on first use.
+    for dir in lora_dirs {
+        let found = scan_lora_dir(dir).map_err(|e| ServerError::io(format!("reading --lora-dir {}", dir.display()), e))?;
+        let mut shown: Vec<&str> = found.iter().take(12).map(|(n, _)| n.as_str()).collect();
+        if found.len() > shown.len() {
+            shown.push("...");
+        }
+        tracing::info!(dir = %dir.display(), adapters = found.len(), names = %shown.join(","), "adapter directory: known by folder name, loaded on first use");
+        for (name, path) in found {
+            if name == settings.served_model_name {
+                tracing::warn!(adapter = %name, "skipped: the name is the base model's");
+                continue;
+            }
+            if engine.loras_mut().resolve(&name).is_ok() {
+                tracing::warn!(adapter = %name, skipped = %path.display(), "two adapters share a name");
+                continue;
+            }
+            engine.loras_mut().register(&name, &path);
+        }
+        engine.loras_mut().add_lora_dir(dir.clone());
+    }
+    // --lora-modules: loaded now (the first --max-loras of them), so a broken one fails startup.
+    for (i, (name, path)) in settings.lora_modules.iter().enumerate() {
+        if i < settings.lora.max_loras {
+            let t = Instant::now();
+            engine.loras_mut().load(name, path)?;
+            let bytes = engine.loras().get_by_name(name).map(|m| m.bytes).unwrap_or(0);
+            tracing::info!(adapter = %name, path = %path.display(), bytes, ms = format!("{:.1}", t.elapsed().as_secs_f64() * 1e3), "adapter loaded");
+            startup_adapters.push((name.clone(), bytes));
+        } else {
+            engine.loras_mut().register(name, path);
+            tracing::info!(adapter = %name, path = %path.display(), "adapter registered (more --lora-modules than --max-loras: loaded on first use)");
+        }
+    }
+    let cfg = engine.model().config();
+    let (_, kv_budget_bytes) = scheduler.kv_usage_bytes();
+    let info = EngineInfo {
+        location,
+        architecture: format!("{:?}", cfg.architecture),
+        max_model_len: engine.max_model_len(),
+        weight_bytes: engine.model().size_in_bytes(),
+        quantized: engine.model().is_quantized(),
+        shapes: engine.loras().shapes().clone(),
+        max_lora_rank: settings.lora.max_rank,
+        kv_budget_bytes,
+        kv_bytes_per_token: engine.kv_floats_per_token() * std::mem::size_of::<f32>(),
+        load_seconds,
+        startup_adapters,
+        known_adapters: engine.loras().adapters().len(),
+        merged_lora: settings.merge_lora.clone(),
+    };
+    Ok((engine, scheduler, info))
+}
