@@ -2,9 +2,10 @@
 //! time to first token and inter-token latency are measured at the client, and a failed
 //! request becomes a sample with its error instead of ending the run.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -61,78 +62,63 @@ impl Sample {
     }
 }
 
-/// A parsed Prometheus text exposition: `(name, labels, value)` rows.
+/// The server gauges of resident memory (`/proc/self/status`'s `VmRSS` and `VmHWM`, which the
+/// loramux server reads at each scrape), so the benchmark reads them the same way for a
+/// server it started and for one at `--url`.
+const RESIDENT_BYTES: &str = "process_resident_memory_bytes";
+const PEAK_RESIDENT_BYTES: &str = "loramux_process_peak_resident_memory_bytes";
+
+/// A parsed Prometheus text exposition (`prometheus-parse`): its counters, gauges and
+/// untyped series; a histogram's `_sum` and `_count` series keep those names.
+///
+/// The parser skips metric names with a colon (vLLM's `vllm:*`) and splits label values
+/// at commas, so neither is read through this type; loramux's own `loramux_*` series are.
 #[derive(Clone, Debug, Default)]
 pub struct MetricsSnapshot {
-    rows: Vec<(String, BTreeMap<String, String>, f64)>,
+    samples: Vec<prometheus_parse::Sample>,
 }
 
 impl MetricsSnapshot {
     /// Parses the text format, skipping comments and lines it cannot read.
     pub fn parse(text: &str) -> Self {
-        let mut rows = Vec::new();
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            let (series, value) = match line.rsplit_once(' ') {
-                Some(x) => x,
-                None => continue,
-            };
-            let Ok(value) = value.parse::<f64>() else { continue };
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, parse_labels(rest.trim_end_matches('}'))),
-                None => (series, BTreeMap::new()),
-            };
-            rows.push((name.to_string(), labels, value));
-        }
-        Self { rows }
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        // The only error Scrape::parse passes on is one of the lines iterator: none here.
+        Self { samples: prometheus_parse::Scrape::parse(lines).map(|s| s.samples).unwrap_or_default() }
+    }
+
+    /// Every series of `name` with a single value, with its labels.
+    fn series<'a>(&'a self, name: &'a str) -> impl Iterator<Item = (&'a prometheus_parse::Labels, f64)> + 'a {
+        self.samples.iter().filter(move |s| s.metric == name).filter_map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => {
+                Some((&s.labels, v))
+            }
+            prometheus_parse::Value::Histogram(_) | prometheus_parse::Value::Summary(_) => None,
+        })
     }
 
     /// Sum of every series of `name` (all label values), if the metric exists.
     pub fn sum(&self, name: &str) -> Option<f64> {
-        let mut found = false;
-        let total = self
-            .rows
-            .iter()
-            .filter(|(n, _, _)| n == name)
-            .inspect(|_| found = true)
-            .map(|(_, _, v)| v)
-            .sum();
-        found.then_some(total)
+        self.series(name).map(|(_, v)| v).reduce(|a, b| a + b)
     }
 
     /// The value of the series of `name` whose label `key` is `value`.
     pub fn get(&self, name: &str, key: &str, value: &str) -> Option<f64> {
-        self.rows
-            .iter()
-            .find(|(n, l, _)| n == name && l.get(key).map(String::as_str) == Some(value))
-            .map(|(_, _, v)| *v)
+        self.series(name).find(|(l, _)| l.get(key) == Some(value)).map(|(_, v)| v)
     }
-}
 
-fn parse_labels(s: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut rest = s;
-    while let Some((key, after)) = rest.split_once("=\"") {
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = after.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, e)) = chars.next() {
-                        value.push(if e == 'n' { '\n' } else { e });
-                    }
-                }
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                _ => value.push(c),
-            }
-        }
-        out.insert(key.trim_start_matches(',').trim().to_string(), value);
-        rest = &after[end..];
+    /// A loramux server's resident memory at this scrape, bytes (`VmRSS`). `None` for servers
+    /// without loramux's peak gauge: another server's process gauges may describe only its
+    /// front-end process.
+    pub fn resident_bytes(&self) -> Option<f64> {
+        self.sum(PEAK_RESIDENT_BYTES)?;
+        self.sum(RESIDENT_BYTES)
     }
-    out
+
+    /// A loramux server's peak resident memory since it started, bytes (`VmHWM`): it covers
+    /// what no scrape saw (model loading, bursts between two scrapes).
+    pub fn peak_resident_bytes(&self) -> Option<f64> {
+        self.sum(PEAK_RESIDENT_BYTES)
+    }
 }
 
 impl Endpoint {
@@ -237,7 +223,7 @@ impl Endpoint {
 
     async fn stream_chat(&self, body: &Value, sent: Instant, sample: &mut Sample) -> Result<(), String> {
         let url = format!("{}/v1/chat/completions", self.base_url);
-        let mut resp = self
+        let resp = self
             .auth(self.http.post(&url), None)
             .header("content-type", "application/json")
             .body(body.to_string())
@@ -253,41 +239,40 @@ impl Endpoint {
                 .unwrap_or(text);
             return Err(format!("HTTP {}: {message}", status.as_u16()));
         }
-        let mut buf = Vec::new();
+        // The body as a stream of chunks, framed into server-sent events by eventsource-stream.
+        let chunks = futures_util::stream::unfold(resp, |mut resp| async move {
+            resp.chunk().await.transpose().map(|chunk| (chunk, resp))
+        });
+        let mut events = std::pin::pin!(chunks.eventsource());
         let mut last_token: Option<Instant> = None;
         let mut done = false;
-        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("stream: {e}"))? {
+        while let Some(event) = events.next().await {
+            let event = event.map_err(|e| format!("stream: {e}"))?;
             let now = Instant::now();
-            buf.extend_from_slice(&chunk);
-            while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = buf.drain(..pos + 2).collect();
-                let text = String::from_utf8_lossy(&event);
-                for data in text.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim) {
-                    if data == "[DONE]" {
-                        done = true;
-                        continue;
-                    }
-                    let v: Value = serde_json::from_str(data).map_err(|e| format!("bad event {data}: {e}"))?;
-                    if let Some(err) = v.get("error") {
-                        return Err(format!("error event: {err}"));
-                    }
-                    let choice = &v["choices"][0];
-                    let has_text = choice["delta"]["content"].as_str().is_some_and(|s| !s.is_empty());
-                    if has_text {
-                        match last_token {
-                            None => sample.ttft_ms = Some(now.duration_since(sent).as_secs_f64() * 1e3),
-                            Some(prev) => sample.itl_ms.push(now.duration_since(prev).as_secs_f64() * 1e3),
-                        }
-                        last_token = Some(now);
-                    }
-                    if let Some(r) = choice["finish_reason"].as_str() {
-                        sample.finish_reason = Some(r.to_string());
-                    }
-                    if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
-                        sample.prompt_tokens = u["prompt_tokens"].as_u64();
-                        sample.completion_tokens = u["completion_tokens"].as_u64();
-                    }
+            let data = event.data.trim();
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).map_err(|e| format!("bad event {data}: {e}"))?;
+            if let Some(err) = v.get("error") {
+                return Err(format!("error event: {err}"));
+            }
+            let choice = &v["choices"][0];
+            let has_text = choice["delta"]["content"].as_str().is_some_and(|s| !s.is_empty());
+            if has_text {
+                match last_token {
+                    None => sample.ttft_ms = Some(now.duration_since(sent).as_secs_f64() * 1e3),
+                    Some(prev) => sample.itl_ms.push(now.duration_since(prev).as_secs_f64() * 1e3),
                 }
+                last_token = Some(now);
+            }
+            if let Some(r) = choice["finish_reason"].as_str() {
+                sample.finish_reason = Some(r.to_string());
+            }
+            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                sample.prompt_tokens = u["prompt_tokens"].as_u64();
+                sample.completion_tokens = u["completion_tokens"].as_u64();
             }
         }
         if !done {
@@ -333,12 +318,36 @@ mod tests {
     #[test]
     fn parses_prometheus_text_with_labels() {
         let m = MetricsSnapshot::parse(
-            "# HELP x y\nloramux_adapter_loads_total 3\nvllm:lora_requests_info{max_lora=\"8\",running_lora_adapters=\"a,b\",waiting_lora_adapters=\"\"} 1.7e9\nloramux_requests_total{adapter=\"a\",finish_reason=\"length\"} 2\nloramux_requests_total{adapter=\"b\",finish_reason=\"stop\"} 5\n",
+            "# HELP x y\nloramux_adapter_loads_total 3\nloramux_requests_total{adapter=\"a\",finish_reason=\"length\"} 2\nloramux_requests_total{adapter=\"b\",finish_reason=\"stop\"} 5\nloramux_kv_used_bytes 1.7e9\n",
         );
         assert_eq!(m.sum("loramux_adapter_loads_total"), Some(3.0));
         assert_eq!(m.sum("loramux_requests_total"), Some(7.0));
         assert_eq!(m.get("loramux_requests_total", "adapter", "b"), Some(5.0));
-        assert_eq!(m.get("vllm:lora_requests_info", "running_lora_adapters", "a,b"), Some(1.7e9));
+        assert_eq!(m.get("loramux_requests_total", "adapter", "c"), None);
+        assert_eq!(m.sum("loramux_kv_used_bytes"), Some(1.7e9));
         assert_eq!(m.sum("absent"), None);
+        assert_eq!(m.resident_bytes(), None);
+    }
+
+    #[test]
+    fn reads_histogram_sums_and_memory_gauges() {
+        let m = MetricsSnapshot::parse(concat!(
+            "# HELP loramux_adapter_load_seconds Adapter load time.\n",
+            "# TYPE loramux_adapter_load_seconds histogram\n",
+            "loramux_adapter_load_seconds_bucket{le=\"0.1\"} 1\n",
+            "loramux_adapter_load_seconds_bucket{le=\"+Inf\"} 2\n",
+            "loramux_adapter_load_seconds_sum 0.25\n",
+            "loramux_adapter_load_seconds_count 2\n",
+            "# TYPE process_resident_memory_bytes gauge\n",
+            "process_resident_memory_bytes 104857600\n",
+            "# TYPE loramux_process_peak_resident_memory_bytes gauge\n",
+            "loramux_process_peak_resident_memory_bytes 209715200\n",
+        ));
+        assert_eq!(m.sum("loramux_adapter_load_seconds_sum"), Some(0.25));
+        assert_eq!(m.sum("loramux_adapter_load_seconds_count"), Some(2.0));
+        assert_eq!(m.resident_bytes(), Some(104857600.0));
+        assert_eq!(m.peak_resident_bytes(), Some(209715200.0));
+        // Another server's process gauge alone is not taken for the server's memory.
+        assert_eq!(MetricsSnapshot::parse("process_resident_memory_bytes 1e6\n").resident_bytes(), None);
     }
 }

@@ -16,7 +16,7 @@ use safetensors::Dtype;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::client::{ChatRequest, Sample};
+use crate::client::{ChatRequest, MetricsSnapshot, Sample};
 use crate::plot::{self, Bar};
 use crate::run::{self, fmt_opt, BenchContext, Metadata, Report, TargetArgs};
 use crate::stats::{self, PairedTTest};
@@ -187,8 +187,8 @@ fn study_adapters(ctx: &BenchContext, s: &DeploymentSettings) -> Result<Vec<Stud
     Ok(out)
 }
 
-fn mb(bytes: Option<u64>) -> Option<f64> {
-    bytes.map(|b| b as f64 / (1024.0 * 1024.0))
+fn mb(bytes: Option<f64>) -> Option<f64> {
+    bytes.map(|b| b / (1024.0 * 1024.0))
 }
 
 /// Starts a server with `extra` flags, sends warm-up then measured requests over `models`
@@ -225,7 +225,6 @@ async fn measure_config(
     let measured: Vec<ChatRequest> = (0..s.samples).map(req).collect();
     let (samples, wall) = run::run_closed_loop(&conn.endpoint, &measured, s.concurrency, bar).await;
     let metrics = conn.endpoint.metrics().await;
-    let launched = conn.launched.as_ref();
     let latencies = run::ok_latencies(&samples);
     let summary = stats::summarize(&latencies)
         .ok_or_else(|| BenchError::Server(format!("{config_name}: no request succeeded: {:?}", samples.first().and_then(|s| s.error.clone()))))?;
@@ -244,8 +243,8 @@ async fn measure_config(
         p95_latency_ms: summary.p95,
         throughput_req_per_sec: latencies.len() as f64 / wall,
         tokens_per_sec: tokens as f64 / wall,
-        peak_memory_mb: mb(launched.and_then(|l| l.peak_rss_bytes())),
-        rss_after_mb: mb(launched.and_then(|l| l.rss_bytes())),
+        peak_memory_mb: mb(metrics.as_ref().and_then(MetricsSnapshot::peak_resident_bytes)),
+        rss_after_mb: mb(metrics.as_ref().and_then(MetricsSnapshot::resident_bytes)),
         peak_gpu_memory_mb: None,
         adapter_resident_bytes: metrics.as_ref().and_then(|m| m.sum("loramux_adapters_resident_bytes")),
         latencies_ms: latencies,

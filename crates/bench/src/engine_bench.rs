@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use loramux_engine::lora::LoraModule;
 use loramux_engine::{Engine, EngineOptions, LoraLimits, LoraRequest, ModelLocation, Prompt, Request, RequestId, SamplingParams, Scheduler, SchedulerConfig};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -29,6 +30,8 @@ pub struct EngineBenchConfig {
     pub adapter_counts: Vec<usize>,
     pub mixed_batch: usize,
     pub load_samples: usize,
+    /// Requests in the serving-mix replay.
+    pub mix_requests: usize,
     pub work_dir: PathBuf,
 }
 
@@ -171,6 +174,65 @@ pub fn throughput(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn F
             rows.push(row("prefill", format!("{} {kind}, {} tokens each", cfg.model_label, cfg.prompt_len), b, tps, "tok/s"));
         }
     }
+}
+
+/// The engine's own throughput on `bench load`'s request mix (chat prompts of 8–64 words,
+/// 16–64 output tokens, requests spread over two adapters shaped like the examples), every request queued at
+/// once and run through the scheduler with the server's default limits: the ceiling a
+/// server on this engine can approach, with no HTTP, no client and no arrival gaps.
+pub fn serving_mix(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn(&str)) {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    progress("serving mix");
+    let mut engine = load(cfg, false, 2);
+    let shapes = engine.loras().shapes().clone();
+    for (i, name) in ["mix0", "mix1"].into_iter().enumerate() {
+        let d = cfg.work_dir.join(name);
+        // The example adapters' shape: rank 8 on the attention projections.
+        let spec = crate::synth::AdapterSpec {
+            rank: 8,
+            targets: vec![LoraModule::QProj, LoraModule::KProj, LoraModule::VProj, LoraModule::OProj],
+            dtype: safetensors::Dtype::F16,
+            seed: 77 + i as u64,
+        };
+        crate::synth::write_adapter(&d, &shapes, &spec).expect("write adapter");
+        engine.loras_mut().load(name, &d).expect("load adapter");
+    }
+    let server = SchedulerConfig {
+        max_num_seqs: 64,
+        max_num_batched_tokens: 512,
+        enable_chunked_prefill: true,
+        kv_cache_bytes: 2 << 30,
+        max_waiting: cfg.mix_requests,
+        adapter_wait: std::time::Duration::from_secs(2),
+    };
+    let mut sched = Scheduler::new(server, &engine).expect("scheduler");
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut prompt_tokens = 0;
+    for i in 0..cfg.mix_requests {
+        let words = rng.random_range(8..=64);
+        let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(rng.random_range(16..=64)) };
+        let lora = Some(LoraRequest::new(if i % 2 == 0 { "mix0" } else { "mix1" }));
+        let chat = vec![loramux_engine::ChatMessage::user(crate::load::prompt(&mut rng, words))];
+        let processed = engine.input().process(Request { lora, prompt: Prompt::Chat(chat), params }).expect("mix request");
+        prompt_tokens += processed.prompt_ids().len();
+        let ticket = sched.admission_gate().try_enter().expect("room");
+        sched.add_request(&mut engine, ticket, i as RequestId, processed, None).expect("queued");
+    }
+    let t = Instant::now();
+    let mut output_tokens = 0;
+    while sched.has_unfinished() {
+        for out in sched.step(&mut engine).outputs {
+            if let loramux_engine::RequestEvent::Finished { completion } = out.event {
+                output_tokens += completion.token_ids.len();
+            }
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let n = cfg.mix_requests;
+    rows.push(row("mix", format!("{n} requests, {prompt_tokens} prompt + {output_tokens} output tokens"), 64, n as f64 / secs, "req/s"));
+    rows.push(row("mix", "output tokens", 64, output_tokens as f64 / secs, "tok/s"));
+    rows.push(row("mix", "prompt + output tokens", 64, (prompt_tokens + output_tokens) as f64 / secs, "tok/s"));
 }
 
 /// Unmerged vs merged vs base decode step time by rank (float base), and mixed batches

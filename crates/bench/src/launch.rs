@@ -1,5 +1,6 @@
 //! Starting a loramux server for a run: a child process on a free loopback port, its log
-//! kept in a file, its memory read from /proc, stopped with SIGTERM when the run ends.
+//! kept in a file, stopped with SIGTERM when the run ends. Its memory is read like any
+//! server's, from its `/metrics` ([`crate::client::MetricsSnapshot::peak_resident_bytes`]).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -21,12 +22,6 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(600);
 fn free_port() -> Result<u16, BenchError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| BenchError::Launch(format!("no free port: {e}")))?;
     Ok(listener.local_addr().map_err(|e| BenchError::Launch(e.to_string()))?.port())
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 impl LaunchedServer {
@@ -78,18 +73,8 @@ impl LaunchedServer {
         &self.url
     }
 
-    /// Peak resident memory of the server process so far (VmHWM), bytes.
-    pub fn peak_rss_bytes(&self) -> Option<u64> {
-        proc_status_kib(self.child.id(), "VmHWM:").map(|k| k * 1024)
-    }
-
-    /// Current resident memory of the server process (VmRSS), bytes.
-    pub fn rss_bytes(&self) -> Option<u64> {
-        proc_status_kib(self.child.id(), "VmRSS:").map(|k| k * 1024)
-    }
-
     /// The last `lines` lines of the server's log.
-    pub fn log_tail(&self, lines: usize) -> String {
+    fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")

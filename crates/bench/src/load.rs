@@ -107,14 +107,17 @@ const WORDS: &[&str] = &[
     "forest", "glacier", "horizon", "island", "jungle", "lantern", "meadow", "nectar", "ocean",
 ];
 
-fn prompt(rng: &mut StdRng, words: usize) -> String {
+/// A prompt of `words` words drawn from a small vocabulary: the load scenario's requests
+/// (and the engine benchmark's replay of them).
+pub(crate) fn prompt(rng: &mut StdRng, words: usize) -> String {
     let body: Vec<&str> = (0..words).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
     format!("Continue this text: {}", body.join(" "))
 }
 
 /// Runs the scenario.
 pub async fn measure(ctx: &BenchContext, s: &LoadSettings) -> Result<LoadResult, BenchError> {
-    if s.rates.is_empty() || s.rates.iter().any(|r| !(*r > 0.0) || !r.is_finite()) || !(s.duration > 0.0) {
+    // NaN fails every comparison, so it is named: `!(x > 0.0)` said the same, less plainly.
+    if s.rates.is_empty() || s.rates.iter().any(|r| !r.is_finite() || *r <= 0.0) || s.duration.is_nan() || s.duration <= 0.0 {
         return Err(BenchError::Invalid("--rates must be positive numbers and --duration positive".into()));
     }
     let words = parse_range(&s.prompt_words, "--prompt-words")?;

@@ -11,7 +11,7 @@ use safetensors::Dtype;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::client::{ChatRequest, Sample};
+use crate::client::{ChatRequest, MetricsSnapshot, Sample};
 use crate::plot::{self, Series};
 use crate::run::{self, fmt_opt, BenchContext, Metadata, Report, TargetArgs};
 use crate::stats::{self, Summary};
@@ -188,17 +188,17 @@ async fn costs_and_ranks(
         load_paths.push(p);
     }
     let conn = run::connect(ctx, &s.target, "swap", &flags).await?;
-    let (ep, launched) = (&conn.endpoint, conn.launched.as_ref());
-    let rss = || launched.and_then(|l| l.rss_bytes()).map(mb);
+    let ep = &conn.endpoint;
+    let rss = |m: &Option<MetricsSnapshot>| m.as_ref().and_then(MetricsSnapshot::resident_bytes).map(|b| b / 1048576.0);
 
     // Cold loads, with resident memory after each.
     bar.set_message("cold loads");
     let before = ep.metrics().await;
     let mut cold_load_ms = Vec::new();
-    let mut rss_after = rss().into_iter().collect::<Vec<_>>();
+    let mut rss_after = rss(&before).into_iter().collect::<Vec<_>>();
     for (i, p) in load_paths.iter().enumerate().take(s.load_samples) {
         cold_load_ms.push(ep.load_adapter(&format!("cold{i}"), &p.display().to_string(), Some(ADMIN_KEY)).await? * 1e3);
-        rss_after.extend(rss());
+        rss_after.extend(rss(&ep.metrics().await));
         bar.inc(1);
     }
     let after = ep.metrics().await;
@@ -351,7 +351,7 @@ async fn count_sweep(ctx: &BenchContext, s: &SwapSettings, bar: &indicatif::Prog
                 relative_to_single: tp / single,
                 adapter_loads: delta("loramux_adapter_loads_total"),
                 adapter_evictions: delta("loramux_adapter_evictions_total"),
-                peak_memory_mb: conn.launched.as_ref().and_then(|l| l.peak_rss_bytes()).map(mb),
+                peak_memory_mb: after.as_ref().and_then(MetricsSnapshot::peak_resident_bytes).map(|b| b / 1048576.0),
                 latency: stats::summarize(&run::ok_latencies(&samples)),
                 samples,
             });

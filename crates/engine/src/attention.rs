@@ -212,6 +212,12 @@ mod avx512 {
 
     /// [`super::attend_head`] for a head of `C` × 16 values: the query and the output stay in
     /// registers while every cached key and value streams past once.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F (`is_x86_feature_detected!("avx512f")`). Nothing else
+    /// is asked of the caller: the lengths the unchecked loads and stores rely on (`q` and
+    /// `out` of `C` × 16 values, keys and values reaching the last visible position) are
+    /// asserted first, so a wrong shape panics.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn attend_head<const C: usize>(
         q: &[f32],

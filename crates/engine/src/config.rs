@@ -177,13 +177,13 @@ impl ModelConfig {
         if let Some((what, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("the {what} must be positive, got 0"));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(format!(
                 "{} attention heads cannot be split into {} key/value groups",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("the head size must be even for rotary embeddings, got {}", self.head_dim));
         }
         Ok(())

@@ -98,3 +98,144 @@ impl Detokenizer {
         self.text
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    /// The tiny fixture's byte-level BPE: random ids give incomplete and invalid UTF-8 and
+    /// multi-byte characters split across tokens.
+    fn tokenizer() -> Tokenizer {
+        Tokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny/llama")).unwrap()
+    }
+
+    fn random_ids(rng: &mut StdRng, vocab: usize) -> Vec<u32> {
+        let len = rng.random_range(1..48);
+        (0..len).map(|_| rng.random_range(0..vocab as u32)).collect()
+    }
+
+    /// Pushes `ids` one token at a time (as generation does) until a stop string matches;
+    /// returns the detokenizer, what `take_stable` handed out, and whether a stop matched.
+    fn run(tok: &Tokenizer, ids: &[u32], stop: &[String]) -> (Detokenizer, String, bool) {
+        let mut d = Detokenizer::new(stop);
+        let mut streamed = String::new();
+        for k in 1..=ids.len() {
+            if d.push(tok, &ids[..k], stop).unwrap() {
+                streamed.push_str(d.take_stable(true));
+                return (d, streamed, true);
+            }
+            streamed.push_str(d.take_stable(false));
+        }
+        streamed.push_str(d.take_stable(true));
+        (d, streamed, false)
+    }
+
+    #[test]
+    fn token_by_token_text_equals_a_full_decode() {
+        let tok = tokenizer();
+        let mut rng = StdRng::seed_from_u64(10);
+        let (mut exact, mut held_tail) = (0, 0);
+        for case in 0..2000 {
+            let ids = random_ids(&mut rng, tok.vocab_size());
+            let full = tok.decode(&ids, true).unwrap();
+            let (d, streamed, stopped) = run(&tok, &ids, &[]);
+            assert!(!stopped);
+            assert_eq!(streamed, d.text(), "case {case}: take_stable pieces add up to the text");
+            if full.ends_with('\u{FFFD}') {
+                // An incomplete character at the very end is held back, never shown mangled.
+                assert!(full.starts_with(d.text()), "case {case} {ids:?}: {:?} is not a prefix of {full:?}", d.text());
+                held_tail += 1;
+            } else {
+                assert_eq!(d.text(), full, "case {case}: ids {ids:?}");
+                exact += 1;
+            }
+        }
+        assert!(exact > 1000 && held_tail > 0, "both kinds of case occur: {exact} exact, {held_tail} with a held tail");
+    }
+
+    #[test]
+    fn stable_pieces_concatenate_to_the_final_text_and_stops_cut_exactly() {
+        let tok = tokenizer();
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut cuts = 0;
+        for case in 0..2000 {
+            let ids = random_ids(&mut rng, tok.vocab_size());
+            let full = tok.decode(&ids, true).unwrap();
+            if full.ends_with('\u{FFFD}') {
+                continue;
+            }
+            // A stop string taken from the text itself (1 to 3 characters, often multi-byte
+            // or U+FFFD), or a fixed multi-byte one that rarely occurs.
+            let chars: Vec<(usize, char)> = full.char_indices().collect();
+            let stop = if chars.is_empty() || case % 4 == 0 {
+                ["é", "€", "\u{FFFD}\u{FFFD}", "ab"][rng.random_range(0..4)].to_string()
+            } else {
+                let i = rng.random_range(0..chars.len());
+                let n = rng.random_range(1..=3).min(chars.len() - i);
+                let end = chars.get(i + n).map_or(full.len(), |c| c.0);
+                full[chars[i].0..end].to_string()
+            };
+            let stops = vec![stop.clone(), "\u{1}never".to_string()];
+            let (d, streamed, stopped) = run(&tok, &ids, &stops);
+            let want = match full.find(&stop) {
+                Some(at) => {
+                    cuts += 1;
+                    assert!(stopped, "case {case}: {stop:?} occurs in {full:?} but did not stop");
+                    &full[..at]
+                }
+                None => {
+                    assert!(!stopped, "case {case}: stopped on {stop:?} absent from {full:?}");
+                    full.as_str()
+                }
+            };
+            assert_eq!(d.text(), want, "case {case}: stop {stop:?} in {full:?}");
+            assert_eq!(streamed, want, "case {case}: take_stable pieces, stop {stop:?}");
+        }
+        assert!(cuts > 1000, "only {cuts} cases cut");
+    }
+
+    #[test]
+    fn text_that_may_begin_a_stop_string_is_held_back() {
+        let tok = tokenizer();
+        let ids = tok.encode("hello wor", false).unwrap();
+        let whole = tok.decode(&ids, true).unwrap();
+        assert!(whole.ends_with("hello wor"), "{whole:?}");
+        let stop = vec!["world".to_string()];
+        let mut d = Detokenizer::new(&stop);
+        let mut out = String::new();
+        for k in 1..=ids.len() {
+            assert!(!d.push(&tok, &ids[..k], &stop).unwrap());
+            out.push_str(d.take_stable(false));
+        }
+        assert_eq!(d.text(), whole);
+        // " wor" (one byte less than "world") might still become the stop string: held back.
+        assert_eq!(out, whole.strip_suffix(" wor").unwrap());
+        assert_eq!(d.take_stable(true), " wor");
+
+        // Completing the stop string cuts it (and what was held back) off.
+        let ids = tok.encode("hello world and more", false).unwrap();
+        let whole = tok.decode(&ids, true).unwrap();
+        let want = &whole[..whole.find("world").unwrap()];
+        let (d, streamed, stopped) = run(&tok, &ids, &stop);
+        assert!(stopped);
+        assert_eq!((d.text(), streamed.as_str()), (want, want));
+
+        // Multi-byte characters split across byte tokens: a stop inside one is found whole.
+        let ids = tok.encode("prix: 5€, café", false).unwrap();
+        let whole = tok.decode(&ids, true).unwrap();
+        assert!(whole.ends_with("prix: 5€, café"), "{whole:?}");
+        for stop in ["€", "é", ", c"] {
+            let want = &whole[..whole.find(stop).unwrap()];
+            let (d, streamed, stopped) = run(&tok, &ids, &[stop.to_string()]);
+            assert!(stopped, "{stop:?}");
+            assert_eq!((d.text(), streamed.as_str()), (want, want), "stop {stop:?}");
+        }
+        let (d, streamed, _) = run(&tok, &ids, &[]);
+        assert_eq!((d.text(), streamed.as_str()), (whole.as_str(), whole.as_str()));
+    }
+}

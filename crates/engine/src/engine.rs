@@ -361,11 +361,6 @@ impl Engine {
         &self.model
     }
 
-    /// The model, mutably (merging adapters).
-    pub fn model_mut(&mut self) -> &mut Transformer {
-        &mut self.model
-    }
-
     /// The input processor: shared with callers that tokenize off the batch loop.
     pub fn input(&self) -> &Arc<InputProcessor> {
         &self.input

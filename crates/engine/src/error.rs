@@ -71,6 +71,8 @@ pub enum InputField {
     Prompt,
     /// The completion length asked for.
     MaxTokens,
+    /// A sampling parameter, by its OpenAI name (`temperature`, `top_p`, `stop`...).
+    Sampling(&'static str),
 }
 
 impl EngineError {

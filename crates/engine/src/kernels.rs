@@ -143,6 +143,11 @@ mod avx512 {
     /// The per-lane partial sums of [`super::dots_4x4`] over the first `full` values (a
     /// multiple of [`LANES`]): 16 accumulators held in registers, products rounded before
     /// they are added, as in [`super::dot_widen`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F (`is_x86_feature_detected!("avx512f")`), and `full`
+    /// must be a multiple of [`LANES`] no larger than the length of any row of `a` or `x`:
+    /// every row is read over `[0, full)` without bounds checks.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn dots_4x4_lanes(
         a: [&[f32]; DOT_BLOCK],

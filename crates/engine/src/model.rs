@@ -366,16 +366,6 @@ impl Transformer {
         &self.cfg
     }
 
-    /// The device the model runs on.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Longest sequence the rotary tables cover.
-    pub fn max_positions(&self) -> usize {
-        self.rope.max_positions()
-    }
-
     /// Bytes of all weights.
     pub fn size_in_bytes(&self) -> usize {
         let emb = match &self.embed_tokens {

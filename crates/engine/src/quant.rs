@@ -178,8 +178,10 @@ impl PackedMatrix {
             let mut row = 0;
             while row < m {
                 let r = (m - row).min(ROWS);
-                // SAFETY: each (row, tile) output block is written by exactly one task, and
-                // `out` outlives the parallel loop.
+                // SAFETY: `vnni` says the CPU has what `avx512::tile` needs; `tile < n / TILE`,
+                // `acts` holds the `m` rows of `x` quantized for `k`, `row + r <= m`, and `out`
+                // holds `m × n` values; each (row, tile) output block is written by exactly
+                // one task, and `out` outlives the parallel loop.
                 unsafe {
                     if vnni {
                         match r {
@@ -255,7 +257,14 @@ impl QuantizedActs {
     }
 }
 
-/// The same arithmetic as the SIMD path, for CPUs without AVX-512 VNNI.
+/// The same arithmetic as the SIMD path, for CPUs without AVX-512 VNNI: rows
+/// `row0..row0 + rows` of column tile `tile` of the row-major `[m, pm.n]` output at `out`.
+///
+/// # Safety
+/// `out` must be valid for writes of the [`TILE`] values at `out[r·pm.n + tile·TILE ..]` for
+/// every `r` in `row0..row0 + rows` (so `tile < pm.n / TILE`, and the output has at least
+/// `row0 + rows` rows), and nothing else may read or write those values during the call.
+/// The reads of `pm` and `acts` are bounds-checked: a wrong shape there panics.
 unsafe fn scalar_tile(pm: &PackedMatrix, tile: usize, acts: &QuantizedActs, row0: usize, rows: usize, out: *mut f32) {
     let kb = pm.k / BLOCK;
     let group = pm.codes.group_bytes();
@@ -306,7 +315,16 @@ mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// `R` rows of one 16-column tile.
+    /// `R` rows of one 16-column tile: [`scalar_tile`] for rows `row0..row0 + R`.
+    ///
+    /// # Safety
+    /// - The CPU must support AVX-512F, AVX-512BW and AVX-512 VNNI ([`has_vnni`]).
+    /// - `tile < pm.n / TILE`, and `acts` must have been quantized for `pm.k` values per row
+    ///   and hold at least `row0 + R` rows: codes, scales and activations are read without
+    ///   bounds checks.
+    /// - `out` must be valid for writes of the [`TILE`] values at `out[r·pm.n + tile·TILE ..]`
+    ///   for every `r` in `row0..row0 + R`, and nothing else may read or write those values
+    ///   during the call.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn tile<const R: usize>(pm: &PackedMatrix, tile: usize, acts: &QuantizedActs, row0: usize, out: *mut f32) {
         let kb = pm.k / BLOCK;
@@ -395,6 +413,7 @@ mod tests {
         let acts = QuantizedActs::new(&x, m, k);
         let mut scalar = vec![0f32; m * n];
         for t in 0..n / TILE {
+            // SAFETY: `scalar` holds the m × n output, `t < n / TILE`, and nothing else uses it.
             unsafe { scalar_tile(&pm, t, &acts, 0, m, scalar.as_mut_ptr()) };
         }
         for (a, b) in scalar.iter().zip(&y) {

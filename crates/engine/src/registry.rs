@@ -175,7 +175,7 @@ fn location_of_path(path: &Path) -> Result<ModelLocation, ResolveError> {
 /// The snapshot directory of `org/name` in the Hugging Face cache (`$HF_HUB_CACHE`,
 /// `$HF_HOME/hub` or `~/.cache/huggingface/hub`), following `refs/main`, as the hub client
 /// lays it out; works offline.
-pub fn hf_cache_snapshot(repo_id: &str) -> Option<PathBuf> {
+fn hf_cache_snapshot(repo_id: &str) -> Option<PathBuf> {
     if repo_id.matches('/').count() != 1 {
         return None;
     }

@@ -6,7 +6,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::detokenizer::MAX_STOP_STRING_BYTES;
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, InputField, Result};
 use crate::kernels::argmax;
 
 /// Temperatures below this sample greedily (vLLM's `_SAMPLING_EPS`): dividing logits by a
@@ -66,31 +66,28 @@ impl SamplingParams {
         }
     }
 
-    /// Rejects values no sampler can honour.
+    /// Rejects values no sampler can honour, naming the parameter at fault.
     pub fn validate(&self) -> Result<()> {
+        let invalid = |param: &'static str, message: String| {
+            Err(EngineError::InvalidInput { field: InputField::Sampling(param), message, context_length_exceeded: false })
+        };
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(EngineError::InvalidRequest(format!("temperature must be >= 0, got {}", self.temperature)));
+            return invalid("temperature", format!("temperature must be >= 0, got {}", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(EngineError::InvalidRequest(format!("top_p must be in (0, 1], got {}", self.top_p)));
+            return invalid("top_p", format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if self.max_tokens == Some(0) {
-            return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
+            return invalid("max_tokens", "max_tokens must be at least 1".into());
         }
         if self.stop.len() > MAX_STOP_STRINGS {
-            return Err(EngineError::InvalidRequest(format!(
-                "at most {MAX_STOP_STRINGS} stop strings are accepted, got {}",
-                self.stop.len()
-            )));
+            return invalid("stop", format!("at most {MAX_STOP_STRINGS} stop strings are accepted, got {}", self.stop.len()));
         }
         if let Some(long) = self.stop.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
-            return Err(EngineError::InvalidRequest(format!(
-                "stop strings may have at most {MAX_STOP_STRING_BYTES} bytes, got one of {}",
-                long.len()
-            )));
+            return invalid("stop", format!("stop strings may have at most {MAX_STOP_STRING_BYTES} bytes, got one of {}", long.len()));
         }
         if self.logprobs.is_some_and(|n| n > 20) {
-            return Err(EngineError::InvalidRequest("top_logprobs must be at most 20".into()));
+            return invalid("top_logprobs", "top_logprobs must be at most 20".into());
         }
         Ok(())
     }

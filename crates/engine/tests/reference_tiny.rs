@@ -125,7 +125,7 @@ fn check_arch(arch: &str) {
         for (i, prompt) in expected.prompts.iter().enumerate() {
             let ours = batch_logits(&engine, std::slice::from_ref(prompt), &[row_adapter]);
             assert_close(&ours[0], &logits[&format!("{}.{i}", case.name)], &format!("{arch} {} prompt {i}", case.name));
-            let out = greedy(&mut engine, std::slice::from_ref(prompt), &[case.adapter.clone()], n);
+            let out = greedy(&mut engine, std::slice::from_ref(prompt), std::slice::from_ref(&case.adapter), n);
             assert_eq!(out[0], case.greedy[i], "{arch} {} prompt {i}: greedy tokens", case.name);
         }
         if case.merged {

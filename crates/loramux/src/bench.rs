@@ -74,8 +74,11 @@ struct EngineArgs {
     mixed_batch: usize,
     #[arg(long, default_value_t = 30)]
     load_samples: usize,
-    /// Sections to run: throughput, lora, load.
-    #[arg(long, value_delimiter = ',', default_value = "throughput,lora,load")]
+    /// Requests in the serving-mix replay (section `mix`).
+    #[arg(long, default_value_t = 256)]
+    mix_requests: usize,
+    /// Sections to run: throughput, lora, load, mix.
+    #[arg(long, value_delimiter = ',', default_value = "throughput,lora,load,mix")]
     sections: Vec<String>,
     /// Where to write the JSON result.
     #[arg(long, default_value = "results/engine_benchmark.json")]
@@ -161,7 +164,7 @@ where
 
 fn run_engine(a: EngineArgs) -> Result<()> {
     for s in &a.sections {
-        anyhow::ensure!(["throughput", "lora", "load"].contains(&s.as_str()), "unknown section '{s}' (throughput, lora, load)");
+        anyhow::ensure!(["throughput", "lora", "load", "mix"].contains(&s.as_str()), "unknown section '{s}' (throughput, lora, load, mix)");
     }
     let work = std::env::temp_dir().join(format!("loramux-bench-{}", std::process::id()));
     let cfg = EngineBenchConfig {
@@ -175,6 +178,7 @@ fn run_engine(a: EngineArgs) -> Result<()> {
         adapter_counts: a.adapter_counts,
         mixed_batch: a.mixed_batch,
         load_samples: a.load_samples,
+        mix_requests: a.mix_requests,
         work_dir: work.clone(),
     };
     let progress = |s: &str| eprintln!("  measuring: {s}");
@@ -187,6 +191,9 @@ fn run_engine(a: EngineArgs) -> Result<()> {
     }
     if a.sections.iter().any(|s| s == "load") {
         engine_bench::adapter_load(&cfg, &mut rows, &progress);
+    }
+    if a.sections.iter().any(|s| s == "mix") {
+        engine_bench::serving_mix(&cfg, &mut rows, &progress);
     }
     std::fs::remove_dir_all(&work).ok();
     if let Some(dir) = a.out.parent() {

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use loramux_engine::registry::{known_model, resolve_model, ResolveError, DEFAULT_MODEL};
 use loramux_engine::{ChatMessage, Engine, EngineOptions, LoraLimits, LoraRequest, ModelLocation, Prompt, Request, SamplingParams};
+use loramux_server::config::LoraModule;
 use serde::Deserialize;
 
 use crate::pull;
@@ -19,7 +20,7 @@ pub struct GenerateArgs {
     model: String,
     /// Adapter to make available, as NAME=PATH (PEFT directory). Repeatable.
     #[arg(long = "lora", value_name = "NAME=PATH")]
-    loras: Vec<String>,
+    loras: Vec<LoraModule>,
     /// Adapter to use for --prompt/--chat (default: the base model).
     #[arg(long)]
     adapter: Option<String>,
@@ -86,15 +87,6 @@ pub fn locate_model(spec: &str) -> Result<ModelLocation> {
     }
 }
 
-/// Parses NAME=PATH.
-pub fn parse_lora(s: &str) -> Result<(String, PathBuf)> {
-    let (name, path) = s.split_once('=').with_context(|| format!("--lora '{s}': expected NAME=PATH"))?;
-    if name.is_empty() || path.is_empty() {
-        bail!("--lora '{s}': expected NAME=PATH");
-    }
-    Ok((name.to_string(), PathBuf::from(path)))
-}
-
 pub fn run(args: GenerateArgs) -> Result<()> {
     let params = SamplingParams {
         temperature: args.temperature,
@@ -139,10 +131,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         };
         vec![Request { lora: args.adapter.clone().map(LoraRequest::new), prompt, params: params.clone() }]
     };
-    let loras = args.loras.iter().map(|s| parse_lora(s)).collect::<Result<Vec<_>>>()?;
+    let loras = &args.loras;
     for r in &requests {
         if let Some(a) = r.lora.as_ref().map(|l| &l.lora_name) {
-            if !loras.iter().any(|(n, _)| n == a) {
+            if !loras.iter().any(|m| &m.name == a) {
                 bail!("request uses adapter '{a}', which no --lora NAME=PATH provides");
             }
         }
@@ -155,7 +147,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ..EngineOptions::default()
     };
     let mut engine = Engine::load(&location, &options).with_context(|| format!("loading {}", location.path().display()))?;
-    for (name, path) in &loras {
+    for LoraModule { name, path } in loras {
         engine.loras_mut().load(name, path)?;
     }
     if args.merged {

@@ -133,7 +133,8 @@ fn deployment_scenario_end_to_end() {
     for row in rows {
         assert_eq!(row["errors"], 0, "{row}");
         assert_eq!(row["latencies_ms"].as_array().unwrap().len(), 3);
-        assert!(row["peak_memory_mb"].as_f64().unwrap() > 0.0);
+        assert!(row["peak_memory_mb"].as_f64().unwrap() >= row["rss_after_mb"].as_f64().unwrap());
+        assert!(row["rss_after_mb"].as_f64().unwrap() > 0.0);
         // Every request generated exactly max_tokens (ignore_eos).
         for s in row["samples"].as_array().unwrap() {
             assert_eq!(s["completion_tokens"], 4, "{s}");
@@ -160,6 +161,10 @@ fn swap_scenario_end_to_end() {
     let r = read_json(&dir.path().join("swap.json"));
     check_schema("swap", &r);
     assert_eq!(r["costs"]["cold_load_ms"].as_array().unwrap().len(), 3);
+    // The server's memory, read from its /metrics: before the loads, then after each.
+    let rss = r["costs"]["rss_after_loads_mb"].as_array().unwrap();
+    assert_eq!(rss.len(), 4, "{rss:?}");
+    assert!(rss.iter().all(|m| m.as_f64().unwrap() > 0.0), "{rss:?}");
     assert!(r["costs"]["switch_ttft"]["n"].as_u64().unwrap() >= 2);
     assert_eq!(r["rank_sweep"].as_array().unwrap().len(), 6, "base + 2 ranks, 2 concurrencies");
     let counts = r["count_sweep"].as_array().unwrap();
@@ -167,6 +172,7 @@ fn swap_scenario_end_to_end() {
     let rr5 = counts.iter().find(|p| p["adapters_on_disk"] == 5 && p["popularity"] == "round_robin").unwrap();
     assert_eq!(rr5["errors"], 0);
     assert_eq!(rr5["distinct_adapters_used"], 5);
+    assert!(rr5["peak_memory_mb"].as_f64().unwrap() > 0.0, "{rr5}");
     // Five adapters round-robin through two slots: the server had to load lazily.
     assert!(rr5["adapter_loads"].as_f64().unwrap() >= 3.0, "{rr5}");
     assert!(plots_written(dir.path(), "swap") >= 6);

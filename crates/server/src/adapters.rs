@@ -1,6 +1,7 @@
-//! Where adapters may come from: `--lora-dir` scanning and lookup by folder name, and the
-//! checks that keep `load_lora_adapter` inside the configured adapter roots (no `..`, no
-//! path or symlink that resolves outside them).
+//! Where adapters may come from: adapter names, and the checks that keep
+//! `load_lora_adapter` inside the configured adapter roots (no `..`, no path or symlink that
+//! resolves outside them). `--lora-dir` scanning and lookup by folder name are the engine's
+//! ([`loramux_engine::lora::scan_lora_dir`], [`loramux_engine::lora::LoraManager::resolve`]).
 
 use std::path::{Component, Path, PathBuf};
 
@@ -20,14 +21,6 @@ pub fn check_adapter_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Whether `name` can be a folder directly under a `--lora-dir` (one plain path component).
-fn is_plain_folder_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with('.')
-        && !name.contains(['/', '\\', '\0'])
-        && Path::new(name).components().count() == 1
-}
-
 /// Canonical forms of the roots that exist (missing ones are skipped with a warning).
 pub fn canonical_roots(roots: &[PathBuf]) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -42,35 +35,6 @@ pub fn canonical_roots(roots: &[PathBuf]) -> Vec<PathBuf> {
         }
     }
     out
-}
-
-/// Adapter subdirectories of a `--lora-dir` (those with an `adapter_config.json`), by name.
-pub fn scan_lora_dir(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
-        if !is_plain_folder_name(&name) {
-            continue;
-        }
-        let path = entry.path();
-        if path.join("adapter_config.json").is_file() {
-            found.push((name, path));
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
-/// The adapter folder `name` directly under one of `dirs`, if there is one: how adapters
-/// added to a `--lora-dir` after startup are found. Only a plain folder name is looked up,
-/// so a client-chosen name cannot walk out of the directory; what the directory holds
-/// (symlinks included) is the operator's choice, as for the startup scan.
-pub fn find_in_lora_dirs(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
-    if !is_plain_folder_name(name) {
-        return None;
-    }
-    dirs.iter().map(|d| d.join(name)).find(|p| p.join("adapter_config.json").is_file())
 }
 
 fn inside(path: &Path, roots: &[PathBuf]) -> bool {
@@ -152,11 +116,6 @@ mod tests {
         assert_eq!(resolve_adapter_path(&roots, other.join("evil").to_str().unwrap()).unwrap_err().status, 403);
         assert_eq!(resolve_adapter_path(&roots, "missing").unwrap_err().status, 404);
         assert_eq!(resolve_adapter_path(&[], "good").unwrap_err().status, 403);
-        assert_eq!(find_in_lora_dirs(&roots, "good"), Some(roots[0].join("good")));
-        assert_eq!(find_in_lora_dirs(&roots, ".."), None);
-        assert_eq!(find_in_lora_dirs(&roots, "../other"), None);
-        let names: Vec<String> = scan_lora_dir(&root).unwrap().into_iter().map(|x| x.0).collect();
-        assert_eq!(names, vec!["good", "link", "sneaky"]);
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 }

@@ -170,6 +170,7 @@ impl ApiError {
                 let param = match field {
                     InputField::Prompt => prompt_param,
                     InputField::MaxTokens => "max_tokens",
+                    InputField::Sampling(name) => name,
                 };
                 let err = Self::invalid_param(param, message.clone());
                 if *context_length_exceeded {

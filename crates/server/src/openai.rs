@@ -18,7 +18,6 @@ pub enum Api {
 /// A parsed generation request.
 #[derive(Clone, Debug)]
 pub struct GenRequest {
-    pub api: Api,
     pub model: Option<String>,
     pub stream: bool,
     pub include_usage: bool,
@@ -204,9 +203,6 @@ fn common(f: &mut Fields, api: Api, max_model_len: usize) -> Result<GenRequest, 
         }
         Some(v) => return Err(wrong_type("stop", "a string or an array of strings", &v)),
     };
-    if stop.len() > 16 {
-        return Err(ApiError::invalid_param("stop", format!("at most 16 stop sequences, got {}", stop.len())));
-    }
     let stop_token_ids = match f.take("stop_token_ids") {
         None => Vec::new(),
         Some(Value::Array(a)) => a
@@ -255,7 +251,6 @@ fn common(f: &mut Fields, api: Api, max_model_len: usize) -> Result<GenRequest, 
     // Accepted and without effect on generation.
     f.ignore(&["user", "metadata", "store", "service_tier", "request_id", "priority", "spaces_between_special_tokens"]);
     Ok(GenRequest {
-        api,
         model,
         stream,
         include_usage,

@@ -70,7 +70,7 @@ impl Scheduler {
                 }
             };
             report.batch = Some(BatchStats { seqs: members.len(), rows, seconds: t.elapsed().as_secs_f64() });
-            failures.sort_by(|a, b| b.0.cmp(&a.0));
+            failures.sort_by_key(|f| std::cmp::Reverse(f.0));
             for (i, message) in failures {
                 let mut r = self.running.swap_remove(i);
                 engine.finish_sequence(&mut r.seq);

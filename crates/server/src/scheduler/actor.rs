@@ -36,7 +36,10 @@ pub(super) struct BatchLoop {
     drain_deadline: Option<Instant>,
     /// The adapter list changed since it was last published.
     views_dirty: bool,
-    last_evictions: u64,
+    /// Evictions, loads and resident adapters when the list was last published: a change
+    /// (an adapter unloaded while in use goes when its last request ends, inside a step)
+    /// publishes it again.
+    last_adapter_state: (u64, u64, usize),
 }
 
 impl BatchLoop {
@@ -51,7 +54,7 @@ impl BatchLoop {
             base_name: settings.served_model_name.clone(),
             drain_deadline: None,
             views_dirty: true,
-            last_evictions: 0,
+            last_adapter_state: (0, 0, 0),
         }
     }
 
@@ -196,9 +199,10 @@ impl BatchLoop {
     }
 
     fn update_views(&mut self) {
-        let evictions = self.engine.loras().stats().evictions;
-        if self.views_dirty || evictions != self.last_evictions {
-            self.last_evictions = evictions;
+        let loras = self.engine.loras();
+        let state = (loras.stats().evictions, loras.stats().loads, loras.resident_count());
+        if self.views_dirty || state != self.last_adapter_state {
+            self.last_adapter_state = state;
             self.publish_adapters();
         }
         self.emitter.scheduler_gauges(&self.scheduler, self.engine.loras().stats());
