@@ -13,3 +13,10 @@ cargo test --release --locked --workspace
 if [ -x tests/openai_client/run.sh ]; then
   tests/openai_client/run.sh
 fi
+# The Kubernetes manifests (deploy/k8s) against the Kubernetes and GIE schemas, offline once its
+# venv is installed (deploy/validate.sh); needs only python3 (with venv).
+if command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  deploy/validate.sh
+else
+  echo "skipped deploy/validate.sh: needs python3 with venv"
+fi

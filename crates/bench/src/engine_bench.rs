@@ -198,14 +198,8 @@ pub fn serving_mix(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn 
         crate::synth::write_adapter(&d, &shapes, &spec).expect("write adapter");
         engine.loras_mut().load(name, &d).expect("load adapter");
     }
-    let server = SchedulerConfig {
-        max_num_seqs: 64,
-        max_num_batched_tokens: 512,
-        enable_chunked_prefill: true,
-        kv_cache_bytes: 2 << 30,
-        max_waiting: cfg.mix_requests,
-        adapter_wait: std::time::Duration::from_secs(2),
-    };
+    let server = SchedulerConfig { max_waiting: cfg.mix_requests, max_queue_delay: None, ..SchedulerConfig::default() };
+    let seqs = server.max_num_seqs;
     let mut sched = Scheduler::new(server, &engine).expect("scheduler");
     let mut rng = StdRng::seed_from_u64(0);
     let mut prompt_tokens = 0;
@@ -230,9 +224,9 @@ pub fn serving_mix(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn 
     }
     let secs = t.elapsed().as_secs_f64();
     let n = cfg.mix_requests;
-    rows.push(row("mix", format!("{n} requests, {prompt_tokens} prompt + {output_tokens} output tokens"), 64, n as f64 / secs, "req/s"));
-    rows.push(row("mix", "output tokens", 64, output_tokens as f64 / secs, "tok/s"));
-    rows.push(row("mix", "prompt + output tokens", 64, (prompt_tokens + output_tokens) as f64 / secs, "tok/s"));
+    rows.push(row("mix", format!("{n} requests, {prompt_tokens} prompt + {output_tokens} output tokens"), seqs, n as f64 / secs, "req/s"));
+    rows.push(row("mix", "output tokens", seqs, output_tokens as f64 / secs, "tok/s"));
+    rows.push(row("mix", "prompt + output tokens", seqs, (prompt_tokens + output_tokens) as f64 / secs, "tok/s"));
 }
 
 /// Unmerged vs merged vs base decode step time by rank (float base), and mixed batches

@@ -19,21 +19,23 @@ use crate::error::ServerError;
 /// Defaults, one constant each: [`ServeConfig::resolve`] fills them in and the flags' help shows them.
 pub mod defaults {
     use loramux_engine::lora::manager;
+    use loramux_engine::scheduler::defaults as scheduler;
 
     pub const HOST: &str = "127.0.0.1";
     pub const PORT: u16 = 8000;
     pub const MAX_LORAS: usize = manager::DEFAULT_MAX_LORAS;
     pub const MAX_LORA_RANK: usize = manager::DEFAULT_MAX_LORA_RANK;
     pub const MAX_LORA_BYTES: usize = manager::DEFAULT_MAX_LORA_BYTES;
-    pub const MAX_NUM_SEQS: usize = 64;
-    pub const MAX_NUM_BATCHED_TOKENS: usize = 512;
-    pub const ENABLE_CHUNKED_PREFILL: bool = true;
-    pub const KV_CACHE_GIB: f64 = 2.0;
+    pub const MAX_NUM_SEQS: usize = scheduler::MAX_NUM_SEQS;
+    pub const MAX_NUM_BATCHED_TOKENS: usize = scheduler::MAX_NUM_BATCHED_TOKENS;
+    pub const ENABLE_CHUNKED_PREFILL: bool = scheduler::ENABLE_CHUNKED_PREFILL;
+    pub const KV_CACHE_GIB: f64 = (scheduler::KV_CACHE_BYTES >> 30) as f64;
     pub const MAX_REQUEST_BYTES: usize = 4 << 20;
     pub const HTTP_READ_TIMEOUT_SECS: f64 = 30.0;
     pub const SHUTDOWN_TIMEOUT_SECS: f64 = 30.0;
-    pub const MAX_WAITING: usize = 4096;
-    pub const ADAPTER_WAIT_SECS: f64 = 2.0;
+    pub const MAX_WAITING: usize = scheduler::MAX_WAITING;
+    pub const MAX_QUEUE_DELAY_SECS: f64 = scheduler::MAX_QUEUE_DELAY.as_secs_f64();
+    pub const ADAPTER_WAIT_SECS: f64 = scheduler::ADAPTER_WAIT.as_secs_f64();
     pub const MAX_N: usize = 16;
 }
 
@@ -124,6 +126,9 @@ pub struct ServeConfig {
     /// Bounds the admission queue, so an overloaded server refuses work early instead of queueing without end.
     #[arg(long, value_name = "N", help = format!("Requests that may wait for a place in the batch; more are refused with HTTP 429 [default: {}]", defaults::MAX_WAITING))]
     pub max_waiting: Option<usize>,
+    /// Bounds the expected queueing time, so past saturation clients get a fast 429 rather than a slow answer.
+    #[arg(long, value_name = "SECS", help = format!("Refuse (429) requests that would wait longer than this for a place in the batch, judged from the rate requests start while others wait; 0 turns the bound off [default: {}]", defaults::MAX_QUEUE_DELAY_SECS))]
+    pub max_queue_delay_secs: Option<f64>,
     /// How long a request blocked on adapter capacity lets later requests overtake it.
     #[arg(long, value_name = "SECS", help = format!("Seconds a request waiting for an adapter slot lets later requests (for resident adapters) overtake it [default: {}]", defaults::ADAPTER_WAIT_SECS))]
     pub adapter_wait_secs: Option<f64>,
@@ -262,7 +267,7 @@ impl ServeConfig {
             config, model, served_model_name, lora_modules, merge_lora, lora_dir, allowed_lora_root, max_loras,
             max_lora_rank, max_lora_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill,
             max_model_len, kv_cache_gib, host, port, api_key, admin_api_key, enable_lora_updates, dequantize,
-            max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, adapter_wait_secs,
+            max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, max_queue_delay_secs, adapter_wait_secs,
             shutdown_timeout_secs, debug_fault
         )
     }
@@ -313,6 +318,10 @@ impl ServeConfig {
         if max_waiting == 0 {
             return bad("--max-waiting must be at least 1".into());
         }
+        let max_queue_delay = match self.max_queue_delay_secs.unwrap_or(defaults::MAX_QUEUE_DELAY_SECS) {
+            0.0 => None,
+            secs => Some(positive_seconds("--max-queue-delay-secs", secs)?),
+        };
         let request_timeout =
             self.request_timeout_secs.map(|secs| positive_seconds("--request-timeout-secs", secs)).transpose()?;
         let http_read_timeout = positive_seconds(
@@ -359,6 +368,7 @@ impl ServeConfig {
             request_timeout,
             shutdown_timeout,
             max_waiting,
+            max_queue_delay,
             adapter_wait,
             debug_faults: DebugFaults::parse(&self.debug_fault.unwrap_or_default())?,
         })
@@ -404,6 +414,8 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Requests waiting for a place in the batch beyond this are refused with 429 (bounded admission queue).
     pub max_waiting: usize,
+    /// Requests expected to wait longer than this for a place in the batch are refused with 429.
+    pub max_queue_delay: Option<Duration>,
     /// How long a request blocked on adapter capacity lets later requests overtake it.
     pub adapter_wait: Duration,
     /// Faults injected on purpose (tests only).

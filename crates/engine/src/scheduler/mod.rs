@@ -16,7 +16,7 @@ mod batch;
 mod budget;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,10 +32,17 @@ pub type RequestId = u64;
 
 /// The bound of the waiting queue, shared with the threads that submit requests so they
 /// can refuse one at once (HTTP 429) when it is full, without waiting for the batch loop.
+/// Full means `capacity` requests waiting, or, with a queue-delay bound, as many as the
+/// server starts in that many seconds: the rate is measured while requests wait (when it
+/// is the server's capacity, not the arrival rate), so the bound follows the machine.
 #[derive(Debug)]
 pub struct AdmissionGate {
     capacity: usize,
     queued: AtomicUsize,
+    /// Longest expected wait admitted, seconds (`f64` bits; infinite: no bound).
+    max_delay: f64,
+    /// Requests started per second while others waited (`f64` bits; 0: not measured yet).
+    start_rate: AtomicU64,
 }
 
 /// A place in the waiting queue, held from submission until the request starts, fails or
@@ -44,18 +51,47 @@ pub struct AdmissionGate {
 pub struct AdmissionTicket(Arc<AdmissionGate>);
 
 impl AdmissionGate {
-    /// A gate letting `capacity` requests wait at once.
-    pub fn new(capacity: usize) -> Arc<Self> {
-        Arc::new(Self { capacity, queued: AtomicUsize::new(0) })
+    /// A gate letting at most `capacity` requests wait at once, and no more than the
+    /// server starts in `max_delay` (when given).
+    pub fn new(capacity: usize, max_delay: Option<Duration>) -> Arc<Self> {
+        Arc::new(Self {
+            capacity,
+            queued: AtomicUsize::new(0),
+            max_delay: max_delay.map_or(f64::INFINITY, |d| d.as_secs_f64()),
+            start_rate: AtomicU64::new(0f64.to_bits()),
+        })
+    }
+
+    /// Requests the queue admits now: `capacity`, or fewer when the measured start rate
+    /// says they would wait longer than the delay bound.
+    fn limit(&self) -> usize {
+        let rate = f64::from_bits(self.start_rate.load(Ordering::Relaxed));
+        if self.max_delay.is_finite() && rate > 0.0 {
+            (self.capacity as f64).min((rate * self.max_delay).ceil().max(1.0)) as usize
+        } else {
+            self.capacity
+        }
     }
 
     /// A place in the queue, or [`EngineError::Overloaded`] when it is full.
     pub fn try_enter(self: &Arc<Self>) -> Result<AdmissionTicket> {
-        let entered = self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < self.capacity).then_some(q + 1));
+        let limit = self.limit();
+        let entered = self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < limit).then_some(q + 1));
         match entered {
             Ok(_) => Ok(AdmissionTicket(self.clone())),
+            Err(q) if limit < self.capacity => Err(EngineError::Overloaded(format!(
+                "{q} requests are waiting already, about {:.1} s of work at the current rate; retry later",
+                self.max_delay
+            ))),
             Err(q) => Err(EngineError::Overloaded(format!("{q} requests are waiting already; retry later"))),
         }
+    }
+
+    /// Folds one measurement of the start rate in (an exponential moving average).
+    fn observe_start_rate(&self, rate: f64) {
+        let old = f64::from_bits(self.start_rate.load(Ordering::Relaxed));
+        let new = if old > 0.0 { 0.7 * old + 0.3 * rate } else { rate };
+        self.start_rate.store(new.to_bits(), Ordering::Relaxed);
     }
 
     /// Requests holding a place now.
@@ -85,8 +121,40 @@ pub struct SchedulerConfig {
     /// Requests waiting at once; more are refused ([`EngineError::Overloaded`]) by the
     /// [`AdmissionGate`].
     pub max_waiting: usize,
+    /// Refuse requests that would wait longer than this, judged from the rate requests
+    /// start while others wait; `None`: only `max_waiting` bounds the queue.
+    pub max_queue_delay: Option<Duration>,
     /// How long a request blocked on adapter capacity lets later requests overtake it.
     pub adapter_wait: Duration,
+}
+
+/// Default limits of a server on this engine (`loramux serve` shows them in its help).
+/// On a CPU, decode throughput is already flat from about 32 sequences, while each more
+/// sequence lengthens every step: 32 keeps time per output token near the engine's step.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const MAX_NUM_SEQS: usize = 32;
+    pub const MAX_NUM_BATCHED_TOKENS: usize = 512;
+    pub const ENABLE_CHUNKED_PREFILL: bool = true;
+    pub const KV_CACHE_BYTES: usize = 2 << 30;
+    pub const MAX_WAITING: usize = 4096;
+    pub const MAX_QUEUE_DELAY: Duration = Duration::from_secs(1);
+    pub const ADAPTER_WAIT: Duration = Duration::from_secs(2);
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_num_seqs: defaults::MAX_NUM_SEQS,
+            max_num_batched_tokens: defaults::MAX_NUM_BATCHED_TOKENS,
+            enable_chunked_prefill: defaults::ENABLE_CHUNKED_PREFILL,
+            kv_cache_bytes: defaults::KV_CACHE_BYTES,
+            max_waiting: defaults::MAX_WAITING,
+            max_queue_delay: Some(defaults::MAX_QUEUE_DELAY),
+            adapter_wait: defaults::ADAPTER_WAIT,
+        }
+    }
 }
 
 impl SchedulerConfig {
@@ -98,6 +166,7 @@ impl SchedulerConfig {
             enable_chunked_prefill: true,
             kv_cache_bytes: usize::MAX / 4,
             max_waiting: n.max(1),
+            max_queue_delay: None,
             adapter_wait: Duration::ZERO,
         }
     }
@@ -174,6 +243,7 @@ struct Running {
 pub struct Scheduler {
     cfg: SchedulerConfig,
     gate: Arc<AdmissionGate>,
+    rate_window: RateWindow,
     budget_blocks: usize,
     block_bytes: usize,
     waiting: VecDeque<Waiting>,
@@ -183,6 +253,17 @@ pub struct Scheduler {
     /// Fault injection for tests: an adapter name whose admission panics.
     panic_on_admit: Option<String>,
 }
+
+/// Requests started since `since`, and whether some request waited all along (the window
+/// measures capacity only then).
+struct RateWindow {
+    since: Instant,
+    started: usize,
+    saturated: bool,
+}
+
+/// How long a start-rate measurement runs.
+const RATE_WINDOW: Duration = Duration::from_millis(500);
 
 fn failed(id: RequestId, e: EngineError) -> RequestOutput {
     RequestOutput { id, event: RequestEvent::Failed(Arc::new(e)) }
@@ -216,7 +297,8 @@ impl Scheduler {
             return Err(EngineError::Config("max_num_seqs, max_num_batched_tokens and max_waiting must be positive".into()));
         }
         Ok(Self {
-            gate: AdmissionGate::new(cfg.max_waiting),
+            gate: AdmissionGate::new(cfg.max_waiting, cfg.max_queue_delay),
+            rate_window: RateWindow { since: Instant::now(), started: 0, saturated: true },
             cfg,
             budget_blocks,
             block_bytes,
@@ -306,14 +388,15 @@ impl Scheduler {
         Ok(outcome)
     }
 
-    /// Requests waiting to start.
+    /// Requests waiting to run: queued, or preempted and waiting for KV memory (as vLLM
+    /// counts them, so gateways read the same thing from either).
     pub fn num_waiting(&self) -> usize {
-        self.waiting.len()
+        self.waiting.len() + self.running.iter().filter(|r| r.preempted).count()
     }
 
-    /// Requests in the running batch (preempted ones included).
+    /// Requests in the running batch (preempted ones excluded).
     pub fn num_running(&self) -> usize {
-        self.running.len()
+        self.running.iter().filter(|r| !r.preempted).count()
     }
 
     /// Whether any request is waiting or running.
@@ -334,12 +417,13 @@ impl Scheduler {
 
     /// Adapter names of running requests, sorted, each once.
     pub fn running_adapters(&self) -> Vec<&str> {
-        sorted_names(self.running.iter().filter_map(|r| r.seq.lora()).map(|l| l.lora_name.as_str()))
+        sorted_names(self.running.iter().filter(|r| !r.preempted).filter_map(|r| r.seq.lora()).map(|l| l.lora_name.as_str()))
     }
 
     /// Adapter names of waiting requests, sorted, each once.
     pub fn waiting_adapters(&self) -> Vec<&str> {
-        sorted_names(self.waiting.iter().filter_map(|w| w.request.lora()).map(|l| l.lora_name.as_str()))
+        let preempted = self.running.iter().filter(|r| r.preempted).filter_map(|r| r.seq.lora());
+        sorted_names(self.waiting.iter().filter_map(|w| w.request.lora()).chain(preempted).map(|l| l.lora_name.as_str()))
     }
 
     /// One scheduling iteration: adapter reads, deadlines, admission, one forward pass, and
@@ -353,11 +437,27 @@ impl Scheduler {
             tracing::warn!(adapter = %name, "adapter failed to load: {e}");
             self.fail_waiting_on(&name, &e, &mut report.outputs);
         }
-        self.expire(engine, Instant::now(), &mut report.outputs);
+        let now = Instant::now();
+        self.expire(engine, now, &mut report.outputs);
+        let running_before = self.running.len();
         self.admit(engine, &mut report.outputs);
+        self.measure_start_rate(now, self.running.len() - running_before);
         report.preemptions = self.preempt_to_fit();
         self.run_batch(engine, &mut report);
         report
+    }
+
+    fn measure_start_rate(&mut self, now: Instant, started: usize) {
+        let w = &mut self.rate_window;
+        w.started += started;
+        w.saturated &= !self.waiting.is_empty();
+        let elapsed = now.duration_since(w.since);
+        if elapsed >= RATE_WINDOW {
+            if w.saturated && w.started > 0 {
+                self.gate.observe_start_rate(w.started as f64 / elapsed.as_secs_f64());
+            }
+            *w = RateWindow { since: now, started: 0, saturated: !self.waiting.is_empty() };
+        }
     }
 
     fn fail_waiting_on(&mut self, adapter: &str, e: &Arc<EngineError>, outputs: &mut Vec<RequestOutput>) {

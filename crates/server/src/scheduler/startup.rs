@@ -80,6 +80,7 @@ fn load(location: ModelLocation, settings: &Settings, lora_dirs: &[PathBuf]) -> 
             enable_chunked_prefill: settings.enable_chunked_prefill,
             kv_cache_bytes: settings.kv_cache_bytes,
             max_waiting: settings.max_waiting,
+            max_queue_delay: settings.max_queue_delay,
             adapter_wait: settings.adapter_wait,
         },
         &engine,
