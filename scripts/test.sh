@@ -20,3 +20,18 @@ if command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/n
 else
   echo "skipped deploy/validate.sh: needs python3 with venv"
 fi
+# Reliability (issue #11, RELIABILITY.md): the short forms of the soak (8 clients, 60 s, with
+# adapter churn, disconnects and over-long prompts; fails on any unexpected error, a server
+# that does not return to idle, or RSS growth past its bound), the injected faults, and each
+# fuzz target for 30 s (needs a nightly toolchain; the first build of fuzz/ takes minutes).
+if command -v python3 >/dev/null; then
+  scripts/soak.sh 8 60
+  scripts/faults.sh
+else
+  echo "skipped scripts/soak.sh and scripts/faults.sh: needs python3"
+fi
+if cargo +nightly --version >/dev/null 2>&1; then
+  scripts/fuzz.sh 30
+else
+  echo "skipped scripts/fuzz.sh: needs a nightly toolchain (cargo +nightly)"
+fi

@@ -338,5 +338,5 @@ pub fn write_json(path: &Path, cfg: &EngineBenchConfig, rows: &[Row]) -> std::io
         "decode_steps": cfg.decode_steps,
         "loramux_version": env!("CARGO_PKG_VERSION"),
     });
-    std::fs::write(path, serde_json::to_vec_pretty(&serde_json::json!({"metadata": meta, "results": rows}))?)
+    crate::run::write_atomic(path, &serde_json::to_vec_pretty(&serde_json::json!({"metadata": meta, "results": rows}))?)
 }

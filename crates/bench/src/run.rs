@@ -225,10 +225,29 @@ pub fn write_outputs<R: Serialize + Report>(result: &R, json_path: &Path) -> Res
     let dir = json_path.parent().unwrap_or(Path::new(".")).to_path_buf();
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::Io { path: dir.clone(), source: e })?;
     let json = serde_json::to_vec_pretty(result).map_err(|e| BenchError::Invalid(e.to_string()))?;
-    std::fs::write(json_path, json).map_err(|e| BenchError::Io { path: json_path.to_path_buf(), source: e })?;
+    write_atomic(json_path, &json).map_err(|e| BenchError::Io { path: json_path.to_path_buf(), source: e })?;
     let mut written = vec![json_path.to_path_buf()];
     written.extend(render_outputs(result, json_path)?);
     Ok(written)
+}
+
+/// Writes `bytes` to `path` whole or not at all: into a temporary file beside it, renamed
+/// over `path` once complete, so a full disk or a crash never leaves a truncated result
+/// (an earlier result at `path` stays as it was).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("result");
+    let tmp = path.with_file_name(format!(".{name}.partial"));
+    let r = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
 }
 
 /// Writes the Markdown and plots of `result` next to `json_path` (what `bench report` does).
@@ -310,5 +329,26 @@ pub fn popularity(n: usize, adapters: usize, zipf_alpha: Option<f64>, seed: u64)
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             (0..n).map(|_| dist.sample(&mut rng)).collect()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_atomic;
+
+    #[test]
+    fn write_atomic_replaces_whole_files_and_leaves_nothing_behind_on_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.json");
+        write_atomic(&p, b"{\"a\":1}").unwrap();
+        write_atomic(&p, b"{\"a\":2}").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"{\"a\":2}");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("r.json")], "no temporary file left");
+        // A write that cannot complete (here: its directory is missing; scripts/faults.sh
+        // disk_full_bench checks a full filesystem) creates nothing.
+        let missing = dir.path().join("gone").join("r.json");
+        assert!(write_atomic(&missing, b"{}").is_err());
+        assert!(!missing.exists());
     }
 }

@@ -40,8 +40,14 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_function("strftime_now", |fmt: String| -> String {
-            chrono::Local::now().format(&fmt).to_string()
+        env.add_function("strftime_now", |fmt: String| -> std::result::Result<String, Error> {
+            // An invalid specifier makes chrono's Display fail, which `to_string` turns into
+            // a panic: write it out and answer a template error instead.
+            use std::fmt::Write;
+            let mut out = String::new();
+            write!(out, "{}", chrono::Local::now().format(&fmt))
+                .map_err(|_| Error::new(ErrorKind::InvalidOperation, format!("strftime_now: invalid format {fmt:?}")))?;
+            Ok(out)
         });
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| EngineError::ChatTemplate(format!("cannot compile: {e}")))?;

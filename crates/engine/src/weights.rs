@@ -96,7 +96,12 @@ impl WeightSource {
     pub fn open_gguf(path: &Path, device: &Device, dequantize: bool) -> Result<Self> {
         let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
         let mut reader = BufReader::new(file);
-        let content = gguf_file::Content::read(&mut reader)
+        // candle's header parser panics on some malformed files (a `general.alignment` of 0
+        // divides by zero): a file that cannot be read is an error, never a crash.
+        let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(&mut reader)))
+            .map_err(|p| {
+                EngineError::model(path, format!("not a readable GGUF file: the GGUF parser failed: {}", crate::lora::panic_message(&*p)))
+            })?
             .map_err(|e| EngineError::model(path, format!("not a readable GGUF file: {e}")))?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -168,12 +173,7 @@ impl WeightSource {
                 let name = gguf_name(hf_name).ok_or_else(|| {
                     EngineError::model(&self.path, format!("no GGUF name for tensor {hf_name}"))
                 })?;
-                let q = {
-                    let mut reader = reader.lock().expect("gguf reader lock poisoned");
-                    content.tensor(&mut *reader, &name, &self.device).map_err(|e| {
-                        EngineError::model(&self.path, format!("tensor {name}: {e}"))
-                    })?
-                };
+                let q = read_gguf_tensor(content, reader, &name, &self.path, &self.device)?;
                 let q = match (self.unpermute_qk, permuted_heads(hf_name)) {
                     (Some((heads, kv_heads)), Some(is_k)) => {
                         unpermute_rows(&q, if is_k { kv_heads } else { heads }, &self.device)?
@@ -194,14 +194,41 @@ impl WeightSource {
     pub(crate) fn rope_freq_factors(&self) -> Result<Option<RopeScaling>> {
         match &self.backing {
             Backing::Gguf { content, reader } if content.tensor_infos.contains_key("rope_freqs.weight") => {
-                let mut reader = reader.lock().expect("gguf reader lock poisoned");
-                let q = content.tensor(&mut *reader, "rope_freqs.weight", &self.device)?;
+                let q = read_gguf_tensor(content, reader, "rope_freqs.weight", &self.path, &self.device)?;
                 let v = q.dequantize(&self.device)?.to_vec1::<f32>()?;
                 Ok(Some(RopeScaling::FreqFactors(v)))
             }
             _ => Ok(None),
         }
     }
+}
+
+/// Reads one GGUF tensor after checking its declared shape: candle multiplies the
+/// dimensions and the byte size unchecked (an overflow panics, or wraps to a size that
+/// matches a short data block under a huge shape), and an empty dimension would divide by
+/// zero in the row un-permutation.
+fn read_gguf_tensor(
+    content: &gguf_file::Content,
+    reader: &Mutex<BufReader<File>>,
+    name: &str,
+    path: &Path,
+    device: &Device,
+) -> Result<QTensor> {
+    if let Some(info) = content.tensor_infos.get(name) {
+        let dims = info.shape.dims();
+        let dtype = info.ggml_dtype;
+        let bytes = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|n| (n / dtype.block_size()).checked_mul(dtype.type_size()));
+        if dims.contains(&0) || bytes.is_none() {
+            return Err(EngineError::model(path, format!("tensor {name}: invalid shape {dims:?}")));
+        }
+    }
+    let mut reader = reader.lock().expect("gguf reader lock poisoned");
+    content
+        .tensor(&mut *reader, name, device)
+        .map_err(|e| EngineError::model(path, format!("tensor {name}: {e}")))
 }
 
 /// `Some(is_k)` for the weights whose rows llama.cpp permutes.

@@ -225,3 +225,50 @@ fn a_lazy_read_finishing_after_an_in_place_load_does_not_bring_the_old_adapter_b
     e.loras_mut().load("b", &new).unwrap();
     assert_eq!(with_x, greedy(&mut e, Some("b")));
 }
+
+/// An adapter file truncated and rewritten in place while it is being read (an operator
+/// replacing weights under a running server, a lazy re-read after eviction) must give an
+/// error or a complete adapter: never SIGBUS, which a memory map of the shrinking file
+/// raised and which killed the whole server (scripts/faults.sh truncated_during_read).
+#[test]
+fn adapter_file_truncated_while_being_read_is_an_error_not_sigbus() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let shapes = loramux_engine::lora::ModuleShapes::from_config(
+        &loramux_engine::ModelConfig::from_hf_file(&tiny().join("config.json")).unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let src = tiny().join("adapters/b");
+    std::fs::copy(src.join("adapter_config.json"), dir.path().join("adapter_config.json")).unwrap();
+    let weights = dir.path().join("adapter_model.safetensors");
+    let full = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    std::fs::write(&weights, &full).unwrap();
+    let stop = AtomicBool::new(false);
+    let (mut ok, mut refused) = (0, 0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // In place, same inode: shrink (to a header, to nothing), then write it back whole.
+            let f = std::fs::OpenOptions::new().write(true).open(&weights).unwrap();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                f.set_len([0, 4096, full.len() as u64 / 2][(i % 3) as usize]).unwrap();
+                f.write_all_at(&full, 0).unwrap();
+                i += 1;
+            }
+        });
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while std::time::Instant::now() < end {
+            match loramux_engine::lora::LoraModel::load("b", dir.path(), &shapes, 64) {
+                Ok(m) => {
+                    assert!(m.max_rank > 0);
+                    ok += 1;
+                }
+                Err(EngineError::Adapter { .. }) => refused += 1,
+                Err(other) => panic!("unexpected error kind: {other}"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(ok + refused > 0);
+}

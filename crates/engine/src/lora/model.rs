@@ -1,10 +1,10 @@
 //! One LoRA adapter loaded from PEFT files and checked against the base model's shapes:
 //! every tensor must belong to a targeted projection and fit it, or nothing is loaded.
 //! Weights stay in their file's element type (float32, float16 or bfloat16; never widened)
-//! and are copied once, straight from a read-only map of the file.
+//! and are copied once out of the file's bytes, read into memory (not mapped: a file
+//! truncated under a map raises SIGBUS).
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -224,11 +224,10 @@ impl LoraModel {
             };
             return Err(err("adapter_model.safetensors", msg));
         }
-        let file = File::open(&weights_path)
-            .map_err(|e| err("adapter_model.safetensors", format!("cannot read: {e}")))?;
-        // SAFETY: a read-only map, dropped before this function returns; like every
-        // safetensors loader we assume the file is not truncated while we read it.
-        let bytes = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+        // Read, not memory-mapped: a file truncated while mapped raises SIGBUS on the next
+        // touch of a lost page, which kills the server. A read of a file changing underneath
+        // gives at worst inconsistent bytes, which the checks below refuse.
+        let bytes = std::fs::read(&weights_path)
             .map_err(|e| err("adapter_model.safetensors", format!("cannot read: {e}")))?;
         let tensors = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| err("adapter_model.safetensors", format!("corrupt: {e}")))?;
@@ -309,6 +308,18 @@ impl LoraModel {
                         format!("rank {r} of {} is above the configured maximum {max_rank} (raise --max-lora-rank)", module.module_name(layer)),
                     ));
                 }
+                // Finite as a double (checked with the config) is not enough: the kernels scale
+                // in f32, where e.g. alpha 1e300 is infinite and the outputs would not be finite.
+                let scale = scaling(alpha, r, config.use_rslora) as f32;
+                if !scale.is_finite() {
+                    return Err(err(
+                        "lora_alpha",
+                        format!(
+                            "{}: the scaling alpha/r = {alpha}/{r} is not a finite 32-bit float",
+                            module.module_name(layer)
+                        ),
+                    ));
+                }
                 let decode = |view: &safetensors::tensor::TensorView<'_>, which: char, transpose: bool| {
                     let (rows, cols) = (view.shape()[0], view.shape()[1]);
                     LoraMatrix::decode(view.dtype(), view.data(), rows, cols, transpose).map_err(|m| {
@@ -318,7 +329,7 @@ impl LoraModel {
                 // B is [out][r] in the file; kept as [r][out] so the expand step adds rows.
                 let weights = LoraLayerWeights {
                     rank: r,
-                    scale: scaling(alpha, r, config.use_rslora) as f32,
+                    scale,
                     a: decode(&a, 'A', false)?,
                     b_t: decode(&b, 'B', true)?,
                 };
