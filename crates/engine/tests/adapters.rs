@@ -121,7 +121,7 @@ fn resident_set_evicts_least_recently_used_idle_adapter_and_reloads_on_demand() 
     assert_eq!(e.loras().stats().loads, 4);
     assert_eq!(greedy(&mut e, Some("a")), out_a, "an evicted adapter reloads identically");
 
-    // Pinned adapters are never evicted: with both slots in use a third cannot load.
+    // Adapters in use are never evicted: with both slots in use a third cannot load.
     let req = |a: &str| Request {
         lora: Some(LoraRequest::new(a)),
         prompt: Prompt::Tokens(vec![1, 2, 3]),
@@ -140,6 +140,38 @@ fn resident_set_evicts_least_recently_used_idle_adapter_and_reloads_on_demand() 
     e.finish_sequence(&mut s1);
     e.finish_sequence(&mut s2);
     assert!(start(&mut e, req(third)).is_ok());
+}
+
+#[test]
+fn pinned_adapter_stays_resident_while_others_rotate_and_usage_is_counted() {
+    let mut e = engine(LoraLimits { max_loras: 2, max_rank: 16, ..LoraLimits::default() });
+    for name in ["a", "b", "c"] {
+        e.loras_mut().register(name, &tiny().join("adapters").join(name));
+    }
+    e.loras_mut().pin("a").unwrap();
+    let info = |e: &Engine, n: &str| e.loras().adapters().into_iter().find(|a| a.name == n).unwrap();
+    assert!(info(&e, "a").resident.is_some() && info(&e, "a").pinned, "pinning makes it resident at once");
+    assert_eq!(info(&e, "a").requests, 0);
+    assert!(info(&e, "a").last_used.is_none());
+    // b and c share the one unpinned slot; a, least recently used, is never the victim.
+    for n in ["b", "c", "b", "c"] {
+        greedy(&mut e, Some(n));
+        assert!(info(&e, "a").resident.is_some(), "pinned adapter evicted after a request on {n}");
+    }
+    assert_eq!(e.loras().stats().evictions, 3);
+    assert_eq!((info(&e, "b").requests, info(&e, "c").requests, info(&e, "a").requests), (2, 2, 0));
+    let before = std::time::SystemTime::now();
+    greedy(&mut e, Some("a"));
+    assert_eq!(info(&e, "a").requests, 1);
+    assert!(info(&e, "a").last_used.unwrap() >= before);
+    // The last unpinned slot cannot be pinned, unknown adapters cannot be pinned.
+    assert!(matches!(e.loras_mut().pin("b"), Err(EngineError::AdapterCapacity(_))));
+    assert!(matches!(e.loras_mut().pin("nope"), Err(EngineError::UnknownAdapter(_))));
+    // An unload unpins and forgets the usage; loaded again, it starts afresh.
+    e.loras_mut().unload("a").unwrap();
+    e.loras_mut().load("a", &tiny().join("adapters/a")).unwrap();
+    assert!(!info(&e, "a").pinned);
+    assert_eq!(info(&e, "a").requests, 0);
 }
 
 #[test]

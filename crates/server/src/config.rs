@@ -72,6 +72,9 @@ pub struct ServeConfig {
     /// Extra directory /v1/load_lora_adapter may read adapters from (besides --lora-dir). Repeatable.
     #[arg(long, value_name = "DIR")]
     pub allowed_lora_root: Option<Vec<PathBuf>>,
+    /// Adapters that must answer without a cold read: made resident at startup and never evicted.
+    #[arg(long, value_name = "NAME", help = "Adapter kept resident, never evicted (a --lora-modules or --lora-dir name); one slot of --max-loras must stay unpinned. Repeatable")]
+    pub pin_lora: Option<Vec<String>>,
     /// Bounds the adapters resident at once, so their memory stays bounded.
     #[arg(long, value_name = "N", help = format!("Adapters resident at once; idle ones are evicted least recently used first [default: {}]", defaults::MAX_LORAS))]
     pub max_loras: Option<usize>,
@@ -264,7 +267,7 @@ impl ServeConfig {
             ($($f:ident),*) => { ServeConfig { $($f: flags.$f.or(self.$f)),* } };
         }
         pick!(
-            config, model, served_model_name, lora_modules, merge_lora, lora_dir, allowed_lora_root, max_loras,
+            config, model, served_model_name, lora_modules, merge_lora, lora_dir, allowed_lora_root, pin_lora, max_loras,
             max_lora_rank, max_lora_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill,
             max_model_len, kv_cache_gib, host, port, api_key, admin_api_key, enable_lora_updates, dequantize,
             max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, max_queue_delay_secs, adapter_wait_secs,
@@ -347,6 +350,7 @@ impl ServeConfig {
             merge_lora: self.merge_lora,
             lora_dirs: self.lora_dir.unwrap_or_default(),
             allowed_lora_roots: self.allowed_lora_root.unwrap_or_default(),
+            pinned_loras: self.pin_lora.unwrap_or_default(),
             lora: LoraLimits {
                 max_loras,
                 max_rank: max_lora_rank,
@@ -389,6 +393,8 @@ pub struct Settings {
     pub lora_dirs: Vec<PathBuf>,
     /// Extra directories `load_lora_adapter` may read from (besides `lora_dirs`).
     pub allowed_lora_roots: Vec<PathBuf>,
+    /// Adapters resident from startup and never evicted (`--pin-lora`).
+    pub pinned_loras: Vec<String>,
     pub lora: LoraLimits,
     pub max_num_seqs: usize,
     /// Token budget of one forward pass (chunked prefill).

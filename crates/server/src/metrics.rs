@@ -81,6 +81,9 @@ pub struct Metrics {
     pub adapters_resident_bytes: IntGauge,
     pub adapter_resident: GaugeVec,
     pub adapter_bytes: GaugeVec,
+    pub adapter_pinned: GaugeVec,
+    pub adapter_requests: IntCounterVec,
+    pub adapter_last_used: GaugeVec,
     pub max_loras: IntGauge,
     /// Process memory (Prometheus' standard name, and the peak), set at each scrape so a
     /// benchmark can read the memory of a server it did not start. Absent without procfs.
@@ -146,8 +149,11 @@ impl Metrics {
             adapters_known: reg(&r, IntGauge::new("loramux_adapters_known", "Adapters the server knows (resident or loadable).").unwrap()),
             adapters_resident: reg(&r, IntGauge::new("loramux_adapters_resident", "Adapters resident in memory.").unwrap()),
             adapters_resident_bytes: reg(&r, IntGauge::new("loramux_adapters_resident_bytes", "Bytes of all resident adapters.").unwrap()),
-            adapter_resident: reg(&r, GaugeVec::new(Opts::new("loramux_adapter_resident", "1 for each adapter resident in memory."), adapter).unwrap()),
-            adapter_bytes: reg(&r, GaugeVec::new(Opts::new("loramux_adapter_resident_bytes", "Bytes of each resident adapter."), adapter).unwrap()),
+            adapter_resident: reg(&r, GaugeVec::new(Opts::new("loramux_adapter_resident", "Per known adapter: 1 if resident in memory, else 0."), adapter).unwrap()),
+            adapter_bytes: reg(&r, GaugeVec::new(Opts::new("loramux_adapter_resident_bytes", "Per known adapter: bytes it occupies in memory (0 when not resident)."), adapter).unwrap()),
+            adapter_pinned: reg(&r, GaugeVec::new(Opts::new("loramux_adapter_pinned", "Per known adapter: 1 if pinned (--pin-lora: never evicted), else 0."), adapter).unwrap()),
+            adapter_requests: reg(&r, IntCounterVec::new(Opts::new("loramux_adapter_requests_total", "Per known adapter: requests started on it since it became known."), adapter).unwrap()),
+            adapter_last_used: reg(&r, GaugeVec::new(Opts::new("loramux_adapter_last_used_timestamp_seconds", "Per known adapter: Unix time a request last started or ended on it (absent if never used)."), adapter).unwrap()),
             max_loras: reg(&r, IntGauge::new("loramux_max_loras", "Adapters that may be resident at once (--max-loras).").unwrap()),
             process_memory: process_memory().map(|_| {
                 (

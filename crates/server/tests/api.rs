@@ -356,6 +356,52 @@ async fn lora_dir_lazy_loading_beyond_max_loras() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_adapter_is_never_evicted_and_per_adapter_gauges_follow_use() {
+    // Two slots, three adapters, one pinned: b and c take turns in the other slot.
+    let mut settings = with_modules("llama", &["a", "b", "c"]);
+    settings.lora.max_loras = 2;
+    settings.pinned_loras = vec!["a".into()];
+    let srv = TestServer::tiny("llama", settings).await;
+    let gauges = |text: &str, name: &str| {
+        [
+            metric_value(text, &format!("loramux_adapter_resident{{adapter=\"{name}\"}}")),
+            metric_value(text, &format!("loramux_adapter_pinned{{adapter=\"{name}\"}}")),
+            metric_value(text, &format!("loramux_adapter_requests_total{{adapter=\"{name}\"}}")),
+        ]
+    };
+    let (_, text) = srv.get("/metrics").await;
+    assert_eq!(gauges(&text, "a"), [1.0, 1.0, 0.0]);
+    assert!(metric_value(&text, "loramux_adapter_resident_bytes{adapter=\"a\"}") > 0.0);
+    assert!(!text.contains("loramux_adapter_last_used_timestamp_seconds{adapter=\"a\"}"), "never used: no last-use time");
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    for m in ["b", "c", "b", "c", "b"] {
+        srv.chat_text(m, "hello", 2).await;
+        let (_, text) = srv.get("/metrics").await;
+        assert_eq!(gauges(&text, "a")[..2], [1.0, 1.0], "pinned adapter evicted after a request on {m}");
+    }
+    let (_, text) = srv.get("/metrics").await;
+    assert_eq!(gauges(&text, "b"), [1.0, 0.0, 3.0]);
+    assert_eq!(gauges(&text, "c"), [0.0, 0.0, 2.0]);
+    assert_eq!(metric_value(&text, "loramux_adapter_resident_bytes{adapter=\"c\"}"), 0.0);
+    assert!(metric_value(&text, "loramux_adapter_evictions_total") >= 4.0);
+    let last_b = metric_value(&text, "loramux_adapter_last_used_timestamp_seconds{adapter=\"b\"}");
+    assert!(last_b >= before.floor(), "last use of b {last_b} is after the test started {before}");
+    srv.shutdown().await;
+
+    // Pinning every slot, or an adapter nobody registered, fails startup with a clear message.
+    for (pins, max_loras, want) in [(vec!["a", "b"], 2, "one slot must stay free"), (vec!["zzz"], 4, "no adapter of that name")] {
+        let mut settings = with_modules("llama", &["a", "b"]);
+        settings.lora.max_loras = max_loras;
+        settings.pinned_loras = pins.iter().map(|s| s.to_string()).collect();
+        let err = loramux_server::Server::start(loramux_engine::ModelLocation::HfDir(fixture("llama")), settings)
+            .await
+            .err()
+            .expect("startup refused");
+        assert!(err.to_string().contains(want), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move() {
     let srv = TestServer::tiny("llama", with_modules("llama", &["a"])).await;
     let (st, text) = srv.get("/metrics").await;

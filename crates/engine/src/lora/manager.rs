@@ -1,6 +1,6 @@
 //! The adapter set beside one base model (vLLM's `LoRAModelManager`): adapters known by
 //! name (registered, or found by folder name in a `--lora-dir`), a bounded resident set
-//! occupying numbered slots with least-recently-used eviction of idle adapters, and each
+//! occupying numbered slots with least-recently-used eviction of idle, unpinned adapters, and each
 //! adapter's readiness for the scheduler: resident, being read off the loop, read and
 //! waiting for a slot, or unloaded while requests still run on it. This is the one place
 //! that answers "is this adapter known, and can a request on it run now?".
@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use super::loader::{AdapterLoader, AdapterReader};
 use super::{LoraModel, ModuleShapes};
@@ -48,7 +49,7 @@ impl Default for LoraLimits {
 struct Resident {
     model: Arc<LoraModel>,
     last_used: u64,
-    /// Sequences currently using the adapter; pinned adapters are never evicted.
+    /// Sequences currently using the adapter; an adapter in use is never evicted.
     active: usize,
 }
 
@@ -68,6 +69,20 @@ pub struct AdapterInfo {
     pub resident: Option<LoraSlot>,
     pub bytes: usize,
     pub active: usize,
+    /// Pinned (`--pin-lora`): resident and never evicted.
+    pub pinned: bool,
+    /// Requests started on it since it became known.
+    pub requests: u64,
+    /// When a request last started or ended on it.
+    pub last_used: Option<SystemTime>,
+}
+
+/// How much an adapter has been used, kept across evictions (operators ask which adapters
+/// earn their memory).
+#[derive(Clone, Copy, Debug, Default)]
+struct AdapterUsage {
+    requests: u64,
+    last_used: Option<SystemTime>,
 }
 
 /// Where an adapter stands for a request that wants to run on it now.
@@ -132,6 +147,12 @@ pub struct LoraManager {
     generations: HashMap<String, u64>,
     next_generation: u64,
     loader: AdapterLoader,
+    /// Adapters never evicted (`--pin-lora`).
+    pinned: HashSet<String>,
+    usage: HashMap<String, AdapterUsage>,
+    /// Bumped whenever a request starts or ends on an adapter, so callers republish usage
+    /// only when it changed.
+    usage_epoch: u64,
 }
 
 /// Whether `name` can be a folder directly under a `--lora-dir` (one plain path component),
@@ -178,6 +199,9 @@ impl LoraManager {
             generations: HashMap::new(),
             next_generation: 0,
             loader: AdapterLoader::new(None),
+            pinned: HashSet::new(),
+            usage: HashMap::new(),
+            usage_epoch: 0,
         }
     }
 
@@ -270,7 +294,7 @@ impl LoraManager {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.as_ref().map(|r| (i, r)))
-            .filter(|(i, r)| r.active == 0 && Some(*i) != replacing)
+            .filter(|(i, r)| r.active == 0 && Some(*i) != replacing && !self.pinned.contains(&r.model.name))
             .map(|(i, r)| (r.last_used, i))
             .collect();
         idle.sort_unstable();
@@ -285,7 +309,7 @@ impl LoraManager {
         Some((free_slot.expect("a slot was found"), victims))
     }
 
-    fn is_pinned(&self, name: &str) -> bool {
+    fn is_in_use(&self, name: &str) -> bool {
         self.by_name.get(name).and_then(|&s| self.slots[s].as_ref()).is_some_and(|r| r.active > 0)
     }
 
@@ -296,7 +320,7 @@ impl LoraManager {
             return Err(e);
         }
         let name = model.name.clone();
-        if self.is_pinned(&name) {
+        if self.is_in_use(&name) {
             return Err(EngineError::AdapterCapacity(format!(
                 "adapter '{name}' is in use by running requests and cannot be replaced now"
             )));
@@ -345,7 +369,7 @@ impl LoraManager {
         if let Some(e) = self.too_large(&model) {
             return Err(e);
         }
-        if replace && self.is_pinned(&name) {
+        if replace && self.is_in_use(&name) {
             return Err(EngineError::AdapterCapacity(format!(
                 "adapter '{name}' is in use by running requests and cannot be replaced now"
             )));
@@ -380,7 +404,9 @@ impl LoraManager {
         self.bump_generation(name);
         self.staged.remove(name);
         self.removed.insert(name.to_string());
-        if self.is_pinned(name) {
+        self.pinned.remove(name);
+        self.usage.remove(name);
+        if self.is_in_use(name) {
             self.unloading.insert(name.to_string());
             return Ok(UnloadOutcome::WhenIdle);
         }
@@ -458,7 +484,42 @@ impl LoraManager {
         let r = self.slots[slot].as_mut().expect("slot of a resident adapter");
         r.active += 1;
         r.last_used = self.clock;
+        let usage = self.usage.entry(name.to_string()).or_default();
+        usage.requests += 1;
+        usage.last_used = Some(SystemTime::now());
+        self.usage_epoch += 1;
         Ok(slot)
+    }
+
+    /// Makes a known adapter resident now and keeps it so: never evicted, until unloaded.
+    /// Refused when pinned adapters would fill every slot but one, so other adapters
+    /// can still be served.
+    pub fn pin(&mut self, name: &str) -> Result<()> {
+        self.resolve(name)?;
+        if !self.pinned.contains(name) && self.pinned.len() + 1 >= self.limits.max_loras {
+            return Err(EngineError::AdapterCapacity(format!(
+                "cannot pin '{name}': {} adapters are pinned already and --max-loras is {}; one slot must stay free for \
+                 the others (raise --max-loras)",
+                self.pinned.len(),
+                self.limits.max_loras
+            )));
+        }
+        if !self.by_name.contains_key(name) {
+            let path = self.known[name].clone();
+            self.load(name, &path)?;
+        }
+        self.pinned.insert(name.to_string());
+        Ok(())
+    }
+
+    /// Whether an adapter is pinned.
+    pub fn is_pinned(&self, name: &str) -> bool {
+        self.pinned.contains(name)
+    }
+
+    /// Changes whenever a request starts or ends on an adapter.
+    pub fn usage_epoch(&self) -> u64 {
+        self.usage_epoch
     }
 
     /// Unpins an adapter when a sequence using it ends; an adapter unloaded while in use
@@ -466,6 +527,10 @@ impl LoraManager {
     pub fn release(&mut self, slot: LoraSlot) {
         let Some(r) = self.slots[slot].as_mut() else { return };
         r.active = r.active.saturating_sub(1);
+        if let Some(usage) = self.usage.get_mut(&r.model.name) {
+            usage.last_used = Some(SystemTime::now());
+        }
+        self.usage_epoch += 1;
         if r.active == 0 && self.unloading.contains(&r.model.name) {
             let name = r.model.name.clone();
             self.unloading.remove(&name);
@@ -505,12 +570,16 @@ impl LoraManager {
             .map(|(name, path)| {
                 let slot = self.by_name.get(name).copied();
                 let r = slot.and_then(|s| self.slots[s].as_ref());
+                let usage = self.usage.get(name).copied().unwrap_or_default();
                 AdapterInfo {
                     name: name.clone(),
                     path: path.clone(),
                     resident: slot,
                     bytes: r.map(|r| r.model.bytes).unwrap_or(0),
                     active: r.map(|r| r.active).unwrap_or(0),
+                    pinned: self.pinned.contains(name),
+                    requests: usage.requests,
+                    last_used: usage.last_used,
                 }
             })
             .collect();

@@ -39,7 +39,7 @@ pub(super) struct BatchLoop {
     /// Evictions, loads and resident adapters when the list was last published: a change
     /// (an adapter unloaded while in use goes when its last request ends, inside a step)
     /// publishes it again.
-    last_adapter_state: (u64, u64, usize),
+    last_adapter_state: (u64, u64, usize, u64),
 }
 
 impl BatchLoop {
@@ -54,7 +54,7 @@ impl BatchLoop {
             base_name: settings.served_model_name.clone(),
             drain_deadline: None,
             views_dirty: true,
-            last_adapter_state: (0, 0, 0),
+            last_adapter_state: (0, 0, 0, 0),
         }
     }
 
@@ -200,7 +200,7 @@ impl BatchLoop {
 
     fn update_views(&mut self) {
         let loras = self.engine.loras();
-        let state = (loras.stats().evictions, loras.stats().loads, loras.resident_count());
+        let state = (loras.stats().evictions, loras.stats().loads, loras.resident_count(), loras.usage_epoch());
         if self.views_dirty || state != self.last_adapter_state {
             self.last_adapter_state = state;
             self.publish_adapters();

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, UNIX_EPOCH};
 
 use loramux_engine::lora::{AdapterInfo, LoraManager, LoraManagerStats};
 use loramux_engine::tokenizer::Tokenizer;
@@ -159,14 +159,24 @@ impl Emitter {
         }
     }
 
-    /// Per-adapter residency gauges and the known/resident totals.
+    /// Per-adapter gauges (resident, bytes, pinned, requests, last use) and the
+    /// known/resident totals. Series of adapters no longer known disappear.
     pub fn adapter_gauges(&self, list: &[AdapterInfo], loras: &LoraManager) {
         let m = &self.metrics;
         m.adapter_resident.reset();
         m.adapter_bytes.reset();
-        for a in list.iter().filter(|a| a.resident.is_some()) {
-            m.adapter_resident.with_label_values(&[&a.name]).set(1.0);
-            m.adapter_bytes.with_label_values(&[&a.name]).set(a.bytes as f64);
+        m.adapter_pinned.reset();
+        m.adapter_requests.reset();
+        m.adapter_last_used.reset();
+        for a in list {
+            let label = [a.name.as_str()];
+            m.adapter_resident.with_label_values(&label).set(if a.resident.is_some() { 1.0 } else { 0.0 });
+            m.adapter_bytes.with_label_values(&label).set(a.bytes as f64);
+            m.adapter_pinned.with_label_values(&label).set(if a.pinned { 1.0 } else { 0.0 });
+            m.adapter_requests.with_label_values(&label).inc_by(a.requests);
+            if let Some(t) = a.last_used.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
+                m.adapter_last_used.with_label_values(&label).set(t.as_secs_f64());
+            }
         }
         m.adapters_known.set(list.len() as i64);
         m.adapters_resident.set(loras.resident_count() as i64);

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use loramux_engine::lora::scan_lora_dir;
-use loramux_engine::{Engine, EngineOptions, ModelLocation, Scheduler, SchedulerConfig};
+use loramux_engine::{Engine, EngineError, EngineOptions, ModelLocation, Scheduler, SchedulerConfig};
 use tokio::sync::oneshot;
 
 use super::actor::BatchLoop;
@@ -125,6 +125,17 @@ fn load(location: ModelLocation, settings: &Settings, lora_dirs: &[PathBuf]) -> 
             engine.loras_mut().register(name, path);
             tracing::info!(adapter = %name, path = %path.display(), "adapter registered (more --lora-modules than --max-loras: loaded on first use)");
         }
+    }
+    // --pin-lora: resident now (a broken or unknown one fails startup) and never evicted.
+    for name in &settings.pinned_loras {
+        engine.loras_mut().pin(name).map_err(|e| match e {
+            EngineError::UnknownAdapter(_) => {
+                ServerError::Config(format!("--pin-lora {name}: no adapter of that name in --lora-modules or --lora-dir"))
+            }
+            EngineError::AdapterCapacity(m) => ServerError::Config(format!("--pin-lora {name}: {m}")),
+            e => e.into(),
+        })?;
+        tracing::info!(adapter = %name, "adapter pinned: resident, never evicted");
     }
     let cfg = engine.model().config();
     let (_, kv_budget_bytes) = scheduler.kv_usage_bytes();
