@@ -11,6 +11,9 @@ use libfuzzer_sys::fuzz_target;
 use loramux_engine::lora::{LoraModel, LoraModule, ModuleShapes};
 use loramux_engine::ModelConfig;
 
+#[path = "../inputs.rs"]
+mod inputs;
+
 fn shapes() -> &'static ModuleShapes {
     static S: OnceLock<ModuleShapes> = OnceLock::new();
     S.get_or_init(|| {
@@ -30,11 +33,7 @@ fn scratch() -> &'static PathBuf {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 2 {
-        return;
-    }
-    let n = (u16::from_le_bytes([data[0], data[1]]) as usize).min(data.len() - 2);
-    let (config, weights) = data[2..].split_at(n);
+    let Some((config, weights)) = inputs::adapter_input(data) else { return };
     let dir = scratch();
     if std::fs::write(dir.join("adapter_config.json"), config).is_err()
         || std::fs::write(dir.join("adapter_model.safetensors"), weights).is_err()

@@ -5,20 +5,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use loramux_engine::{ChatMessage, ChatTemplate};
+use loramux_engine::ChatTemplate;
+
+#[path = "../inputs.rs"]
+mod inputs;
 
 fuzz_target!(|data: &[u8]| {
-    let text = String::from_utf8_lossy(data);
-    let mut parts = text.split('\0');
-    let template = parts.next().unwrap_or_default();
-    let bos = parts.next();
-    let eos = parts.next();
-    let rest: Vec<&str> = parts.collect();
-    let messages: Vec<ChatMessage> = rest
-        .chunks(2)
-        .map(|p| ChatMessage { role: p[0].to_string(), content: p.get(1).copied().unwrap_or_default().to_string() })
-        .collect();
-    let Ok(t) = ChatTemplate::new(template, bos, eos) else { return };
-    let _ = t.render(&messages, true);
-    let _ = t.render(&messages, false);
+    let input = inputs::chat_template_input(data);
+    let Ok(t) = ChatTemplate::new(&input.template, input.bos.as_deref(), input.eos.as_deref()) else { return };
+    let _ = t.render(&input.messages, true);
+    let _ = t.render(&input.messages, false);
 });

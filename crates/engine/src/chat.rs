@@ -23,6 +23,10 @@ impl ChatMessage {
     }
 }
 
+/// Template instructions one render may execute: far above what real chat templates
+/// need for a full context of messages (SmolLM2's and Qwen2.5's use well under 100 per message).
+const TEMPLATE_FUEL: u64 = 2_000_000;
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -34,6 +38,9 @@ impl ChatTemplate {
     /// Compiles a template; the special token strings are passed to it as transformers does.
     pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
         let mut env = Environment::new();
+        // A template runs on every chat request: bound its work, so a hostile or broken one
+        // (a template comes with the model file) is an error rather than a stalled request.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);

@@ -326,8 +326,11 @@ fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)
     }
     let chars = |s: &str| s.chars().count();
     // Stable, like Python's sorted(reverse=True).
+    // A NaN score (a hostile file) ranks last, so the order stays total.
+    let rank = |s: f32| if s.is_nan() { f32::NEG_INFINITY } else { s };
     merges.sort_by(|a, b| {
-        b.2.partial_cmp(&a.2)
+        rank(b.2)
+            .partial_cmp(&rank(a.2))
             .unwrap_or(Ordering::Equal)
             .then_with(|| chars(b.0).cmp(&chars(a.0)))
             .then_with(|| chars(b.1).cmp(&chars(a.1)))
@@ -347,6 +350,18 @@ fn added_token(id: usize, content: &str, special: bool) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `gguf` fuzz target (fixtures/fuzz/gguf/nan-token-score): a NaN token
+    /// score broke the sort's total order, and the sort's panic aborted the process.
+    #[test]
+    fn nan_token_scores_rank_last_instead_of_aborting() {
+        let tokens: Vec<String> = ["a", "b", "ab", "ba", "aa", "bb", "aab"].iter().map(|s| s.to_string()).collect();
+        let scores = [0.0, 0.0, f32::NAN, -1.0, f32::NAN, -2.0, -0.5];
+        let merges = merges_from_scores(&tokens, &scores);
+        let pos = |l: &str, r: &str| merges.iter().position(|m| m.0 == l && m.1 == r).unwrap();
+        assert!(pos("a", "ab") < pos("b", "a") && pos("b", "a") < pos("b", "b"), "finite scores keep their order: {merges:?}");
+        assert!(pos("b", "b") < pos("a", "b") && pos("b", "b") < pos("a", "a"), "NaN-scored merges rank last: {merges:?}");
+    }
 
     /// The merge ranks transformers rebuilt from the fixture's scores (ties included), which
     /// the tokenization tests alone may not tell apart.

@@ -1,5 +1,6 @@
 //! Inputs the fuzz targets (fuzz/, scripts/fuzz.sh) and the fault scripts found, replayed
-//! through the same code paths as the `gguf` and `adapter` targets. Every file under
+//! through the same code paths as the `gguf`, `adapter` and `chat_template` targets
+//! (decoded by the targets' own `fuzz/inputs.rs`). Every file under
 //! fixtures/fuzz/<target>/ is replayed (a new finding only needs its file dropped there);
 //! the known ones are also checked for the precise error they must now give.
 
@@ -8,6 +9,9 @@ use std::path::{Path, PathBuf};
 use loramux_engine::engine::read_model_config;
 use loramux_engine::lora::{LoraModel, LoraModule, ModuleShapes};
 use loramux_engine::{ChatMessage, ChatTemplate, Engine, EngineError, EngineOptions, ModelConfig, ModelLocation};
+
+#[path = "../../../fuzz/inputs.rs"]
+mod inputs;
 
 fn findings(target: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fuzz").join(target);
@@ -46,8 +50,7 @@ fn tiny_llama_shapes() -> ModuleShapes {
 
 /// The `adapter` target: 2 bytes little-endian config length, the config, the safetensors.
 fn replay_adapter(data: &[u8]) -> Result<LoraModel, EngineError> {
-    let n = (u16::from_le_bytes([data[0], data[1]]) as usize).min(data.len() - 2);
-    let (config, weights) = data[2..].split_at(n);
+    let (config, weights) = inputs::adapter_input(data).expect("a finding has the 2-byte header");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("adapter_config.json"), config).unwrap();
     std::fs::write(dir.path().join("adapter_model.safetensors"), weights).unwrap();
@@ -66,21 +69,12 @@ fn replay_adapter(data: &[u8]) -> Result<LoraModel, EngineError> {
     Ok(m)
 }
 
-/// The `chat_template` target: template, bos, eos, then (role, content) pairs, split on NUL.
+/// The `chat_template` target: both renders, the one with the generation prompt last.
 fn replay_chat_template(data: &[u8]) -> Result<String, EngineError> {
-    let text = String::from_utf8_lossy(data);
-    let mut parts = text.split('\0');
-    let template = parts.next().unwrap_or_default();
-    let bos = parts.next();
-    let eos = parts.next();
-    let rest: Vec<&str> = parts.collect();
-    let messages: Vec<ChatMessage> = rest
-        .chunks(2)
-        .map(|p| ChatMessage { role: p[0].to_string(), content: p.get(1).copied().unwrap_or_default().to_string() })
-        .collect();
-    let t = ChatTemplate::new(template, bos, eos)?;
-    let _ = t.render(&messages, false);
-    t.render(&messages, true)
+    let input = inputs::chat_template_input(data);
+    let t = ChatTemplate::new(&input.template, input.bos.as_deref(), input.eos.as_deref())?;
+    let _ = t.render(&input.messages, false);
+    t.render(&input.messages, true)
 }
 
 #[test]
@@ -103,6 +97,31 @@ fn chat_template_strftime_with_invalid_format_is_an_error() {
     // Valid formats still render.
     let t = ChatTemplate::new("{{ strftime_now('%Y-%m-%d') }}", None, None).unwrap();
     assert_eq!(t.render(&[], false).unwrap().len(), 10);
+}
+
+/// Found by the `chat_template` target in a 10-minute run: a recursive macro that prints
+/// itself took 3.4 s per render (12 s under ASan), so a template from model metadata could
+/// stall every chat request. Renders now run on bounded fuel: an error at once. Real
+/// templates with 2,000 messages stay well inside it.
+#[test]
+fn runaway_chat_template_runs_out_of_fuel_and_real_templates_do_not() {
+    let data = std::fs::read(finding("chat_template", "recursive-macro-printing-itself")).unwrap();
+    let t = std::time::Instant::now();
+    match replay_chat_template(&data) {
+        Err(EngineError::ChatTemplate(m)) => assert!(m.contains("fuel"), "{m}"),
+        other => panic!("expected a chat template error, got {other:?}"),
+    }
+    assert!(t.elapsed().as_secs_f64() < 2.0, "bounded render took {:?}", t.elapsed());
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/chat_template");
+    for model in ["smollm2-135m", "qwen2.5-coder-0.5b"] {
+        let real = inputs::chat_template_input(&std::fs::read(corpus.join(model)).unwrap());
+        let template = ChatTemplate::new(&real.template, real.bos.as_deref(), real.eos.as_deref()).unwrap();
+        let messages: Vec<ChatMessage> = (0..2000)
+            .map(|i| ChatMessage { role: ["system", "user", "assistant"][i % 3].into(), content: format!("message {i}") })
+            .collect();
+        let text = template.render(&messages, true).unwrap_or_else(|e| panic!("{model}: {e}"));
+        assert!(text.contains("message 1999"), "{model}");
+    }
 }
 
 #[test]
