@@ -1,7 +1,8 @@
 //! `loramux bench engine`: the engine's own speed on one machine, measured in one run so
 //! ratios compare like with like — memory-bandwidth roofline, decode and prefill
 //! tokens/s by batch size, the cost of unmerged LoRA against merged and base by rank,
-//! mixed batches over many distinct adapters, and adapter load time and memory.
+//! mixed batches over many distinct adapters, adapter load time and memory, and time to
+//! first token with a cached prompt prefix.
 //! Throughput is total time over steps; the LoRA comparisons are median step times over
 //! interleaved rounds, so a slow spell of a shared machine does not fall on one side.
 
@@ -9,7 +10,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use loramux_engine::lora::LoraModule;
-use loramux_engine::{Engine, EngineOptions, LoraLimits, LoraRequest, ModelLocation, Prompt, Request, RequestId, SamplingParams, Scheduler, SchedulerConfig};
+use loramux_engine::prefix_cache::DEFAULT_PREFIX_CACHE_BYTES;
+use loramux_engine::{
+    Engine, EngineOptions, LoraLimits, LoraRequest, ModelLocation, Prompt, Request, RequestEvent, RequestId, SamplingParams, Scheduler,
+    SchedulerConfig,
+};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -32,6 +37,8 @@ pub struct EngineBenchConfig {
     pub load_samples: usize,
     /// Requests in the serving-mix replay.
     pub mix_requests: usize,
+    /// Length of the shared system prompt in the prefix-cache section.
+    pub prefix_tokens: usize,
     pub work_dir: PathBuf,
 }
 
@@ -316,6 +323,59 @@ pub fn adapter_load(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn
     rows.push(row("adapter_load", "rank-16 all-linear load from disk, p95", 1, crate::stats::percentile(&times, 95.0).unwrap_or(f64::NAN), "ms"));
     rows.push(row("adapter_memory", "adapter weights in memory (per adapter)", 1, bytes / 1e6, "MB"));
     rows.push(row("adapter_memory", "adapter file size (bf16)", 1, file / 1e6, "MB"));
+}
+
+/// Trials of each prefix-cache case (medians reported).
+const PREFIX_TRIALS: usize = 5;
+
+/// Time to first token of one request alone under the server's scheduler defaults
+/// (chunked prefill), in milliseconds.
+fn ttft_ms(engine: &mut Engine, adapter: Option<&str>, prompt: Vec<u32>) -> f64 {
+    let mut sched = Scheduler::new(SchedulerConfig::default(), engine).expect("default scheduler");
+    let request = Request { lora: adapter.map(LoraRequest::new), prompt: Prompt::Tokens(prompt), params: SamplingParams::greedy(2) };
+    let processed = engine.input().process(request).expect("benchmark request");
+    let t = Instant::now();
+    let ticket = sched.admission_gate().try_enter().expect("an empty queue");
+    sched.add_request(engine, ticket, 0, processed, None).expect("benchmark request");
+    loop {
+        let report = sched.step(engine);
+        if report.outputs.iter().any(|o| matches!(o.event, RequestEvent::Output { new_tokens, .. } if new_tokens > 0)) {
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            sched.abort_all(engine);
+            return ms;
+        }
+        assert!(sched.has_unfinished(), "the request ended without a token");
+    }
+}
+
+/// Time to first token with a long shared system prompt, prefix-cache hit against miss, on
+/// the base and on an adapter: a miss is a system prompt never seen, a hit the same system
+/// prompt as the request before it on the same weights, with another question.
+pub fn prefix_ttft(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn(&str)) {
+    let options = EngineOptions { prefix_cache_bytes: DEFAULT_PREFIX_CACHE_BYTES, ..EngineOptions::default() };
+    let mut engine = Engine::load(&cfg.model, &options).expect("load model");
+    let dir = cfg.work_dir.join("prefix-adapter");
+    write_random_adapter(&dir, engine.loras().shapes(), 16, 77).expect("write adapter");
+    engine.loras_mut().register("p", &dir);
+    let question = |seed: usize| prompt_ids(24, 50_000 + seed);
+    for adapter in [None, Some("p")] {
+        let label = adapter.map_or("base".to_string(), |_| "rank-16 adapter".to_string());
+        progress(&format!("prefix cache TTFT ({label})"));
+        ttft_ms(&mut engine, adapter, prompt_ids(64, 1)); // warm-up: adapter read, buffers
+        let (mut miss, mut hit) = (Vec::new(), Vec::new());
+        for trial in 0..PREFIX_TRIALS {
+            let system = prompt_ids(cfg.prefix_tokens, 10_000 + trial + adapter.map_or(0, |_| 100));
+            miss.push(ttft_ms(&mut engine, adapter, [system.clone(), question(2 * trial)].concat()));
+            hit.push(ttft_ms(&mut engine, adapter, [system, question(2 * trial + 1)].concat()));
+        }
+        let (miss, hit) = (median(miss), median(hit));
+        let n = cfg.prefix_tokens;
+        rows.push(row("prefix", format!("TTFT, {n}-token system prompt, miss ({label})"), 1, miss, "ms"));
+        rows.push(row("prefix", format!("TTFT, {n}-token system prompt, hit ({label})"), 1, hit, "ms"));
+        rows.push(row("prefix", format!("TTFT miss / hit ({label})"), 1, miss / hit, "x"));
+    }
+    let s = engine.prefix_cache_stats();
+    rows.push(row("prefix", "prompt tokens served from the cache", 1, 100.0 * s.hit_tokens as f64 / s.queried_tokens.max(1) as f64, "%"));
 }
 
 /// Renders rows as a Markdown table.

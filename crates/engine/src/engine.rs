@@ -24,6 +24,7 @@ use crate::kv::KvCache;
 use crate::lora::manager::LoraLimits;
 use crate::lora::{LoraBatch, LoraManager, LoraModel, LoraRequest, LoraSlot, ModuleShapes};
 use crate::model::{LogitsFor, Transformer};
+use crate::prefix_cache::{PrefixCache, PrefixCacheStats};
 use crate::registry::ModelLocation;
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -40,6 +41,8 @@ pub struct EngineOptions {
     /// Longest prompt + output; defaults to the model's context, capped at 8192.
     pub max_model_len: Option<usize>,
     pub lora: LoraLimits,
+    /// Memory for cached prompt prefixes (per adapter); 0 disables prefix caching.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineOptions {
@@ -49,6 +52,7 @@ impl Default for EngineOptions {
             dequantize: false,
             max_model_len: None,
             lora: LoraLimits::default(),
+            prefix_cache_bytes: 0,
         }
     }
 }
@@ -87,6 +91,8 @@ pub struct Sequence {
     pub finish: Option<FinishReason>,
     detokenizer: Detokenizer,
     max_len: usize,
+    /// Root of the prefix-cache chains of the weights it runs on.
+    prefix_root: u64,
 }
 
 impl Sequence {
@@ -198,6 +204,7 @@ pub struct Engine {
     model: Transformer,
     input: Arc<InputProcessor>,
     loras: LoraManager,
+    prefix_cache: PrefixCache,
     eos_ids: Vec<u32>,
     next_id: u64,
     /// Fault injection for tests: a pass with a row of this adapter panics.
@@ -347,7 +354,8 @@ impl Engine {
             return Err(EngineError::InvalidRequest("max LoRA rank is at most 256".into()));
         }
         let loras = LoraManager::new(ModuleShapes::from_config(&cfg), options.lora.clone());
-        Ok(Self { model, input, loras, eos_ids, next_id: 0, panic_on_forward: None })
+        let prefix_cache = PrefixCache::new(options.prefix_cache_bytes, cfg.num_hidden_layers, cfg.num_key_value_heads * cfg.head_dim);
+        Ok(Self { model, input, loras, prefix_cache, eos_ids, next_id: 0, panic_on_forward: None })
     }
 
     /// Makes every forward pass with a row of adapter `name` panic (fault-injection tests only).
@@ -386,6 +394,17 @@ impl Engine {
         &mut self.loras
     }
 
+    /// Prefix-cache hit and size counters.
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        self.prefix_cache.stats()
+    }
+
+    /// Copies the cached blocks a sequence's prompt starts with (on its weights) into its
+    /// empty cache: a new sequence, or one preempted and resumed. Returns the tokens reused.
+    pub fn reuse_cached_prefix(&mut self, seq: &mut Sequence) -> usize {
+        self.prefix_cache.fill(seq.prefix_root, &seq.prompt_ids, &mut seq.cache)
+    }
+
     /// Longest prompt plus output.
     pub fn max_model_len(&self) -> usize {
         self.input.max_model_len()
@@ -409,7 +428,9 @@ impl Engine {
         };
         self.next_id += 1;
         let max_len = (prompt_ids.len() + max_tokens).min(self.max_model_len());
-        Ok(Sequence {
+        let prefix_root =
+            PrefixCache::root(lora.as_ref().map(|l| (l.lora_name.as_str(), self.loras.generation(&l.lora_name))));
+        let mut seq = Sequence {
             id: self.next_id,
             lora,
             slot,
@@ -421,7 +442,10 @@ impl Engine {
             sampler: Sampler::new(params),
             finish: None,
             max_len,
-        })
+            prefix_root,
+        };
+        self.reuse_cached_prefix(&mut seq);
+        Ok(seq)
     }
 
     /// Releases a sequence's adapter pin and cache.
@@ -471,7 +495,11 @@ impl Engine {
         };
         let vocab = logits.dim(1)?;
         let logits = logits.flatten_all()?.to_vec1::<f32>()?;
-        for (k, seq) in ordered.into_iter().enumerate() {
+        for (k, (seq, span)) in ordered.into_iter().zip(&spans).enumerate() {
+            let prompt_len = seq.prompt_ids.len();
+            if span.pos < prompt_len && span.pos + span.len >= prompt_len {
+                self.prefix_cache.insert(seq.prefix_root, &seq.prompt_ids, &seq.cache);
+            }
             if seq.pending_len() > 0 {
                 continue; // prompt not fully prefilled yet
             }

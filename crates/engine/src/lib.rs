@@ -12,6 +12,7 @@ mod kernels;
 pub mod kv;
 pub mod lora;
 pub mod model;
+pub mod prefix_cache;
 pub mod quant;
 pub mod registry;
 pub mod sampling;

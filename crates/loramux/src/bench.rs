@@ -77,8 +77,11 @@ struct EngineArgs {
     /// Requests in the serving-mix replay (section `mix`).
     #[arg(long, default_value_t = 256)]
     mix_requests: usize,
-    /// Sections to run: throughput, lora, load, mix.
-    #[arg(long, value_delimiter = ',', default_value = "throughput,lora,load,mix")]
+    /// Shared system prompt length in the prefix-cache section (section `prefix`).
+    #[arg(long, default_value_t = 1000)]
+    prefix_tokens: usize,
+    /// Sections to run: throughput, lora, load, mix, prefix.
+    #[arg(long, value_delimiter = ',', default_value = "throughput,lora,load,mix,prefix")]
     sections: Vec<String>,
     /// Where to write the JSON result.
     #[arg(long, default_value = "results/engine_benchmark.json")]
@@ -164,7 +167,7 @@ where
 
 fn run_engine(a: EngineArgs) -> Result<()> {
     for s in &a.sections {
-        anyhow::ensure!(["throughput", "lora", "load", "mix"].contains(&s.as_str()), "unknown section '{s}' (throughput, lora, load, mix)");
+        anyhow::ensure!(["throughput", "lora", "load", "mix", "prefix"].contains(&s.as_str()), "unknown section '{s}' (throughput, lora, load, mix, prefix)");
     }
     let work = std::env::temp_dir().join(format!("loramux-bench-{}", std::process::id()));
     let cfg = EngineBenchConfig {
@@ -179,6 +182,7 @@ fn run_engine(a: EngineArgs) -> Result<()> {
         mixed_batch: a.mixed_batch,
         load_samples: a.load_samples,
         mix_requests: a.mix_requests,
+        prefix_tokens: a.prefix_tokens,
         work_dir: work.clone(),
     };
     let progress = |s: &str| eprintln!("  measuring: {s}");
@@ -194,6 +198,9 @@ fn run_engine(a: EngineArgs) -> Result<()> {
     }
     if a.sections.iter().any(|s| s == "mix") {
         engine_bench::serving_mix(&cfg, &mut rows, &progress);
+    }
+    if a.sections.iter().any(|s| s == "prefix") {
+        engine_bench::prefix_ttft(&cfg, &mut rows, &progress);
     }
     std::fs::remove_dir_all(&work).ok();
     if let Some(dir) = a.out.parent() {

@@ -30,6 +30,8 @@ pub mod defaults {
     pub const MAX_NUM_BATCHED_TOKENS: usize = scheduler::MAX_NUM_BATCHED_TOKENS;
     pub const ENABLE_CHUNKED_PREFILL: bool = scheduler::ENABLE_CHUNKED_PREFILL;
     pub const KV_CACHE_GIB: f64 = (scheduler::KV_CACHE_BYTES >> 30) as f64;
+    pub const ENABLE_PREFIX_CACHING: bool = true;
+    pub const PREFIX_CACHE_GIB: f64 = loramux_engine::prefix_cache::DEFAULT_PREFIX_CACHE_BYTES as f64 / super::GIB;
     pub const MAX_REQUEST_BYTES: usize = 4 << 20;
     pub const HTTP_READ_TIMEOUT_SECS: f64 = 30.0;
     pub const SHUTDOWN_TIMEOUT_SECS: f64 = 30.0;
@@ -99,6 +101,12 @@ pub struct ServeConfig {
     /// KV-cache memory budget in GiB.
     #[arg(long, value_name = "GIB", help = format!("KV-cache memory budget in GiB; requests wait (or the newest is preempted) when it is full [default: {}]", defaults::KV_CACHE_GIB))]
     pub kv_cache_gib: Option<f64>,
+    /// Whether a prompt prefix seen before on the same adapter skips its prefill (vLLM's automatic prefix caching).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", help = format!("Reuse the KV of prompt prefixes seen before on the same adapter (whole 64-token blocks; never across adapters) [default: {}]", defaults::ENABLE_PREFIX_CACHING))]
+    pub enable_prefix_caching: Option<bool>,
+    /// Bounds the memory of cached prefixes, apart from the running sequences' KV budget.
+    #[arg(long, value_name = "GIB", help = format!("Memory for cached prompt prefixes in GiB, least recently used evicted first [default: {}]", defaults::PREFIX_CACHE_GIB))]
+    pub prefix_cache_gib: Option<f64>,
     /// Address to listen on.
     #[arg(long, value_name = "ADDR", help = format!("Address to listen on; 0.0.0.0 for all interfaces [default: {}]", defaults::HOST))]
     pub host: Option<String>,
@@ -269,7 +277,7 @@ impl ServeConfig {
         pick!(
             config, model, served_model_name, lora_modules, merge_lora, lora_dir, allowed_lora_root, pin_lora, max_loras,
             max_lora_rank, max_lora_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill,
-            max_model_len, kv_cache_gib, host, port, api_key, admin_api_key, enable_lora_updates, dequantize,
+            max_model_len, kv_cache_gib, enable_prefix_caching, prefix_cache_gib, host, port, api_key, admin_api_key, enable_lora_updates, dequantize,
             max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, max_queue_delay_secs, adapter_wait_secs,
             shutdown_timeout_secs, debug_fault
         )
@@ -306,6 +314,12 @@ impl ServeConfig {
         if !(kv_gib.is_finite() && kv_gib > 0.0) {
             return bad(format!("--kv-cache-gib must be positive, got {kv_gib}"));
         }
+        let prefix_gib = self.prefix_cache_gib.unwrap_or(defaults::PREFIX_CACHE_GIB);
+        if !(prefix_gib.is_finite() && prefix_gib >= 0.0) {
+            return bad(format!("--prefix-cache-gib must be zero or positive, got {prefix_gib}"));
+        }
+        let prefix_cache_bytes =
+            if self.enable_prefix_caching.unwrap_or(defaults::ENABLE_PREFIX_CACHING) { (prefix_gib * GIB) as usize } else { 0 };
         let api_keys = self
             .api_key
             .unwrap_or_default()
@@ -361,6 +375,7 @@ impl ServeConfig {
             enable_chunked_prefill: self.enable_chunked_prefill.unwrap_or(defaults::ENABLE_CHUNKED_PREFILL),
             max_model_len: self.max_model_len,
             kv_cache_bytes: (kv_gib * GIB) as usize,
+            prefix_cache_bytes,
             host: self.host.unwrap_or_else(|| defaults::HOST.to_string()),
             port: self.port.unwrap_or(defaults::PORT),
             api_keys,
@@ -406,6 +421,8 @@ pub struct Settings {
     pub enable_chunked_prefill: bool,
     pub max_model_len: Option<usize>,
     pub kv_cache_bytes: usize,
+    /// Memory for cached prompt prefixes; 0: prefix caching off.
+    pub prefix_cache_bytes: usize,
     pub host: String,
     pub port: u16,
     pub api_keys: Vec<ApiKey>,

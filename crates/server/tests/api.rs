@@ -402,6 +402,43 @@ async fn pinned_adapter_is_never_evicted_and_per_adapter_gauges_follow_use() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_system_prompt_is_prefilled_once_per_adapter() {
+    let srv = TestServer::tiny("llama", with_modules("llama", &["a", "b"])).await;
+    let mut no_cache = with_modules("llama", &["a", "b"]);
+    no_cache.prefix_cache_bytes = 0;
+    let cold = TestServer::tiny("llama", no_cache).await;
+    let system = "the quick brown fox jumps over the lazy dog and then it runs far away ".repeat(12);
+    let body = |model: &str, question: &str| {
+        json!({"model": model, "max_tokens": 8, "temperature": 0,
+               "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]})
+    };
+    let counters = |text: &str| {
+        (
+            metric_value(text, "vllm:prefix_cache_queries_total{model_name=\"tiny\"}"),
+            metric_value(text, "vllm:prefix_cache_hits_total{model_name=\"tiny\"}"),
+        )
+    };
+    let text_of = |v: &Value| v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    for (model, question, want_hit) in [("a", "who?", false), ("a", "why?", true), ("b", "why?", false), ("tiny", "why?", false), ("b", "how?", true)] {
+        let (_, before) = srv.get("/metrics").await;
+        let (st, v) = srv.post("/v1/chat/completions", &body(model, question)).await;
+        assert_eq!(st, 200, "{v}");
+        let (_, after) = srv.get("/metrics").await;
+        let ((q0, h0), (q1, h1)) = (counters(&before), counters(&after));
+        let prompt_tokens = v["usage"]["prompt_tokens"].as_f64().unwrap();
+        assert_eq!(q1 - q0, prompt_tokens, "every prompt token is queried");
+        assert_eq!(h1 > h0, want_hit, "{model} {question}: hit {h0} -> {h1}");
+        assert!(h1 - h0 <= prompt_tokens - 1.0, "the last prompt token is always computed");
+        let (_, want) = cold.post("/v1/chat/completions", &body(model, question)).await;
+        assert_eq!(text_of(&v), text_of(&want), "{model} {question}: a cached prefix changed the output");
+    }
+    let (_, text) = cold.get("/metrics").await;
+    assert_eq!(counters(&text), (0.0, 0.0), "--enable-prefix-caching false looks nothing up");
+    srv.shutdown().await;
+    cold.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move() {
     let srv = TestServer::tiny("llama", with_modules("llama", &["a"])).await;
     let (st, text) = srv.get("/metrics").await;

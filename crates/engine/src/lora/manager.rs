@@ -517,6 +517,13 @@ impl LoraManager {
         self.pinned.contains(name)
     }
 
+    /// The load generation of an adapter's weights: changes when the name is loaded or
+    /// unloaded at run time, so state computed with older weights (cached prefixes) is not
+    /// reused.
+    pub fn generation(&self, name: &str) -> u64 {
+        self.generations.get(name).copied().unwrap_or(0)
+    }
+
     /// Changes whenever a request starts or ends on an adapter.
     pub fn usage_epoch(&self) -> u64 {
         self.usage_epoch

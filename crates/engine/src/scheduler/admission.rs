@@ -24,6 +24,7 @@ impl Scheduler {
                 return;
             }
             self.running[i].preempted = false;
+            engine.reuse_cached_prefix(&mut self.running[i].seq);
             committed += need;
         }
         // Adapters read for requests that have since gone must not hold the read-ahead bound.

@@ -205,6 +205,6 @@ impl BatchLoop {
             self.last_adapter_state = state;
             self.publish_adapters();
         }
-        self.emitter.scheduler_gauges(&self.scheduler, self.engine.loras().stats());
+        self.emitter.scheduler_gauges(&self.scheduler, self.engine.loras().stats(), self.engine.prefix_cache_stats());
     }
 }

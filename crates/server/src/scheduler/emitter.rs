@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
 use loramux_engine::lora::{AdapterInfo, LoraManager, LoraManagerStats};
+use loramux_engine::prefix_cache::PrefixCacheStats;
 use loramux_engine::tokenizer::Tokenizer;
 use loramux_engine::{RequestEvent, RequestId, SampledToken, Scheduler, StepReport};
 use tokio::sync::mpsc as tmpsc;
@@ -34,6 +35,7 @@ pub(super) struct Emitter {
     /// `vllm:lora_requests_info`'s running and waiting lists as last published.
     lora_info: (String, String),
     last_stats: LoraManagerStats,
+    last_prefix: PrefixCacheStats,
 }
 
 impl Emitter {
@@ -46,6 +48,7 @@ impl Emitter {
             max_loras,
             lora_info: (String::new(), String::new()),
             last_stats: LoraManagerStats::default(),
+            last_prefix: PrefixCacheStats::default(),
         }
     }
 
@@ -184,8 +187,13 @@ impl Emitter {
     }
 
     /// Queue, KV and adapter gauges after a step, and the adapter load counters.
-    pub fn scheduler_gauges(&mut self, scheduler: &Scheduler, stats: &LoraManagerStats) {
+    pub fn scheduler_gauges(&mut self, scheduler: &Scheduler, stats: &LoraManagerStats, prefix: PrefixCacheStats) {
         let m = &self.metrics;
+        m.vllm_prefix_queries.inc_by(prefix.queried_tokens - self.last_prefix.queried_tokens);
+        m.vllm_prefix_hits.inc_by(prefix.hit_tokens - self.last_prefix.hit_tokens);
+        m.prefix_cache_evictions.inc_by(prefix.evicted_blocks - self.last_prefix.evicted_blocks);
+        m.prefix_cache_bytes.set(prefix.bytes as i64);
+        self.last_prefix = prefix;
         m.adapter_loads.inc_by(stats.loads - self.last_stats.loads);
         m.adapter_evictions.inc_by(stats.evictions - self.last_stats.evictions);
         m.adapter_load_seconds.inc_by((stats.load_seconds - self.last_stats.load_seconds).max(0.0));

@@ -66,6 +66,7 @@ fn load(location: ModelLocation, settings: &Settings, lora_dirs: &[PathBuf]) -> 
         dequantize: settings.dequantize,
         max_model_len: settings.max_model_len,
         lora: settings.lora.clone(),
+        prefix_cache_bytes: settings.prefix_cache_bytes,
         ..EngineOptions::default()
     };
     let mut engine = Engine::load(&location, &options)?;
