@@ -7,7 +7,7 @@
 //! interleaved rounds, so a slow spell of a shared machine does not fall on one side.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use loramux_engine::lora::LoraModule;
 use loramux_engine::prefix_cache::DEFAULT_PREFIX_CACHE_BYTES;
@@ -95,7 +95,12 @@ pub struct StepTimes {
 /// A scheduler that runs `n` sequences of `prompt_len` tokens in one batch, every prompt
 /// prefilled in one pass: the batching `serve` and `generate` use, without a memory limit.
 fn batch_scheduler(engine: &Engine, n: usize, prompt_len: usize) -> Scheduler {
-    let cfg = SchedulerConfig { max_num_batched_tokens: (n * prompt_len).max(8192), ..SchedulerConfig::for_batch(n) };
+    batch_scheduler_with(engine, n, prompt_len, None)
+}
+
+/// [`batch_scheduler`] with `--auto-merge` after `auto_merge_after`.
+fn batch_scheduler_with(engine: &Engine, n: usize, prompt_len: usize, auto_merge_after: Option<Duration>) -> Scheduler {
+    let cfg = SchedulerConfig { max_num_batched_tokens: (n * prompt_len).max(8192), auto_merge_after, ..SchedulerConfig::for_batch(n) };
     Scheduler::new(cfg, engine).expect("benchmark scheduler")
 }
 
@@ -111,8 +116,20 @@ fn add_requests(sched: &mut Scheduler, engine: &mut Engine, adapters: &[Option<S
 
 /// Times `steps` decode steps of `adapters.len()` sequences, each scheduler step alone.
 pub fn decode_step_seconds(engine: &mut Engine, adapters: &[Option<String>], prompt_len: usize, steps: usize) -> StepTimes {
+    decode_step_seconds_with(engine, adapters, prompt_len, steps, None)
+}
+
+/// [`decode_step_seconds`] under `--auto-merge` after `auto_merge_after` (a merge falls in
+/// the untimed first step when the hysteresis is zero).
+fn decode_step_seconds_with(
+    engine: &mut Engine,
+    adapters: &[Option<String>],
+    prompt_len: usize,
+    steps: usize,
+    auto_merge_after: Option<Duration>,
+) -> StepTimes {
     let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(steps + 2) };
-    let mut sched = batch_scheduler(engine, adapters.len(), prompt_len);
+    let mut sched = batch_scheduler_with(engine, adapters.len(), prompt_len, auto_merge_after);
     add_requests(&mut sched, engine, adapters, prompt_len, 0, &params);
     sched.step(engine); // admission, prefill and the first token
     sched.step(engine); // warm-up decode
@@ -323,6 +340,54 @@ pub fn adapter_load(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn
     rows.push(row("adapter_load", "rank-16 all-linear load from disk, p95", 1, crate::stats::percentile(&times, 95.0).unwrap_or(f64::NAN), "ms"));
     rows.push(row("adapter_memory", "adapter weights in memory (per adapter)", 1, bytes / 1e6, "MB"));
     rows.push(row("adapter_memory", "adapter file size (bf16)", 1, file / 1e6, "MB"));
+}
+
+/// `--auto-merge` on a float base: decode step time of one-adapter traffic (folded after
+/// the first step) against the base and against the same traffic unmerged, two-adapter
+/// traffic with and without `--auto-merge` (never folded), and the fold and unfold times.
+pub fn auto_merge(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn(&str)) {
+    let mut engine = load(cfg, true, 4);
+    let shapes = engine.loras().shapes().clone();
+    for (name, seed) in [("x", 31), ("y", 32)] {
+        let dir = cfg.work_dir.join(format!("merge-{name}"));
+        write_random_adapter(&dir, &shapes, 16, seed).expect("write adapter");
+        engine.loras_mut().load(name, &dir).expect("load adapter");
+    }
+    let b = cfg.mixed_batch;
+    let on = Some(Duration::ZERO);
+    let one: Vec<Option<String>> = vec![Some("x".into()); b];
+    let two: Vec<Option<String>> = (0..b).map(|i| Some(["x", "y"][i % 2].to_string())).collect();
+    let cases: [(&str, &[Option<String>], Option<Duration>); 5] = [
+        ("base", &vec![None; b], None),
+        ("1 adapter, unmerged", &one, None),
+        ("1 adapter, --auto-merge", &one, on),
+        ("2 adapters, unmerged", &two, None),
+        ("2 adapters, --auto-merge", &two, on),
+    ];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for round in 0..ROUNDS {
+        progress(&format!("auto-merge, round {}", round + 1));
+        for ((_, adapters, after), t) in cases.iter().zip(&mut times) {
+            t.push(decode_step_seconds_with(&mut engine, adapters, cfg.prompt_len, cfg.decode_steps, *after).median);
+            engine.unmerge_adapter();
+        }
+    }
+    let steps: Vec<f64> = times.into_iter().map(median).collect();
+    let label = "rank-16 all-linear, float32 base";
+    for ((case, _, _), step) in cases.iter().zip(&steps) {
+        rows.push(row("auto_merge", format!("{label}: {case}, decode step"), b, step * 1e3, "ms"));
+    }
+    rows.push(row("auto_merge", "1 adapter --auto-merge / base, decode step", b, steps[2] / steps[0], "x"));
+    rows.push(row("auto_merge", "1 adapter --auto-merge / unmerged, decode step", b, steps[2] / steps[1], "x"));
+    rows.push(row("auto_merge", "2 adapters --auto-merge / unmerged, decode step", b, steps[4] / steps[3], "x"));
+    progress("merge and unmerge times");
+    let (mut merge, mut unmerge) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        merge.push(engine.merge_adapter("x").expect("merge") * 1e3);
+        unmerge.push(engine.unmerge_adapter() * 1e3);
+    }
+    rows.push(row("auto_merge", format!("{label}: merge (fold B·A into the weights), median of 5"), 1, median(merge), "ms"));
+    rows.push(row("auto_merge", format!("{label}: unmerge (restore the kept weights), median of 5"), 1, median(unmerge), "ms"));
 }
 
 /// Trials of each prefix-cache case (medians reported).

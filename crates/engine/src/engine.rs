@@ -205,6 +205,9 @@ pub struct Engine {
     input: Arc<InputProcessor>,
     loras: LoraManager,
     prefix_cache: PrefixCache,
+    /// The adapter folded into the weights for good (`merge_adapter_dir`): requests naming
+    /// it run with no adapter applied and never need a slot.
+    permanent_merge: Option<String>,
     eos_ids: Vec<u32>,
     next_id: u64,
     /// Fault injection for tests: a pass with a row of this adapter panics.
@@ -355,7 +358,7 @@ impl Engine {
         }
         let loras = LoraManager::new(ModuleShapes::from_config(&cfg), options.lora.clone());
         let prefix_cache = PrefixCache::new(options.prefix_cache_bytes, cfg.num_hidden_layers, cfg.num_key_value_heads * cfg.head_dim);
-        Ok(Self { model, input, loras, prefix_cache, eos_ids, next_id: 0, panic_on_forward: None })
+        Ok(Self { model, input, loras, prefix_cache, permanent_merge: None, eos_ids, next_id: 0, panic_on_forward: None })
     }
 
     /// Makes every forward pass with a row of adapter `name` panic (fault-injection tests only).
@@ -417,12 +420,13 @@ impl Engine {
 
     /// Starts a sequence for a processed request, pinning its adapter (read from disk now
     /// if known but not resident). Call [`Engine::finish_sequence`] when done. A request
-    /// for the adapter merged into the base weights runs with no adapter applied.
+    /// for the adapter merged into the base weights for good runs with no adapter; one for
+    /// an adapter merged for now still pins it, to run unmerged when it is unfolded.
     pub fn start_sequence(&mut self, request: ProcessedRequest) -> Result<Sequence> {
         let max_tokens = request.max_tokens();
         let (lora, prompt_ids, params) = request.into_parts();
         let slot = match &lora {
-            Some(l) if self.model.merged_adapter() == Some(l.lora_name.as_str()) => None,
+            Some(l) if self.permanent_merge.as_deref() == Some(l.lora_name.as_str()) => None,
             Some(l) => Some(self.loras.acquire(&l.lora_name)?),
             None => None,
         };
@@ -478,8 +482,11 @@ impl Engine {
             spans.push(SeqSpan { start, len: take[i], pos: from });
         }
         let rows = tokens.len();
+        // Rows of the adapter folded into the weights get no update on top.
+        let merged = self.model.merged_adapter();
+        let unmerged_slot = |s: &Sequence| s.slot.filter(|_| merged.is_none() || s.lora.as_ref().map(|l| l.lora_name.as_str()) != merged);
         let lora = LoraBatch::from_runs(
-            order.iter().zip(&spans).map(|(&i, span)| (span.start..span.start + span.len, batch[i].slot.and_then(|s| self.loras.get(s)))),
+            order.iter().zip(&spans).map(|(&i, span)| (span.start..span.start + span.len, unmerged_slot(batch[i]).and_then(|s| self.loras.get(s)))),
         );
         let mut ordered: Vec<&mut Sequence> = Vec::with_capacity(order.len());
         {
@@ -537,12 +544,16 @@ impl Engine {
         Scheduler::new(SchedulerConfig::for_batch(processed.len()), self)?.run_to_completion(self, processed)
     }
 
-    /// Folds a resident or known adapter into the float base weights (restorable).
-    pub fn merge_adapter(&mut self, name: &str) -> Result<()> {
+    /// Folds a resident or known adapter into the float base weights, restorably: its
+    /// sequences then run on the merged weights with no update on top, everything else
+    /// must wait for [`Engine::unmerge_adapter`]. Returns the seconds it took.
+    pub fn merge_adapter(&mut self, name: &str) -> Result<f64> {
+        let t = Instant::now();
         let slot = self.loras.acquire(name)?;
         let adapter = self.loras.get_by_name(name).expect("just acquired");
         self.loras.release(slot);
-        self.model.merge_lora(&adapter, true)
+        self.model.merge_lora(&adapter, true)?;
+        Ok(t.elapsed().as_secs_f64())
     }
 
     /// Folds the PEFT adapter in `path` into the float base weights for good and returns
@@ -560,6 +571,7 @@ impl Engine {
         let t = Instant::now();
         let adapter = LoraModel::load(&name, path, self.loras.shapes(), usize::MAX)?;
         self.model.merge_lora(&adapter, false)?;
+        self.permanent_merge = Some(name.clone());
         tracing::info!(
             adapter = %name,
             path = %path.display(),
@@ -570,8 +582,15 @@ impl Engine {
         Ok(name)
     }
 
-    /// Restores the base weights.
-    pub fn unmerge_adapter(&mut self) {
+    /// Restores the base weights after [`Engine::merge_adapter`]; returns the seconds it took.
+    pub fn unmerge_adapter(&mut self) -> f64 {
+        let t = Instant::now();
         self.model.unmerge_lora();
+        t.elapsed().as_secs_f64()
+    }
+
+    /// The adapter folded into the weights restorably ([`Engine::merge_adapter`]), if any.
+    pub fn merged_adapter(&self) -> Option<&str> {
+        self.model.merged_adapter().filter(|m| self.permanent_merge.as_deref() != Some(*m))
     }
 }

@@ -80,8 +80,8 @@ struct EngineArgs {
     /// Shared system prompt length in the prefix-cache section (section `prefix`).
     #[arg(long, default_value_t = 1000)]
     prefix_tokens: usize,
-    /// Sections to run: throughput, lora, load, mix, prefix.
-    #[arg(long, value_delimiter = ',', default_value = "throughput,lora,load,mix,prefix")]
+    /// Sections to run: throughput, lora, load, mix, prefix, automerge.
+    #[arg(long, value_delimiter = ',', default_value = "throughput,lora,load,mix,prefix,automerge")]
     sections: Vec<String>,
     /// Where to write the JSON result.
     #[arg(long, default_value = "results/engine_benchmark.json")]
@@ -167,7 +167,10 @@ where
 
 fn run_engine(a: EngineArgs) -> Result<()> {
     for s in &a.sections {
-        anyhow::ensure!(["throughput", "lora", "load", "mix", "prefix"].contains(&s.as_str()), "unknown section '{s}' (throughput, lora, load, mix, prefix)");
+        anyhow::ensure!(
+            ["throughput", "lora", "load", "mix", "prefix", "automerge"].contains(&s.as_str()),
+            "unknown section '{s}' (throughput, lora, load, mix, prefix, automerge)"
+        );
     }
     let work = std::env::temp_dir().join(format!("loramux-bench-{}", std::process::id()));
     let cfg = EngineBenchConfig {
@@ -201,6 +204,9 @@ fn run_engine(a: EngineArgs) -> Result<()> {
     }
     if a.sections.iter().any(|s| s == "prefix") {
         engine_bench::prefix_ttft(&cfg, &mut rows, &progress);
+    }
+    if a.sections.iter().any(|s| s == "automerge") {
+        engine_bench::auto_merge(&cfg, &mut rows, &progress);
     }
     std::fs::remove_dir_all(&work).ok();
     if let Some(dir) = a.out.parent() {

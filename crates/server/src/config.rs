@@ -38,6 +38,7 @@ pub mod defaults {
     pub const MAX_WAITING: usize = scheduler::MAX_WAITING;
     pub const MAX_QUEUE_DELAY_SECS: f64 = scheduler::MAX_QUEUE_DELAY.as_secs_f64();
     pub const ADAPTER_WAIT_SECS: f64 = scheduler::ADAPTER_WAIT.as_secs_f64();
+    pub const AUTO_MERGE_AFTER_SECS: f64 = 2.0;
     pub const MAX_N: usize = 16;
 }
 
@@ -143,6 +144,12 @@ pub struct ServeConfig {
     /// How long a request blocked on adapter capacity lets later requests overtake it.
     #[arg(long, value_name = "SECS", help = format!("Seconds a request waiting for an adapter slot lets later requests (for resident adapters) overtake it [default: {}]", defaults::ADAPTER_WAIT_SECS))]
     pub adapter_wait_secs: Option<f64>,
+    /// One adapter holding all the traffic then costs what the base costs (needs a float base).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", help = "Fold an adapter into the base weights while it alone holds every request, unfold it when a request for the base or another adapter arrives; needs a float base (a GGUF with --dequantize) [default: false]")]
+    pub auto_merge: Option<bool>,
+    /// Hysteresis of --auto-merge, so alternating traffic does not fold and unfold at every step.
+    #[arg(long, value_name = "SECS", help = format!("How long one adapter must hold every request before --auto-merge folds it [default: {}]", defaults::AUTO_MERGE_AFTER_SECS))]
+    pub auto_merge_after_secs: Option<f64>,
     /// Drain time, so a restart does not cut off answers in flight.
     #[arg(long, value_name = "SECS", help = format!("Seconds in-flight requests get to finish on SIGINT/SIGTERM before they are cancelled [default: {}]", defaults::SHUTDOWN_TIMEOUT_SECS))]
     pub shutdown_timeout_secs: Option<f64>,
@@ -279,6 +286,7 @@ impl ServeConfig {
             max_lora_rank, max_lora_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill,
             max_model_len, kv_cache_gib, enable_prefix_caching, prefix_cache_gib, host, port, api_key, admin_api_key, enable_lora_updates, dequantize,
             max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, max_queue_delay_secs, adapter_wait_secs,
+            auto_merge, auto_merge_after_secs,
             shutdown_timeout_secs, debug_fault
         )
     }
@@ -348,6 +356,13 @@ impl ServeConfig {
         let shutdown_timeout =
             seconds("--shutdown-timeout-secs", self.shutdown_timeout_secs.unwrap_or(defaults::SHUTDOWN_TIMEOUT_SECS))?;
         let adapter_wait = seconds("--adapter-wait-secs", self.adapter_wait_secs.unwrap_or(defaults::ADAPTER_WAIT_SECS))?;
+        let auto_merge_after = match self.auto_merge.unwrap_or(false) {
+            true => Some(seconds("--auto-merge-after-secs", self.auto_merge_after_secs.unwrap_or(defaults::AUTO_MERGE_AFTER_SECS))?),
+            false => None,
+        };
+        if auto_merge_after.is_some() && self.merge_lora.is_some() {
+            return bad("--auto-merge and --merge-lora both change the base weights; use one".into());
+        }
         let served_model_name = self.served_model_name.unwrap_or_else(|| model_spec.to_string());
         if served_model_name.is_empty() {
             return bad("--served-model-name must not be empty".into());
@@ -389,6 +404,7 @@ impl ServeConfig {
             max_waiting,
             max_queue_delay,
             adapter_wait,
+            auto_merge_after,
             debug_faults: DebugFaults::parse(&self.debug_fault.unwrap_or_default())?,
         })
     }
@@ -441,6 +457,8 @@ pub struct Settings {
     pub max_queue_delay: Option<Duration>,
     /// How long a request blocked on adapter capacity lets later requests overtake it.
     pub adapter_wait: Duration,
+    /// `--auto-merge` with its hysteresis; `None`: off.
+    pub auto_merge_after: Option<Duration>,
     /// Faults injected on purpose (tests only).
     pub debug_faults: DebugFaults,
 }

@@ -13,6 +13,7 @@ const ITL_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15,
 const E2E_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 240.0];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 const TOKEN_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
+const MERGE_BUCKETS: &[f64] = &[0.0001, 0.001, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 const LOAD_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 /// This process's resident memory now and at its peak, in bytes.
@@ -89,6 +90,11 @@ pub struct Metrics {
     pub adapter_requests: IntCounterVec,
     pub adapter_last_used: GaugeVec,
     pub max_loras: IntGauge,
+    pub lora_merges: IntCounterVec,
+    pub lora_unmerges: IntCounterVec,
+    pub lora_merge_seconds: Histogram,
+    pub lora_unmerge_seconds: Histogram,
+    pub lora_merged: GaugeVec,
     /// Process memory (Prometheus' standard name, and the peak), set at each scrape so a
     /// benchmark can read the memory of a server it did not start. Absent without procfs.
     process_memory: Option<(IntGauge, IntGauge)>,
@@ -163,6 +169,11 @@ impl Metrics {
             adapter_requests: reg(&r, IntCounterVec::new(Opts::new("loramux_adapter_requests_total", "Per known adapter: requests started on it since it became known."), adapter).unwrap()),
             adapter_last_used: reg(&r, GaugeVec::new(Opts::new("loramux_adapter_last_used_timestamp_seconds", "Per known adapter: Unix time a request last started or ended on it (absent if never used)."), adapter).unwrap()),
             max_loras: reg(&r, IntGauge::new("loramux_max_loras", "Adapters that may be resident at once (--max-loras).").unwrap()),
+            lora_merges: reg(&r, IntCounterVec::new(Opts::new("loramux_lora_merges_total", "Times --auto-merge folded an adapter into the base weights."), adapter).unwrap()),
+            lora_unmerges: reg(&r, IntCounterVec::new(Opts::new("loramux_lora_unmerges_total", "Times --auto-merge unfolded an adapter because other traffic arrived."), adapter).unwrap()),
+            lora_merge_seconds: reg(&r, Histogram::with_opts(h("loramux_lora_merge_seconds", "Time to fold an adapter into the base weights (the batch loop waits for it).", MERGE_BUCKETS)).unwrap()),
+            lora_unmerge_seconds: reg(&r, Histogram::with_opts(h("loramux_lora_unmerge_seconds", "Time to restore the base weights.", MERGE_BUCKETS)).unwrap()),
+            lora_merged: reg(&r, GaugeVec::new(Opts::new("loramux_lora_merged", "1 for the adapter folded into the base weights by --auto-merge, if any."), adapter).unwrap()),
             process_memory: process_memory().map(|_| {
                 (
                     reg(&r, IntGauge::new("process_resident_memory_bytes", "Resident memory size in bytes.").unwrap()),

@@ -439,6 +439,29 @@ async fn shared_system_prompt_is_prefilled_once_per_adapter() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_merge_folds_a_sole_adapter_unfolds_for_others_and_answers_the_same() {
+    let mut settings = with_modules("llama", &["a", "b"]);
+    settings.auto_merge_after = Some(Duration::ZERO);
+    let srv = TestServer::tiny("llama", settings).await;
+    let plain = TestServer::tiny("llama", with_modules("llama", &["a", "b"])).await;
+    let series = |text: &str, kind: &str, name: &str| metric_value(text, &format!("loramux_lora_{kind}_total{{adapter=\"{name}\"}}"));
+    // Idle, the fold stays; the base unfolds it; b then a each fold in turn.
+    for (model, merges_a, unmerges_a) in [("a", 1.0, 0.0), ("a", 1.0, 0.0), ("tiny", 1.0, 1.0), ("b", 1.0, 1.0), ("a", 2.0, 1.0)] {
+        let got = srv.chat_text(model, "hello there", 8).await;
+        assert_eq!(got, plain.chat_text(model, "hello there", 8).await, "{model}: merged weights changed the answer");
+        let (_, text) = srv.get("/metrics").await;
+        assert_eq!((series(&text, "merges", "a"), series(&text, "unmerges", "a")), (merges_a, unmerges_a), "after a request on {model}");
+    }
+    let (_, text) = srv.get("/metrics").await;
+    assert_eq!(metric_value(&text, "loramux_lora_merged{adapter=\"a\"}"), 1.0);
+    assert_eq!(metric_value(&text, "loramux_lora_merges_total{adapter=\"b\"}"), 1.0);
+    assert_eq!(metric_value(&text, "loramux_lora_unmerges_total{adapter=\"b\"}"), 1.0);
+    assert_eq!(metric_value(&text, "loramux_lora_merge_seconds_count"), 3.0);
+    srv.shutdown().await;
+    plain.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move() {
     let srv = TestServer::tiny("llama", with_modules("llama", &["a"])).await;
     let (st, text) = srv.get("/metrics").await;

@@ -14,6 +14,7 @@
 mod admission;
 mod batch;
 mod budget;
+mod merge;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -126,6 +127,9 @@ pub struct SchedulerConfig {
     pub max_queue_delay: Option<Duration>,
     /// How long a request blocked on adapter capacity lets later requests overtake it.
     pub adapter_wait: Duration,
+    /// Fold an adapter into the (float) base weights once it has held every request this
+    /// long, and unfold it when another request arrives ([`merge`]); `None`: never.
+    pub auto_merge_after: Option<Duration>,
 }
 
 /// Default limits of a server on this engine (`loramux serve` shows them in its help).
@@ -153,6 +157,7 @@ impl Default for SchedulerConfig {
             max_waiting: defaults::MAX_WAITING,
             max_queue_delay: Some(defaults::MAX_QUEUE_DELAY),
             adapter_wait: defaults::ADAPTER_WAIT,
+            auto_merge_after: None,
         }
     }
 }
@@ -168,6 +173,7 @@ impl SchedulerConfig {
             max_waiting: n.max(1),
             max_queue_delay: None,
             adapter_wait: Duration::ZERO,
+            auto_merge_after: None,
         }
     }
 }
@@ -216,6 +222,10 @@ pub struct StepReport {
     pub adapters_loaded: Vec<(String, f64)>,
     /// Adapter reads that failed since the last step.
     pub adapter_load_failures: usize,
+    /// Adapters folded into the weights in this step, with the seconds it took.
+    pub merges: Vec<(String, f64)>,
+    /// Adapters unfolded in this step, with the seconds it took.
+    pub unmerges: Vec<(String, f64)>,
 }
 
 struct Waiting {
@@ -252,6 +262,7 @@ pub struct Scheduler {
     pending: Vec<RequestOutput>,
     /// Fault injection for tests: an adapter name whose admission panics.
     panic_on_admit: Option<String>,
+    merge: merge::MergeState,
 }
 
 /// Requests started since `since`, and whether some request waited all along (the window
@@ -306,6 +317,7 @@ impl Scheduler {
             running: Vec::new(),
             pending: Vec::new(),
             panic_on_admit: None,
+            merge: merge::MergeState::default(),
         })
     }
 
@@ -369,12 +381,17 @@ impl Scheduler {
 
     /// Loads an adapter read off the loop (vLLM's `load_lora_adapter`).
     pub fn load_adapter(&mut self, engine: &mut Engine, model: LoraModel, seconds: f64, replace: bool) -> Result<InsertOutcome> {
+        if replace {
+            let name = model.name.clone();
+            self.unmerge_if(engine, &name);
+        }
         engine.loras_mut().add(model, seconds, replace)
     }
 
     /// Unloads an adapter (vLLM's `unload_lora_adapter`): running requests on it finish,
     /// waiting ones fail as for an unknown model.
     pub fn unload_adapter(&mut self, engine: &mut Engine, name: &str) -> Result<UnloadOutcome> {
+        self.unmerge_if(engine, name);
         let outcome = engine.loras_mut().unload(name)?;
         let mut kept = VecDeque::with_capacity(self.waiting.len());
         for w in self.waiting.drain(..) {
@@ -443,6 +460,7 @@ impl Scheduler {
         self.admit(engine, &mut report.outputs);
         self.measure_start_rate(now, self.running.len() - running_before);
         report.preemptions = self.preempt_to_fit();
+        self.steer_merge(engine, &mut report);
         self.run_batch(engine, &mut report);
         report
     }

@@ -108,6 +108,17 @@ impl Emitter {
             m.adapter_load_latency.observe(*seconds);
         }
         m.adapter_load_failures.inc_by(report.adapter_load_failures as u64);
+        for (name, seconds) in &report.unmerges {
+            m.lora_unmerges.with_label_values(&[name]).inc();
+            m.lora_unmerge_seconds.observe(*seconds);
+            m.lora_merged.reset();
+        }
+        for (name, seconds) in &report.merges {
+            m.lora_merges.with_label_values(&[name]).inc();
+            m.lora_merge_seconds.observe(*seconds);
+            m.lora_merged.reset();
+            m.lora_merged.with_label_values(&[name]).set(1.0);
+        }
         for out in report.outputs {
             match out.event {
                 RequestEvent::Started { prompt_tokens } => {

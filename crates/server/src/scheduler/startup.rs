@@ -74,6 +74,13 @@ fn load(location: ModelLocation, settings: &Settings, lora_dirs: &[PathBuf]) -> 
     if let Some(path) = &settings.merge_lora {
         engine.merge_adapter_dir(path).map_err(|source| ServerError::MergeLora { path: path.clone(), source })?;
     }
+    if settings.auto_merge_after.is_some() && engine.model().is_quantized() {
+        return Err(ServerError::Config(
+            "--auto-merge folds adapters into float weights, but the model's weights are quantized: add --dequantize \
+             (on a CPU the quantized kernels are faster than any merge saves; see BENCHMARKS.md \"Automatic merge\")"
+                .into(),
+        ));
+    }
     let scheduler = Scheduler::new(
         SchedulerConfig {
             max_num_seqs: settings.max_num_seqs,
@@ -83,6 +90,7 @@ fn load(location: ModelLocation, settings: &Settings, lora_dirs: &[PathBuf]) -> 
             max_waiting: settings.max_waiting,
             max_queue_delay: settings.max_queue_delay,
             adapter_wait: settings.adapter_wait,
+            auto_merge_after: settings.auto_merge_after,
         },
         &engine,
     )
