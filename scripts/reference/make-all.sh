@@ -2,9 +2,10 @@
 # Regenerate every golden fixture and the example adapters, in order:
 #   1. reference venv (outside the repo), 2. real models into the cache,
 #   3. tiny random-model fixtures, 4. SentencePiece GGUF tokenizer fixture,
-#   5. example adapters (trained), 6. real-model fixtures.
+#   5. example adapters (trained), 6. GGUF LoRA adapters (llama.cpp's converter),
+#   7. real-model fixtures.
 # Environment: LORAMUX_CACHE (default ~/.cache/loramux). Steps can be skipped with
-#   SKIP_TINY=1 SKIP_SPM=1 SKIP_TRAIN=1 SKIP_REAL=1 ./scripts/reference/make-all.sh
+#   SKIP_TINY=1 SKIP_SPM=1 SKIP_TRAIN=1 SKIP_GGUF_LORA=1 SKIP_REAL=1 ./scripts/reference/make-all.sh
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -26,6 +27,10 @@ fi
 if [ "${SKIP_TRAIN:-0}" != 1 ]; then
   echo "== example adapters" >&2
   "$PY" "$HERE/train_example_adapters.py" --out "$REPO/adapters"
+fi
+if [ "${SKIP_GGUF_LORA:-0}" != 1 ]; then
+  echo "== GGUF LoRA adapters (llama.cpp's convert_lora_to_gguf.py)" >&2
+  "$PY" "$HERE/make_gguf_lora_fixture.py" --tiny "$REPO/fixtures/tiny" --adapters "$REPO/adapters"
 fi
 if [ "${SKIP_REAL:-0}" != 1 ]; then
   echo "== real-model fixtures" >&2

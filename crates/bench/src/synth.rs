@@ -1,9 +1,11 @@
 //! Synthetic PEFT adapters of any rank, targets and dtype for benchmarks: random weights
-//! in PEFT's file format, so loading goes through exactly the path real adapters take.
+//! in PEFT's file format, so loading goes through exactly the path real adapters take; and
+//! the same adapter in llama.cpp's GGUF adapter format, to compare the two.
 
 use std::path::Path;
 
 use loramux_engine::lora::{LoraModule, ModuleShapes};
+use loramux_engine::Architecture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::tensor::TensorView;
@@ -53,11 +55,43 @@ fn encode(value: f32, dtype: Dtype, out: &mut Vec<u8>) {
     }
 }
 
-/// Writes `adapter_config.json` and `adapter_model.safetensors` for `spec` into `dir`.
-pub fn write_adapter(dir: &Path, shapes: &ModuleShapes, spec: &AdapterSpec) -> std::io::Result<()> {
+/// One projection's random pair: `lora_A` `[r][in]` and `lora_B` `[out][r]`, encoded in
+/// the spec's dtype.
+struct RandomPair {
+    layer: usize,
+    module: LoraModule,
+    a: Vec<u8>,
+    b: Vec<u8>,
+}
+
+/// The random weights of `spec`, the same for every format they are written in.
+fn random_pairs(shapes: &ModuleShapes, spec: &AdapterSpec) -> std::io::Result<Vec<RandomPair>> {
     if !matches!(spec.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
         return Err(std::io::Error::other(format!("adapter dtype {:?} is not one PEFT writes", spec.dtype)));
     }
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let mut random = |n: usize| {
+        let mut bytes = Vec::with_capacity(n * (spec.dtype.bitsize() / 8));
+        for _ in 0..n {
+            encode(rng.random::<f32>() * 0.02 - 0.01, spec.dtype, &mut bytes);
+        }
+        bytes
+    };
+    let mut pairs = Vec::new();
+    for layer in 0..shapes.layers {
+        for &module in &spec.targets {
+            let (out_dim, in_dim) = shapes.shapes[module.index()];
+            let a = random(spec.rank * in_dim);
+            let b = random(out_dim * spec.rank);
+            pairs.push(RandomPair { layer, module, a, b });
+        }
+    }
+    Ok(pairs)
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` for `spec` into `dir`.
+pub fn write_adapter(dir: &Path, shapes: &ModuleShapes, spec: &AdapterSpec) -> std::io::Result<()> {
+    let pairs = random_pairs(shapes, spec)?;
     std::fs::create_dir_all(dir)?;
     let targets: serde_json::Value = if spec.targets.len() == LoraModule::ALL.len() {
         "all-linear".into()
@@ -70,28 +104,103 @@ pub fn write_adapter(dir: &Path, shapes: &ModuleShapes, spec: &AdapterSpec) -> s
         "task_type": "CAUSAL_LM",
     });
     std::fs::write(dir.join("adapter_config.json"), serde_json::to_vec_pretty(&config)?)?;
-    let mut rng = StdRng::seed_from_u64(spec.seed);
-    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    for layer in 0..shapes.layers {
-        for &module in &spec.targets {
-            let (out_dim, in_dim) = shapes.shapes[module.index()];
-            let name = format!("base_model.model.{}", module.module_name(layer));
-            for (suffix, shape) in [("lora_A", vec![spec.rank, in_dim]), ("lora_B", vec![out_dim, spec.rank])] {
-                let n: usize = shape.iter().product();
-                let mut bytes = Vec::with_capacity(n * (spec.dtype.bitsize() / 8));
-                for _ in 0..n {
-                    encode(rng.random::<f32>() * 0.02 - 0.01, spec.dtype, &mut bytes);
-                }
-                buffers.push((format!("{name}.{suffix}.weight"), shape, bytes));
+    let mut views: Vec<(String, TensorView<'_>)> = Vec::new();
+    for p in &pairs {
+        let (out_dim, in_dim) = shapes.shapes[p.module.index()];
+        let name = format!("base_model.model.{}", p.module.module_name(p.layer));
+        for (suffix, shape, bytes) in [("lora_A", vec![spec.rank, in_dim], &p.a), ("lora_B", vec![out_dim, spec.rank], &p.b)] {
+            views.push((format!("{name}.{suffix}.weight"), TensorView::new(spec.dtype, shape, bytes).expect("consistent view")));
+        }
+    }
+    // One write, as the GGUF twin is written: how a file was written (one large write or
+    // many small ones) changes how fast the page cache serves it back, by up to 2x here.
+    let bytes = safetensors::serialize(views, None).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join("adapter_model.safetensors"), bytes)
+}
+
+/// Writes the adapter [`write_adapter`] writes for `spec` as one GGUF file at `path`, laid
+/// out as llama.cpp's `convert_lora_to_gguf.py` lays it out (one alpha; tensors
+/// `blk.N.<module>.weight.lora_a/lora_b`; for Llama the q/k `lora_b` rows permuted per head
+/// as llama.cpp permutes the base q/k weights), so the two files hold the same adapter.
+pub fn write_gguf_adapter(path: &Path, shapes: &ModuleShapes, spec: &AdapterSpec) -> std::io::Result<()> {
+    const GGUF_MODULES: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+    const ALIGNMENT: usize = 32;
+    let pairs = random_pairs(shapes, spec)?;
+    let ggml_type: u32 = match spec.dtype {
+        Dtype::F32 => 0,
+        Dtype::F16 => 1,
+        _ => 30, // BF16
+    };
+    let architecture = match shapes.architecture {
+        Architecture::Llama => "llama",
+        Architecture::Qwen2 => "qwen2",
+        Architecture::Qwen3 => "qwen3",
+    };
+    let mut tensors: Vec<(String, [usize; 2], Vec<u8>)> = Vec::new();
+    for p in pairs {
+        let (out_dim, in_dim) = shapes.shapes[p.module.index()];
+        let heads = match (shapes.architecture, p.module) {
+            (Architecture::Llama, LoraModule::QProj) => Some(shapes.heads),
+            (Architecture::Llama, LoraModule::KProj) => Some(shapes.kv_heads),
+            _ => None,
+        };
+        let b = match heads {
+            Some(heads) => permute_rows(&p.b, out_dim, heads),
+            None => p.b,
+        };
+        let name = format!("blk.{}.{}.weight", p.layer, GGUF_MODULES[p.module.index()]);
+        tensors.push((format!("{name}.lora_a"), [spec.rank, in_dim], p.a));
+        tensors.push((format!("{name}.lora_b"), [out_dim, spec.rank], b));
+    }
+    let string = |out: &mut Vec<u8>, s: &str| {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    };
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend(4u64.to_le_bytes());
+    for (key, value) in [("general.architecture", architecture), ("general.type", "adapter"), ("adapter.type", "lora")] {
+        string(&mut out, key);
+        out.extend(8u32.to_le_bytes());
+        string(&mut out, value);
+    }
+    string(&mut out, "adapter.lora.alpha");
+    out.extend(6u32.to_le_bytes());
+    out.extend((2.0 * spec.rank as f32).to_le_bytes());
+    let mut offset = 0usize;
+    for (name, [rows, cols], data) in &tensors {
+        string(&mut out, name);
+        out.extend(2u32.to_le_bytes());
+        // GGUF lists dimensions innermost first.
+        out.extend((*cols as u64).to_le_bytes());
+        out.extend((*rows as u64).to_le_bytes());
+        out.extend(ggml_type.to_le_bytes());
+        out.extend((offset as u64).to_le_bytes());
+        offset += data.len().div_ceil(ALIGNMENT) * ALIGNMENT;
+    }
+    out.resize(out.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
+    for (.., data) in &tensors {
+        out.extend(data);
+        out.resize(out.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
+    }
+    std::fs::write(path, out)
+}
+
+/// llama.cpp's `permute` of q/k rows for interleaved rotary: PyTorch row
+/// `h*hd + j*hd/2 + i` goes to row `h*hd + 2i + j`.
+fn permute_rows(data: &[u8], rows: usize, heads: usize) -> Vec<u8> {
+    let (head_dim, row_bytes) = (rows / heads, data.len() / rows);
+    let mut out = vec![0u8; data.len()];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..head_dim / 2 {
+                let (src, dst) = (h * head_dim + j * head_dim / 2 + i, h * head_dim + 2 * i + j);
+                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
             }
         }
     }
-    let views: Vec<(String, TensorView<'_>)> = buffers
-        .iter()
-        .map(|(n, s, b)| (n.clone(), TensorView::new(spec.dtype, s.clone(), b).expect("consistent view")))
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors"))
-        .map_err(std::io::Error::other)
+    out
 }
 
 /// Writes a random all-linear bfloat16 adapter of rank `r` (the engine benchmark's adapters),

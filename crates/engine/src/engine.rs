@@ -556,8 +556,8 @@ impl Engine {
         Ok(t.elapsed().as_secs_f64())
     }
 
-    /// Folds the PEFT adapter in `path` into the float base weights for good and returns
-    /// the name requests use for it (its folder name). Its rank is not bounded by the
+    /// Folds the adapter in `path` (a PEFT folder or a GGUF adapter file) into the float base
+    /// weights for good and returns the name requests use for it (folder name or file stem). Its rank is not bounded by the
     /// maximum LoRA rank: merged, an adapter costs nothing per token whatever its rank.
     pub fn merge_adapter_dir(&mut self, path: &Path) -> Result<String> {
         if self.model.is_quantized() {
@@ -567,7 +567,9 @@ impl Engine {
                  dequantized (--dequantize) or serve a safetensors directory",
             ));
         }
-        let name = path.file_name().and_then(|n| n.to_str()).filter(|n| !n.is_empty()).unwrap_or("merged").to_string();
+        // A folder's name, or a GGUF adapter file's stem.
+        let stem = if path.is_dir() { path.file_name() } else { path.file_stem() };
+        let name = stem.and_then(|n| n.to_str()).filter(|n| !n.is_empty()).unwrap_or("merged").to_string();
         let t = Instant::now();
         let adapter = LoraModel::load(&name, path, self.loras.shapes(), usize::MAX)?;
         self.model.merge_lora(&adapter, false)?;

@@ -96,13 +96,7 @@ impl WeightSource {
     pub fn open_gguf(path: &Path, device: &Device, dequantize: bool) -> Result<Self> {
         let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
         let mut reader = BufReader::new(file);
-        // candle's header parser panics on some malformed files (a `general.alignment` of 0
-        // divides by zero): a file that cannot be read is an error, never a crash.
-        let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(&mut reader)))
-            .map_err(|p| {
-                EngineError::model(path, format!("not a readable GGUF file: the GGUF parser failed: {}", crate::lora::panic_message(&*p)))
-            })?
-            .map_err(|e| EngineError::model(path, format!("not a readable GGUF file: {e}")))?;
+        let content = read_gguf_header(&mut reader).map_err(|m| EngineError::model(path, m))?;
         Ok(Self {
             path: path.to_path_buf(),
             backing: Backing::Gguf {
@@ -201,6 +195,15 @@ impl WeightSource {
             _ => Ok(None),
         }
     }
+}
+
+/// Parses a GGUF header (metadata and tensor table). candle's parser panics on some
+/// malformed files (a `general.alignment` of 0 divides by zero): a file that cannot be read
+/// is an error message, never a crash. Shared by model files and LoRA adapter files.
+pub(crate) fn read_gguf_header<R: std::io::Read + std::io::Seek>(reader: &mut R) -> std::result::Result<gguf_file::Content, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(reader)))
+        .map_err(|p| format!("not a readable GGUF file: the GGUF parser failed: {}", crate::lora::panic_message(&*p)))?
+        .map_err(|e| format!("not a readable GGUF file: {e}"))
 }
 
 /// Reads one GGUF tensor after checking its declared shape: candle multiplies the

@@ -18,7 +18,7 @@ pub struct GenerateArgs {
     /// Model: a GGUF file, a Hugging Face directory, a known name, or a hub id in the local HF cache.
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
-    /// Adapter to make available, as NAME=PATH (PEFT directory). Repeatable.
+    /// Adapter to make available, as NAME=PATH (PEFT directory or llama.cpp GGUF adapter file). Repeatable.
     #[arg(long = "lora", value_name = "NAME=PATH")]
     loras: Vec<LoraModule>,
     /// Adapter to use for --prompt/--chat (default: the base model).

@@ -1,13 +1,14 @@
 //! Where adapters may come from: adapter names, and the checks that keep
 //! `load_lora_adapter` inside the configured adapter roots (no `..`, no path or symlink that
-//! resolves outside them). `--lora-dir` scanning and lookup by folder name are the engine's
+//! resolves outside them). An adapter is a PEFT directory or a GGUF adapter file.
+//! `--lora-dir` scanning and lookup by name are the engine's
 //! ([`loramux_engine::lora::scan_lora_dir`], [`loramux_engine::lora::LoraManager::resolve`]).
 
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::ApiError;
 
-/// Files an adapter directory is read from; each must resolve inside the roots too.
+/// Files a PEFT adapter directory is read from; each must resolve inside the roots too.
 const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
 
 /// Checks an adapter name: what clients put in `model`.
@@ -41,16 +42,18 @@ fn inside(path: &Path, roots: &[PathBuf]) -> bool {
     roots.iter().any(|r| path.starts_with(r))
 }
 
-fn files_inside(dir: &Path, roots: &[PathBuf]) -> bool {
-    ADAPTER_FILES.iter().all(|f| match dir.join(f).canonicalize() {
+/// Whether what the loader will read lies inside the roots: the files of a PEFT directory
+/// (a GGUF adapter is its own canonical path, already checked).
+fn files_inside(path: &Path, roots: &[PathBuf]) -> bool {
+    !path.is_dir() || ADAPTER_FILES.iter().all(|f| match path.join(f).canonicalize() {
         Ok(c) => inside(&c, roots),
         Err(_) => true, // missing files are reported by the loader
     })
 }
 
-/// Resolves a `lora_path` from `load_lora_adapter` against the canonical `roots`: relative
-/// paths are taken under each root in turn; the result (after resolving symlinks) and the
-/// adapter's files must lie inside a root.
+/// Resolves a `lora_path` from `load_lora_adapter` (a PEFT directory or a GGUF adapter
+/// file) against the canonical `roots`: relative paths are taken under each root in turn;
+/// the result (after resolving symlinks) and a directory's adapter files must lie inside a root.
 pub fn resolve_adapter_path(roots: &[PathBuf], requested: &str) -> Result<PathBuf, ApiError> {
     let param = "lora_path";
     if roots.is_empty() {
@@ -77,8 +80,8 @@ pub fn resolve_adapter_path(roots: &[PathBuf], requested: &str) -> Result<PathBu
             outside = true;
             continue;
         }
-        if !canon.is_dir() {
-            return Err(ApiError::invalid_param(param, format!("{requested} is not a directory")));
+        if !canon.is_dir() && !canon.is_file() {
+            return Err(ApiError::invalid_param(param, format!("{requested} is neither a PEFT adapter directory nor a GGUF adapter file")));
         }
         return Ok(canon);
     }
@@ -88,7 +91,7 @@ pub fn resolve_adapter_path(roots: &[PathBuf], requested: &str) -> Result<PathBu
         ))
         .with_param(param));
     }
-    Err(ApiError::not_found(format!("no adapter directory {requested} under the allowed adapter roots")).with_param(param))
+    Err(ApiError::not_found(format!("no adapter directory or GGUF file {requested} under the allowed adapter roots")).with_param(param))
 }
 
 #[cfg(test)]
@@ -107,10 +110,16 @@ mod tests {
         std::os::unix::fs::symlink(other.join("evil"), root.join("link")).unwrap();
         std::fs::create_dir_all(root.join("sneaky")).unwrap();
         std::os::unix::fs::symlink(other.join("evil/adapter_config.json"), root.join("sneaky/adapter_config.json")).unwrap();
+        std::fs::write(root.join("good.gguf"), "GGUF").unwrap();
+        std::fs::write(other.join("evil.gguf"), "GGUF").unwrap();
+        std::os::unix::fs::symlink(other.join("evil.gguf"), root.join("link.gguf")).unwrap();
         let roots = canonical_roots(std::slice::from_ref(&root));
         assert_eq!(resolve_adapter_path(&roots, "good").unwrap(), roots[0].join("good"));
         assert!(resolve_adapter_path(&roots, root.join("good").to_str().unwrap()).is_ok());
         assert_eq!(resolve_adapter_path(&roots, "link").unwrap_err().status, 403);
+        assert_eq!(resolve_adapter_path(&roots, "good.gguf").unwrap(), roots[0].join("good.gguf"));
+        assert_eq!(resolve_adapter_path(&roots, "link.gguf").unwrap_err().status, 403);
+        assert_eq!(resolve_adapter_path(&roots, other.join("evil.gguf").to_str().unwrap()).unwrap_err().status, 403);
         assert_eq!(resolve_adapter_path(&roots, "sneaky").unwrap_err().status, 403);
         assert_eq!(resolve_adapter_path(&roots, "good/../good").unwrap_err().status, 403);
         assert_eq!(resolve_adapter_path(&roots, other.join("evil").to_str().unwrap()).unwrap_err().status, 403);

@@ -62,14 +62,14 @@ pub struct ServeConfig {
     /// Name clients use for the base model [default: the --model argument].
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
-    /// Adapters loaded at startup, as NAME=PATH (PEFT directories). Repeatable, or several after one flag.
+    /// Adapters loaded at startup, as NAME=PATH (PEFT directories or llama.cpp GGUF adapter files). Repeatable, or several after one flag.
     #[arg(long, value_name = "NAME=PATH", num_args = 1..)]
     #[serde(default, deserialize_with = "deserialize_lora_modules")]
     pub lora_modules: Option<Vec<LoraModule>>,
-    /// PEFT adapter folded into the base weights at startup: the served model name answers with the merged model (a GGUF needs --dequantize).
+    /// Adapter (PEFT folder or GGUF adapter file) folded into the base weights at startup: the served model name answers with the merged model (a GGUF base needs --dequantize).
     #[arg(long, value_name = "PATH")]
     pub merge_lora: Option<PathBuf>,
-    /// Directory whose adapter subfolders are served by folder name, loaded on first use. Repeatable.
+    /// Directory whose adapters (PEFT subfolders, or NAME.gguf files) are served by name, loaded on first use. Repeatable.
     #[arg(long, value_name = "DIR")]
     pub lora_dir: Option<Vec<PathBuf>>,
     /// Extra directory /v1/load_lora_adapter may read adapters from (besides --lora-dir). Repeatable.
@@ -192,7 +192,7 @@ impl DebugFaults {
 pub struct LoraModule {
     /// What clients put in `model` to get this adapter.
     pub name: String,
-    /// The PEFT adapter directory.
+    /// The adapter: a PEFT directory or a llama.cpp GGUF adapter file.
     pub path: PathBuf,
 }
 

@@ -68,8 +68,11 @@ impl Server {
                     location.path().display()
                 )));
             }
-            if !merge.is_dir() {
-                return Err(ServerError::Config(format!("--merge-lora {} is not a directory (a PEFT adapter folder)", merge.display())));
+            if !merge.exists() {
+                return Err(ServerError::Config(format!(
+                    "--merge-lora {} does not exist (a PEFT adapter folder or a llama.cpp GGUF adapter file)",
+                    merge.display()
+                )));
             }
         }
         let metrics = Arc::new(Metrics::new(&settings.served_model_name, settings.lora.max_loras));

@@ -27,7 +27,8 @@ impl AdapterReader {
         Self { shapes, max_rank }
     }
 
-    /// Reads the PEFT adapter in `path` as `name`, with the seconds it took.
+    /// Reads the adapter at `path` (a PEFT directory or a GGUF file) as `name`, with the
+    /// seconds it took.
     pub fn read(&self, name: &str, path: &Path) -> crate::error::Result<(LoraModel, f64)> {
         let t = Instant::now();
         let model = LoraModel::load(name, path, &self.shapes, self.max_rank)?;

@@ -133,7 +133,7 @@ pub struct LoraManager {
     by_name: HashMap<String, LoraSlot>,
     clock: u64,
     stats: LoraManagerStats,
-    /// Directories whose adapter folders are known by name, found on first use.
+    /// Directories whose adapters (PEFT folders, NAME.gguf files) are known by name, found on first use.
     lora_dirs: Vec<PathBuf>,
     /// Unloaded through the API and not loaded again since: a `--lora-dir` adapter is not
     /// found on disk again (vLLM users expect an unload to stick).
@@ -161,22 +161,33 @@ fn is_plain_folder_name(name: &str) -> bool {
     !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0']) && Path::new(name).components().count() == 1
 }
 
-/// Adapter subdirectories of a `--lora-dir` (those with an `adapter_config.json`), by name.
+/// The adapter called `name` in a `--lora-dir`: the PEFT folder `name` (one with an
+/// `adapter_config.json`) or else the GGUF adapter file `name.gguf`.
+fn lora_dir_entry(dir: &Path, name: &str) -> Option<PathBuf> {
+    if !is_plain_folder_name(name) {
+        return None;
+    }
+    let folder = dir.join(name);
+    if folder.join("adapter_config.json").is_file() {
+        return Some(folder);
+    }
+    let file = dir.join(format!("{name}.gguf"));
+    file.is_file().then_some(file)
+}
+
+/// Adapters of a `--lora-dir` by name: PEFT subdirectories (those with an
+/// `adapter_config.json`) by folder name and GGUF adapter files by file stem (`x.gguf` is
+/// `x`); where both exist the folder is the one [`LoraManager::resolve`] finds, so it is kept.
 pub fn scan_lora_dir(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
-    let mut found = Vec::new();
+    let mut names = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
-        if !is_plain_folder_name(&name) {
-            continue;
-        }
-        let path = entry.path();
-        if path.join("adapter_config.json").is_file() {
-            found.push((name, path));
-        }
+        let Some(file_name) = entry.file_name().to_str().map(str::to_string) else { continue };
+        names.push(file_name.strip_suffix(".gguf").map(str::to_string).unwrap_or(file_name));
     }
-    found.sort();
-    Ok(found)
+    names.sort();
+    names.dedup();
+    Ok(names.into_iter().filter_map(|name| lora_dir_entry(dir, &name).map(|path| (name, path))).collect())
 }
 
 impl LoraManager {
@@ -231,7 +242,7 @@ impl LoraManager {
         self.known.insert(name.to_string(), path.to_path_buf());
     }
 
-    /// Serves the adapter folders of `dir` by folder name; they are read on first use.
+    /// Serves the adapters of `dir` (PEFT folders, `NAME.gguf` files) by name; they are read on first use.
     pub fn add_lora_dir(&mut self, dir: PathBuf) {
         if !self.lora_dirs.contains(&dir) {
             self.lora_dirs.push(dir);
@@ -239,8 +250,8 @@ impl LoraManager {
     }
 
     /// Whether requests may name this adapter: known (and not being unloaded), or a folder
-    /// of a `--lora-dir` that was not unloaded through the API. A folder found here
-    /// becomes known.
+    /// or `name.gguf` file of a `--lora-dir` that was not unloaded through the API. One
+    /// found here becomes known.
     pub fn resolve(&mut self, name: &str) -> Result<()> {
         if self.unloading.contains(name) {
             return Err(EngineError::UnknownAdapter(name.to_string()));
@@ -251,7 +262,7 @@ impl LoraManager {
         if self.removed.contains(name) || !is_plain_folder_name(name) {
             return Err(EngineError::UnknownAdapter(name.to_string()));
         }
-        let found = self.lora_dirs.iter().map(|d| d.join(name)).find(|p| p.join("adapter_config.json").is_file());
+        let found = self.lora_dirs.iter().find_map(|d| lora_dir_entry(d, name));
         match found {
             Some(path) => {
                 tracing::info!(adapter = %name, path = %path.display(), "adapter found in --lora-dir");

@@ -4,8 +4,10 @@
 //! and LRU (`LoRAModelManager`) with adapters read off the loop by a loader, and
 //! [`punica`] applies many adapters to one batch, each only on its own rows (shrink then
 //! expand, vLLM's Punica wrapper). A request names its adapter with a [`LoraRequest`].
+//! Adapters come as PEFT directories or as llama.cpp's GGUF adapter files (`gguf`).
 
 pub mod config;
+mod gguf;
 mod loader;
 pub mod manager;
 pub mod model;
@@ -89,6 +91,12 @@ impl LoraModule {
 pub struct ModuleShapes {
     pub layers: usize,
     pub shapes: [(usize, usize); 7],
+    /// The base's architecture: a GGUF adapter names the one it was converted for.
+    pub architecture: crate::config::Architecture,
+    /// Query and key/value head counts: llama.cpp's converter permutes the q/k rows of
+    /// Llama adapters head by head, and reading them back needs the counts.
+    pub heads: usize,
+    pub kv_heads: usize,
 }
 
 impl ModuleShapes {
@@ -101,6 +109,9 @@ impl ModuleShapes {
         Self {
             layers: cfg.num_hidden_layers,
             shapes: [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)],
+            architecture: cfg.architecture,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
         }
     }
 }

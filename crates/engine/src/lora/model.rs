@@ -1,5 +1,6 @@
-//! One LoRA adapter loaded from PEFT files and checked against the base model's shapes:
-//! every tensor must belong to a targeted projection and fit it, or nothing is loaded.
+//! One LoRA adapter loaded from PEFT files (or a GGUF adapter file, read by `super::gguf`)
+//! and checked against the base model's shapes: every tensor must belong to a targeted
+//! projection and fit it, or nothing is loaded.
 //! Weights stay in their file's element type (float32, float16 or bfloat16; never widened)
 //! and are copied once out of the file's bytes, read into memory (not mapped: a file
 //! truncated under a map raises SIGBUS).
@@ -51,7 +52,7 @@ impl LoraMatrix {
 
     /// Decodes the little-endian `[rows][cols]` matrix `data` of `dtype`, as is or
     /// transposed to `[cols][rows]`, in one pass; refuses other dtypes and non-finite values.
-    fn decode(dtype: Dtype, data: &[u8], rows: usize, cols: usize, transpose: bool) -> std::result::Result<Self, String> {
+    pub(super) fn decode(dtype: Dtype, data: &[u8], rows: usize, cols: usize, transpose: bool) -> std::result::Result<Self, String> {
         Ok(match dtype {
             Dtype::F32 => Self::F32(decode_as(data, rows, cols, transpose)?),
             Dtype::F16 => Self::F16(decode_as(data, rows, cols, transpose)?),
@@ -180,6 +181,7 @@ impl LoraLayerWeights {
 #[derive(Debug)]
 pub struct LoraModel {
     pub name: String,
+    /// The PEFT directory or the GGUF file it was read from.
     pub path: PathBuf,
     /// `layers[l][module.index()]`.
     pub layers: Vec<[Option<LoraLayerWeights>; 7]>,
@@ -187,7 +189,9 @@ pub struct LoraModel {
     pub max_rank: usize,
     /// Bytes the adapter's weights occupy in memory.
     pub bytes: usize,
-    pub config: PeftConfig,
+    /// The PEFT config it was read with; `None` for a GGUF adapter, whose only setting is
+    /// one alpha (every projection is scaled by alpha over its own rank).
+    pub config: Option<PeftConfig>,
 }
 
 /// How to convert a pickle adapter, shown when only `adapter_model.bin` exists.
@@ -196,12 +200,25 @@ python -c \"import torch; from safetensors.torch import save_file; \
 save_file(torch.load('adapter_model.bin', map_location='cpu'), 'adapter_model.safetensors')\"";
 
 impl LoraModel {
-    /// Reads and validates an adapter directory. `max_rank` bounds every projection's rank.
-    pub fn load(name: &str, dir: &Path, shapes: &ModuleShapes, max_rank: usize) -> Result<Self> {
-        let err = |field: &str, msg: String| EngineError::adapter(name, field, msg);
-        if !dir.is_dir() {
-            return Err(err("path", format!("{} is not a directory", dir.display())));
+    /// Reads and validates an adapter: a directory is a PEFT adapter, a file (or a path
+    /// ending in `.gguf`) a llama.cpp GGUF adapter. `max_rank` bounds every projection's rank.
+    pub fn load(name: &str, path: &Path, shapes: &ModuleShapes, max_rank: usize) -> Result<Self> {
+        if path.is_dir() {
+            Self::load_peft(name, path, shapes, max_rank)
+        } else if path.is_file() || path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            super::gguf::load(name, path, shapes, max_rank)
+        } else {
+            Err(EngineError::adapter(
+                name,
+                "path",
+                format!("{} is neither a PEFT adapter directory nor a GGUF adapter file", path.display()),
+            ))
         }
+    }
+
+    /// Reads and validates a PEFT adapter directory.
+    fn load_peft(name: &str, dir: &Path, shapes: &ModuleShapes, max_rank: usize) -> Result<Self> {
+        let err = |field: &str, msg: String| EngineError::adapter(name, field, msg);
         let config_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&config_path)
             .map_err(|e| err("adapter_config.json", format!("cannot read: {e}")))?;
@@ -347,7 +364,7 @@ impl LoraModel {
             layers,
             max_rank: max,
             bytes: total_bytes,
-            config,
+            config: Some(config),
         })
     }
 
