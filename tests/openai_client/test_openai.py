@@ -1,11 +1,14 @@
 """The official `openai` client against `loramux serve` (started by run.sh on the tiny
 fixture model `tiny` with adapters `a` and `b`, API key `test-key`)."""
 
+import json
 import os
+from typing import Literal
 
 import openai
 import pytest
 from openai import OpenAI
+from pydantic import BaseModel, ConfigDict, Field
 
 URL = os.environ["LORAMUX_URL"]
 KEY = os.environ["LORAMUX_KEY"]
@@ -104,3 +107,75 @@ def test_errors_are_openai_errors(client):
         bad.models.list()
     # Still serving.
     assert chat(client, "tiny").choices[0].message.content
+
+
+# Structured output. Every string, number and list is bounded, and no extra keys are allowed
+# (additionalProperties: false, as OpenAI's strict mode wants), so the tiny random model's
+# answers are complete JSON well within max_tokens; validity is then checked by pydantic.
+class Pet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["cat", "dog"]
+    legs: int = Field(ge=0, le=4)
+
+
+class Person(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=10)
+    age: int = Field(ge=0, le=120)
+    admin: bool
+    pet: Pet
+    tags: list[bool] = Field(max_length=3)
+
+
+PERSON_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "person", "schema": Person.model_json_schema(), "strict": True},
+}
+
+
+def test_json_schema_outputs_validate(client):
+    for model in ("tiny", "a"):
+        r = client.chat.completions.create(
+            model=model, messages=MESSAGES, max_tokens=300, temperature=1.0, seed=3, n=3, response_format=PERSON_FORMAT
+        )
+        assert len(r.choices) == 3
+        for c in r.choices:
+            assert c.finish_reason == "stop"
+            Person.model_validate_json(c.message.content)
+    stream = client.chat.completions.create(
+        model="b", messages=MESSAGES, max_tokens=300, temperature=0, response_format=PERSON_FORMAT, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    Person.model_validate_json(text)
+
+
+def test_parse_with_a_pydantic_model(client):
+    for seed in range(3):
+        r = client.chat.completions.parse(
+            model="tiny", messages=MESSAGES, max_tokens=300, temperature=1.0, seed=seed, response_format=Person
+        )
+        person = r.choices[0].message.parsed
+        assert isinstance(person, Person) and isinstance(person.pet, Pet)
+        assert r.choices[0].finish_reason == "stop"
+
+
+def test_json_object(client):
+    r = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=400, temperature=1.0, seed=1, n=4, response_format={"type": "json_object"}
+    )
+    complete = [c for c in r.choices if c.finish_reason == "stop"]
+    assert all(c.message.content.startswith("{") for c in r.choices)
+    assert complete, "no json_object answer completed"
+    for c in complete:
+        assert isinstance(json.loads(c.message.content), dict)
+
+
+def test_invalid_schema_is_a_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nosuchtype"}}},
+        )
+    assert e.value.body["param"] == "response_format"
+    assert e.value.body["type"] == "invalid_request_error"

@@ -16,9 +16,10 @@ use loramux_engine::{
     SchedulerConfig,
 };
 use rayon::prelude::*;
+use safetensors::Dtype;
 use serde::Serialize;
 
-use crate::synth::write_random_adapter;
+use crate::synth::{write_gguf_adapter, write_random_adapter, AdapterSpec};
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -316,9 +317,13 @@ pub fn lora_cost(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn
     }
 }
 
-/// Adapter load time from disk and memory added per resident adapter.
+/// Adapter load time from disk and memory added per resident adapter; and the same
+/// adapters as llama.cpp GGUF files against their PEFT directories: read-and-check time of
+/// each format (interleaved, so a slow spell of a shared machine falls on both) and whether
+/// both give the same greedy tokens.
 pub fn adapter_load(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn(&str)) {
-    let mut engine = load(cfg, false, cfg.load_samples);
+    // One slot more than the timed loads: the GGUF twin of the first one, for the tokens.
+    let mut engine = load(cfg, false, cfg.load_samples + 1);
     let shapes = engine.loras().shapes().clone();
     let dirs: Vec<PathBuf> = (0..cfg.load_samples)
         .map(|i| {
@@ -340,6 +345,40 @@ pub fn adapter_load(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn
     rows.push(row("adapter_load", "rank-16 all-linear load from disk, p95", 1, crate::stats::percentile(&times, 95.0).unwrap_or(f64::NAN), "ms"));
     rows.push(row("adapter_memory", "adapter weights in memory (per adapter)", 1, bytes / 1e6, "MB"));
     rows.push(row("adapter_memory", "adapter file size (bf16)", 1, file / 1e6, "MB"));
+
+    progress("GGUF vs PEFT adapter reads");
+    let ggufs: Vec<PathBuf> = (0..cfg.load_samples)
+        .map(|i| {
+            let p = cfg.work_dir.join(format!("load{i}.gguf"));
+            write_gguf_adapter(&p, &shapes, &AdapterSpec::all_linear(16, Dtype::BF16, 5000 + i as u64)).expect("write GGUF adapter");
+            p
+        })
+        .collect();
+    let (mut peft_ms, mut gguf_ms) = (Vec::new(), Vec::new());
+    let reader = engine.loras().reader();
+    for (i, (dir, gguf)) in dirs.iter().zip(&ggufs).enumerate() {
+        // Each format goes first every other time.
+        for first in [i % 2 == 0, i % 2 != 0] {
+            if first {
+                peft_ms.push(reader.read("peft", dir).expect("read PEFT adapter").1 * 1e3);
+            } else {
+                gguf_ms.push(reader.read("gguf", gguf).expect("read GGUF adapter").1 * 1e3);
+            }
+        }
+    }
+    let n = cfg.load_samples;
+    rows.push(row("adapter_load_gguf", format!("rank-16 all-linear bf16 read + check, PEFT directory, median of {n}"), 1, median(peft_ms), "ms"));
+    rows.push(row("adapter_load_gguf", format!("same adapters as llama.cpp GGUF files, median of {n}"), 1, median(gguf_ms), "ms"));
+    let gguf_file = std::fs::metadata(&ggufs[0]).map(|m| m.len()).unwrap_or(0) as f64;
+    rows.push(row("adapter_memory", "adapter file size (GGUF, bf16)", 1, gguf_file / 1e6, "MB"));
+    engine.loras_mut().load("g0", &ggufs[0]).expect("load GGUF adapter");
+    let mut greedy = |name: &str| {
+        let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(16) };
+        let request = Request { lora: Some(LoraRequest::new(name)), prompt: Prompt::Tokens(prompt_ids(cfg.prompt_len, 1)), params };
+        engine.generate(&[request]).expect("generate").remove(0).token_ids
+    };
+    let same = greedy("l0") == greedy("g0");
+    rows.push(row("adapter_load_gguf", "16 greedy tokens with the GGUF file equal the PEFT directory's (1 = yes)", 1, same as u8 as f64, "bool"));
 }
 
 /// `--auto-merge` on a float base: decode step time of one-adapter traffic (folded after
@@ -441,6 +480,111 @@ pub fn prefix_ttft(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn 
     }
     let s = engine.prefix_cache_stats();
     rows.push(row("prefix", "prompt tokens served from the cache", 1, 100.0 * s.hit_tokens as f64 / s.queried_tokens.max(1) as f64, "%"));
+}
+
+/// `--pin-lora`: time to first token on a pinned adapter and on an unpinned one, each right
+/// after requests on four other adapters have cycled through the three resident slots (so
+/// the unpinned one was evicted and is read from disk again; the pinned one never is).
+pub fn pinning(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn(&str)) {
+    let mut engine = load(cfg, false, 3);
+    let shapes = engine.loras().shapes().clone();
+    let names = ["pinned", "unpinned", "r0", "r1", "r2", "r3"];
+    for (i, name) in names.iter().enumerate() {
+        let dir = cfg.work_dir.join(format!("pin-{name}"));
+        write_random_adapter(&dir, &shapes, 16, 900 + i as u64).expect("write adapter");
+        engine.loras_mut().register(name, &dir);
+    }
+    engine.loras_mut().pin("pinned").expect("pin");
+    progress("pinned vs evicted adapter TTFT");
+    let (mut pinned, mut unpinned) = (Vec::new(), Vec::new());
+    let churn = |engine: &mut Engine| {
+        for name in &names[2..] {
+            ttft_ms(engine, Some(name), prompt_ids(16, 3));
+        }
+    };
+    for trial in 0..PREFIX_TRIALS {
+        churn(&mut engine);
+        pinned.push(ttft_ms(&mut engine, Some("pinned"), prompt_ids(cfg.prompt_len, 700 + trial)));
+        churn(&mut engine);
+        unpinned.push(ttft_ms(&mut engine, Some("unpinned"), prompt_ids(cfg.prompt_len, 800 + trial)));
+    }
+    let (pinned, unpinned) = (median(pinned), median(unpinned));
+    let n = cfg.prompt_len;
+    rows.push(row("pin", format!("TTFT after churn, {n}-token prompt: pinned rank-16 adapter"), 1, pinned, "ms"));
+    rows.push(row("pin", format!("TTFT after churn, {n}-token prompt: unpinned (evicted, read again)"), 1, unpinned, "ms"));
+    rows.push(row("pin", "unpinned / pinned TTFT", 1, unpinned / pinned, "x"));
+}
+
+/// Requests in the structured-output batch, and tokens each generates.
+const STRUCTURED_BATCH: usize = 8;
+const STRUCTURED_TOKENS: usize = 64;
+
+/// Output tokens/s of one batch generated freely, as any JSON object (`json_object`), and
+/// against a JSON schema (`json_schema`): what structured output's grammar costs per token
+/// (a mask over the vocabulary every step). Same chat prompts, greedy, every request runs
+/// its full `STRUCTURED_TOKENS` (`ignore_eos`; the prompt and schema ask for a list longer
+/// than that, so the grammar is live to the end); rounds interleaved, medians kept. Also the
+/// one-off build of the vocabulary tables and the per-request compile of the schema, both
+/// paid on the HTTP thread, outside these tokens/s.
+pub fn structured(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn Fn(&str)) {
+    use loramux_engine::ResponseFormat;
+    let mut engine = load(cfg, false, 1);
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"people": {"type": "array", "minItems": 20, "items": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}, "city": {"type": "string"}},
+            "required": ["name", "age", "city"],
+            "additionalProperties": false
+        }}},
+        "required": ["people"],
+        "additionalProperties": false
+    });
+    let formats = [("no constraint", ResponseFormat::Text), ("json_object", ResponseFormat::JsonObject), ("json_schema", ResponseFormat::JsonSchema(schema))];
+    let request = |i: usize, format: &ResponseFormat| {
+        let ask = format!("List 20 made-up people as JSON, starting with person number {i}: a name, age and city for each.");
+        let params = SamplingParams { ignore_eos: true, response_format: format.clone(), ..SamplingParams::greedy(STRUCTURED_TOKENS) };
+        Request { lora: None, prompt: Prompt::Chat(vec![loramux_engine::ChatMessage::user(ask)]), params }
+    };
+    progress("structured output: vocabulary tables and schema compile");
+    let t = Instant::now();
+    engine.input().process(request(0, &formats[1].1)).expect("json_object request");
+    rows.push(row("structured", "vocabulary tables (built once per model, on first use)", 1, t.elapsed().as_secs_f64() * 1e3, "ms"));
+    let compiles = 20;
+    let t = Instant::now();
+    for i in 0..compiles {
+        engine.input().process(request(i, &formats[2].1)).expect("json_schema request");
+    }
+    rows.push(row("structured", "compile the JSON schema (per request, with its checks)", 1, t.elapsed().as_secs_f64() * 1e3 / compiles as f64, "ms"));
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); formats.len()];
+    for round in 0..ROUNDS {
+        for ((label, format), rate) in formats.iter().zip(&mut rates) {
+            progress(&format!("structured output: {label}, round {}", round + 1));
+            let processed: Vec<_> = (0..STRUCTURED_BATCH).map(|i| engine.input().process(request(i, format)).expect("benchmark request")).collect();
+            let mut sched = batch_scheduler(&engine, STRUCTURED_BATCH, cfg.prompt_len);
+            for (i, p) in processed.into_iter().enumerate() {
+                let ticket = sched.admission_gate().try_enter().expect("room for the batch");
+                sched.add_request(&mut engine, ticket, i as RequestId, p, None).expect("benchmark request");
+            }
+            let t = Instant::now();
+            let mut tokens = 0;
+            while sched.has_unfinished() {
+                for out in sched.step(&mut engine).outputs {
+                    if let RequestEvent::Finished { completion } = out.event {
+                        tokens += completion.token_ids.len();
+                    }
+                }
+            }
+            rate.push(tokens as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let rates: Vec<f64> = rates.into_iter().map(median).collect();
+    let b = STRUCTURED_BATCH;
+    for ((label, _), rate) in formats.iter().zip(&rates) {
+        rows.push(row("structured", format!("{label}: output tokens/s ({STRUCTURED_TOKENS} each, greedy, prefill included)"), b, *rate, "tok/s"));
+    }
+    rows.push(row("structured", "json_object / no constraint, tokens/s", b, rates[1] / rates[0], "x"));
+    rows.push(row("structured", "json_schema / no constraint, tokens/s", b, rates[2] / rates[0], "x"));
 }
 
 /// Renders rows as a Markdown table.

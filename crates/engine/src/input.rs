@@ -1,15 +1,17 @@
 //! Turning a request into checked token ids (vLLM's input processor): chat-template
-//! rendering, tokenization, and every check of the prompt and the room it leaves for the
-//! completion. It is shared (`Arc`) so HTTP handlers run it on their own threads, never on
-//! the batch loop, and a [`ProcessedRequest`] can only come from here: the scheduler and
-//! the model trust its lengths and ids without checking them again.
+//! rendering, tokenization, every check of the prompt and the room it leaves for the
+//! completion, and the compiling of a structured output's grammar. It is shared (`Arc`) so
+//! HTTP handlers run it on their own threads, never on the batch loop, and a
+//! [`ProcessedRequest`] can only come from here: the scheduler and the model trust its
+//! lengths and ids without checking them again.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{EngineError, InputField, Result};
 use crate::lora::LoraRequest;
 use crate::sampling::SamplingParams;
+use crate::structured::{GrammarCompiler, ResponseFormat};
 use crate::tokenizer::Tokenizer;
 
 /// What the model is asked to continue.
@@ -73,11 +75,15 @@ pub struct InputProcessor {
     chat: Option<ChatTemplate>,
     max_model_len: usize,
     vocab_size: usize,
+    /// Structured output's vocabulary tables, built by the first request that asks for one
+    /// (they take a while and most deployments never need them); the error says why this
+    /// tokenizer cannot have them.
+    grammars: OnceLock<std::result::Result<GrammarCompiler, String>>,
 }
 
 impl InputProcessor {
     pub(crate) fn new(tokenizer: Arc<Tokenizer>, chat: Option<ChatTemplate>, max_model_len: usize, vocab_size: usize) -> Self {
-        Self { tokenizer, chat, max_model_len, vocab_size }
+        Self { tokenizer, chat, max_model_len, vocab_size, grammars: OnceLock::new() }
     }
 
     /// The tokenizer.
@@ -169,6 +175,15 @@ impl InputProcessor {
             None => params.max_tokens = Some(max_len - n),
         }
         params.validate()?;
+        params.grammar = if params.response_format == ResponseFormat::Text {
+            None
+        } else {
+            let compiler = self.grammars.get_or_init(|| GrammarCompiler::new(&self.tokenizer, self.vocab_size));
+            let compiler = compiler.as_ref().map_err(|why| {
+                invalid(InputField::Sampling("response_format"), format!("structured output is not available for this model: {why}"), false)
+            })?;
+            compiler.compile(&params.response_format)?
+        };
         Ok(ProcessedRequest { lora, prompt_ids, params })
     }
 }

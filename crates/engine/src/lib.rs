@@ -17,6 +17,7 @@ pub mod quant;
 pub mod registry;
 pub mod sampling;
 pub mod scheduler;
+pub mod structured;
 pub mod tokenizer;
 pub mod weights;
 
@@ -30,3 +31,4 @@ pub use lora::LoraRequest;
 pub use registry::{resolve_model, ModelLocation};
 pub use sampling::{SampledToken, SamplingParams};
 pub use scheduler::{AdmissionGate, AdmissionTicket, RequestEvent, RequestId, RequestOutput, Scheduler, SchedulerConfig, StepReport};
+pub use structured::ResponseFormat;

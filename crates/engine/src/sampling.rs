@@ -1,5 +1,6 @@
 //! Choosing the next token from logits: greedy, temperature, top-k, top-p, with a per-
-//! request seed for reproducibility, and the log-probabilities OpenAI clients ask for.
+//! request seed for reproducibility, the log-probabilities OpenAI clients ask for, and a
+//! grammar that masks the tokens a structured output cannot take next.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -8,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::detokenizer::MAX_STOP_STRING_BYTES;
 use crate::error::{EngineError, InputField, Result};
 use crate::kernels::argmax;
+use crate::structured::{Constraint, Grammar, ResponseFormat};
 
 /// Temperatures below this sample greedily (vLLM's `_SAMPLING_EPS`): dividing logits by a
 /// tinier one overflows to infinities whose softmax is NaN.
@@ -38,6 +40,12 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// How many top alternatives to report per token (`None`: no logprobs).
     pub logprobs: Option<usize>,
+    /// What the output must be: free text, or JSON (an object, or valid against a schema).
+    pub response_format: ResponseFormat,
+    /// `response_format` compiled for the model: set by [`crate::InputProcessor`], which
+    /// replaces whatever a caller put here.
+    #[serde(skip)]
+    pub grammar: Option<Grammar>,
 }
 
 impl Default for SamplingParams {
@@ -52,6 +60,8 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            response_format: ResponseFormat::Text,
+            grammar: None,
         }
     }
 }
@@ -107,6 +117,10 @@ pub struct Sampler {
     rng: StdRng,
     /// Scratch for candidate (index, probability) pairs; reused across steps.
     candidates: Vec<(u32, f32)>,
+    /// The output grammar as it advances, for a structured output.
+    constraint: Option<Constraint>,
+    /// Scratch: a step's logits with the tokens the grammar forbids at `-inf`; reused.
+    masked: Vec<f32>,
 }
 
 impl Sampler {
@@ -117,9 +131,11 @@ impl Sampler {
             None => StdRng::from_os_rng(),
         };
         Self {
+            constraint: params.grammar.as_ref().map(Constraint::new),
             params,
             rng,
             candidates: Vec::new(),
+            masked: Vec::new(),
         }
     }
 
@@ -128,19 +144,35 @@ impl Sampler {
         &self.params
     }
 
-    /// Picks the next token from one row of logits.
+    /// Picks the next token from one row of logits, among those the output grammar allows
+    /// when there is one. Log-probabilities are the model's own, before the grammar's mask
+    /// (vLLM's default `raw_logprobs`).
     pub fn sample(&mut self, logits: &[f32]) -> SampledToken {
-        let p = &self.params;
-        let id = if p.temperature < GREEDY_BELOW_TEMPERATURE || p.top_k == 1 {
-            argmax(logits) as u32
-        } else {
-            self.sample_random(logits)
+        let id = match self.constraint.as_mut() {
+            None => self.pick(logits),
+            Some(c) => {
+                let mut masked = std::mem::take(&mut self.masked);
+                c.mask(logits, &mut masked);
+                let id = self.pick(&masked);
+                self.masked = masked;
+                self.constraint.as_mut().expect("constrained").consume(id);
+                id
+            }
         };
         let (logprob, top) = match self.params.logprobs {
             None => (0.0, Vec::new()),
             Some(n) => log_probs(logits, id, n),
         };
         SampledToken { id, logprob, top }
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        if p.temperature < GREEDY_BELOW_TEMPERATURE || p.top_k == 1 {
+            argmax(logits) as u32
+        } else {
+            self.sample_random(logits)
+        }
     }
 
     fn sample_random(&mut self, logits: &[f32]) -> u32 {

@@ -135,7 +135,29 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The wrapped `tokenizers` tokenizer, for building the vocabulary structured output
+    /// constrains.
+    pub(crate) fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// Tokens that end a generation whatever the model's own settings say: the declared
+    /// end-of-sequence token and the end-of-turn tokens of the common chat formats.
+    pub(crate) fn end_token_ids(&self) -> Vec<u32> {
+        let mut ids = Vec::new();
+        for id in self.eos_token.as_deref().into_iter().chain(END_OF_TURN_TOKENS).filter_map(|t| self.token_to_id(t)) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
 }
+
+/// End-of-turn tokens of chat formats (ChatML, Llama 3, GPT-2 style): they end a
+/// generation even where a model does not declare them.
+pub(crate) const END_OF_TURN_TOKENS: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>"];
 
 type Metadata = HashMap<String, Value>;
 type Spec = std::result::Result<serde_json::Value, String>;

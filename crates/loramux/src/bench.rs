@@ -80,8 +80,8 @@ struct EngineArgs {
     /// Shared system prompt length in the prefix-cache section (section `prefix`).
     #[arg(long, default_value_t = 1000)]
     prefix_tokens: usize,
-    /// Sections to run: throughput, lora, load, mix, prefix, automerge.
-    #[arg(long, value_delimiter = ',', default_value = "throughput,lora,load,mix,prefix,automerge")]
+    /// Sections to run: throughput, lora, load, mix, prefix, automerge, pin, structured.
+    #[arg(long, value_delimiter = ',', default_value = "throughput,lora,load,mix,prefix,automerge,pin,structured")]
     sections: Vec<String>,
     /// Where to write the JSON result.
     #[arg(long, default_value = "results/engine_benchmark.json")]
@@ -168,8 +168,8 @@ where
 fn run_engine(a: EngineArgs) -> Result<()> {
     for s in &a.sections {
         anyhow::ensure!(
-            ["throughput", "lora", "load", "mix", "prefix", "automerge"].contains(&s.as_str()),
-            "unknown section '{s}' (throughput, lora, load, mix, prefix, automerge)"
+            ["throughput", "lora", "load", "mix", "prefix", "automerge", "pin", "structured"].contains(&s.as_str()),
+            "unknown section '{s}' (throughput, lora, load, mix, prefix, automerge, pin, structured)"
         );
     }
     let work = std::env::temp_dir().join(format!("loramux-bench-{}", std::process::id()));
@@ -207,6 +207,12 @@ fn run_engine(a: EngineArgs) -> Result<()> {
     }
     if a.sections.iter().any(|s| s == "automerge") {
         engine_bench::auto_merge(&cfg, &mut rows, &progress);
+    }
+    if a.sections.iter().any(|s| s == "pin") {
+        engine_bench::pinning(&cfg, &mut rows, &progress);
+    }
+    if a.sections.iter().any(|s| s == "structured") {
+        engine_bench::structured(&cfg, &mut rows, &progress);
     }
     std::fs::remove_dir_all(&work).ok();
     if let Some(dir) = a.out.parent() {

@@ -2,7 +2,7 @@
 //! with a precise 400 for every malformed, mistyped, out-of-range or unsupported field.
 //! The answers' shapes are in [`crate::protocol`].
 
-use loramux_engine::{ChatMessage, Prompt, SamplingParams};
+use loramux_engine::{ChatMessage, Prompt, ResponseFormat, SamplingParams};
 use serde_json::{json, Map, Value};
 
 use crate::config::defaults::MAX_N;
@@ -247,7 +247,10 @@ fn common(f: &mut Fields, api: Api, max_model_len: usize) -> Result<GenRequest, 
     f.unsupported_unless("guided_regex", |_| false, "guided decoding is not implemented")?;
     f.unsupported_unless("guided_choice", |_| false, "guided decoding is not implemented")?;
     f.unsupported_unless("guided_grammar", |_| false, "guided decoding is not implemented")?;
-    f.unsupported_unless("response_format", |v| v.get("type").and_then(Value::as_str) == Some("text"), "only {\"type\": \"text\"} is supported")?;
+    let response_format = match f.take("response_format") {
+        None => ResponseFormat::Text,
+        Some(v) => response_format(v)?,
+    };
     // Accepted and without effect on generation.
     f.ignore(&["user", "metadata", "store", "service_tier", "request_id", "priority", "spaces_between_special_tokens"]);
     Ok(GenRequest {
@@ -267,9 +270,57 @@ fn common(f: &mut Fields, api: Api, max_model_len: usize) -> Result<GenRequest, 
             stop_token_ids,
             ignore_eos,
             logprobs: None,
+            response_format,
+            grammar: None,
         },
         logprobs: None,
     })
+}
+
+/// OpenAI's `response_format`: `{"type": "text"}`, `{"type": "json_object"}`, or
+/// `{"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}`.
+/// The schema itself is compiled (and refused if it cannot be) by the engine's input processor.
+fn response_format(v: Value) -> Result<ResponseFormat, ApiError> {
+    const P: &str = "response_format";
+    let Value::Object(mut o) = v else {
+        return Err(wrong_type(P, "an object", &v));
+    };
+    let kind = match o.remove("type") {
+        Some(Value::String(t)) => t,
+        Some(other) => return Err(wrong_type("response_format.type", "a string", &other).with_param(P)),
+        None => return Err(ApiError::invalid_param(P, "'response_format' needs a 'type': text, json_object or json_schema")),
+    };
+    let format = match kind.as_str() {
+        "text" => ResponseFormat::Text,
+        "json_object" => ResponseFormat::JsonObject,
+        "json_schema" => {
+            let spec = match o.remove("json_schema") {
+                Some(Value::Object(spec)) => spec,
+                Some(other) => return Err(wrong_type("response_format.json_schema", "an object", &other).with_param(P)),
+                None => return Err(ApiError::invalid_param(P, "'response_format' of type json_schema needs 'json_schema'")),
+            };
+            let mut spec = Fields { map: spec };
+            let name = spec.string("name").map_err(|e| e.with_param(P))?;
+            if !name.as_deref().is_some_and(|n| (1..=64).contains(&n.len()) && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')) {
+                return Err(ApiError::invalid_param(P, "'json_schema.name' must be 1 to 64 letters, digits, '_' or '-'"));
+            }
+            spec.string("description").map_err(|e| e.with_param(P))?;
+            // Strict or not, the schema is enforced: every output is valid against it.
+            spec.bool("strict").map_err(|e| e.with_param(P))?;
+            let schema = spec.take("schema").unwrap_or_else(|| json!({}));
+            if let Some(k) = spec.map.keys().next() {
+                return Err(ApiError::invalid_param(P, format!("unknown field 'json_schema.{k}'")));
+            }
+            ResponseFormat::JsonSchema(schema)
+        }
+        other => {
+            return Err(ApiError::unsupported(P, format!("response_format type '{other}' is not supported (text, json_object, json_schema)")))
+        }
+    };
+    if let Some(k) = o.keys().next() {
+        return Err(ApiError::invalid_param(P, format!("unknown field 'response_format.{k}' for type '{kind}'")));
+    }
+    Ok(format)
 }
 
 fn message_content(i: usize, v: Value) -> Result<String, ApiError> {
@@ -476,6 +527,23 @@ mod tests {
             Some("unsupported_parameter")
         );
         assert_eq!(err(parse_chat(br#"{"messages":[{"content":"x"}]}"#, 100)).param.as_deref(), Some("messages[0].role"));
+    }
+
+    #[test]
+    fn response_formats_parse_into_engine_terms() {
+        let m = r#""messages":[{"role":"user","content":"hi"}]"#;
+        let format = |f: &str| parse_chat(format!(r#"{{{m},"response_format":{f}}}"#).as_bytes(), 100).map(|r| r.params.response_format);
+        assert_eq!(format(r#"{"type":"text"}"#).unwrap(), ResponseFormat::Text);
+        assert_eq!(format(r#"{"type":"json_object"}"#).unwrap(), ResponseFormat::JsonObject);
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let f = format!(r#"{{"type":"json_schema","json_schema":{{"name":"a-1_b","description":"d","strict":true,"schema":{schema}}}}}"#);
+        assert_eq!(format(&f).unwrap(), ResponseFormat::JsonSchema(schema));
+        assert_eq!(format(r#"{"type":"json_schema","json_schema":{"name":"n"}}"#).unwrap(), ResponseFormat::JsonSchema(json!({})), "no schema: any JSON");
+        let r = parse_completion(br#"{"prompt":"x","response_format":{"type":"json_object"}}"#, 100).unwrap();
+        assert_eq!(r.params.response_format, ResponseFormat::JsonObject);
+        for bad in [r#""json""#, r#"{}"#, r#"{"type":"yaml"}"#, r#"{"type":"json_schema"}"#, r#"{"type":"json_schema","json_schema":{"name":""}}"#, r#"{"type":"text","x":1}"#] {
+            assert_eq!(format(bad).expect_err(bad).param.as_deref(), Some("response_format"), "{bad}");
+        }
     }
 
     #[test]

@@ -570,7 +570,7 @@ async fn bad_inputs_get_4xx_and_good_requests_still_complete() {
         ("unsupported penalty", chat, json!({"messages": msgs, "frequency_penalty": 1.5}).to_string().into_bytes(), 400),
         ("unsupported tools", chat, json!({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}).to_string().into_bytes(), 400),
         ("unsupported logit_bias", chat, json!({"messages": msgs, "logit_bias": {"1": 5}}).to_string().into_bytes(), 400),
-        ("json mode", chat, json!({"messages": msgs, "response_format": {"type": "json_object"}}).to_string().into_bytes(), 400),
+        ("invalid JSON schema", chat, json!({"messages": msgs, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nosuchtype"}}}}).to_string().into_bytes(), 400),
         ("stream_options without stream", chat, json!({"messages": msgs, "stream_options": {"include_usage": true}}).to_string().into_bytes(), 400),
         ("top_logprobs without logprobs", chat, json!({"messages": msgs, "top_logprobs": 3}).to_string().into_bytes(), 400),
         ("top_logprobs above 20", chat, json!({"messages": msgs, "logprobs": true, "top_logprobs": 21}).to_string().into_bytes(), 400),
