@@ -336,7 +336,7 @@ impl Engine {
             }
         };
         // End-of-turn tokens of chat models stop generation even if not declared.
-        for t in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>"] {
+        for t in crate::tokenizer::END_OF_TURN_TOKENS {
             if let Some(id) = tokenizer.token_to_id(t) {
                 eos_ids.push(id);
             }

@@ -437,3 +437,21 @@ fn lora_dir_serves_gguf_files_by_stem() {
     assert_eq!(greedy(&mut e, &[(p, "e")], expected.max_new_tokens)[0], expected.greedy("e_unmerged")[0]);
     assert_eq!(e.loras().get_by_name("e").unwrap().path, dir.path().join("e.gguf"));
 }
+
+/// `--merge-lora x.gguf`: the GGUF adapter folded into the float base for good is named
+/// after the file's stem, and the base then answers with the unmerged adapter's tokens.
+#[test]
+fn gguf_adapter_merged_for_good_gives_the_unmerged_tokens() {
+    let prompt: &[u32] = &[284, 282, 359, 298, 264, 300, 17];
+    let mut unmerged = engine("llama", 16);
+    unmerged.loras_mut().load("a", &gguf_dir("llama").join("a.gguf")).unwrap();
+    let want = greedy(&mut unmerged, &[(prompt, "a")], 12);
+    let mut merged = engine("llama", 16);
+    assert_eq!(merged.merge_adapter_dir(&gguf_dir("llama").join("a.gguf")).unwrap(), "a");
+    let base = Request {
+        lora: None,
+        prompt: Prompt::Tokens(prompt.to_vec()),
+        params: SamplingParams { ignore_eos: true, ..SamplingParams::greedy(12) },
+    };
+    assert_eq!(merged.generate(&[base]).unwrap().remove(0).token_ids, want[0]);
+}

@@ -77,7 +77,7 @@ fn load(location: ModelLocation, settings: &Settings, lora_dirs: &[PathBuf]) -> 
     if settings.auto_merge_after.is_some() && engine.model().is_quantized() {
         return Err(ServerError::Config(
             "--auto-merge folds adapters into float weights, but the model's weights are quantized: add --dequantize \
-             (on a CPU the quantized kernels are faster than any merge saves; see BENCHMARKS.md \"Automatic merge\")"
+             (on a CPU the quantized kernels are faster than any merge saves; see BENCHMARKS.md \"Automatic merge and unmerge\")"
                 .into(),
         ));
     }
