@@ -476,7 +476,7 @@ async fn metrics_move() {
         "loramux_adapters_resident 1",
         "loramux_max_loras 8",
     ] {
-        assert!(text.contains(name), "missing {name}");
+        assert!(text.contains(name), "missing {name} in {text}");
     }
     if cfg!(target_os = "linux") {
         let rss = metric_value(&text, "process_resident_memory_bytes");
@@ -836,7 +836,7 @@ async fn merge_lora_startup_errors_are_clear() {
     let tmp = tempfile::tempdir().unwrap();
     s.merge_lora = Some(tmp.path().join("missing"));
     let e = start_error(ModelLocation::HfDir(fixture("llama")), s.clone()).await;
-    assert!(e.contains("--merge-lora") && e.contains("not a directory"), "{e}");
+    assert!(e.contains("--merge-lora") && e.contains("does not exist"), "{e}");
 
     copy_adapter(&fixture_adapter("llama", "a"), &tmp.path().join("mismatched"));
     let cfg = std::fs::read_to_string(tmp.path().join("mismatched/adapter_config.json")).unwrap().replace("\"r\": 4", "\"r\": 8");

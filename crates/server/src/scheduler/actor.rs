@@ -61,7 +61,6 @@ impl BatchLoop {
     /// Serves until drained or every handle is gone; a panic ends the loop with every
     /// request failed and the loop marked dead.
     pub fn run(mut self) {
-        self.publish_adapters();
         loop {
             match std::panic::catch_unwind(AssertUnwindSafe(|| self.iterate())) {
                 Ok(true) => {}
@@ -185,7 +184,9 @@ impl BatchLoop {
         Ok(())
     }
 
-    fn publish_adapters(&mut self) {
+    /// Publishes the adapter list and gauges: at startup before the server answers, then
+    /// whenever they change.
+    pub(super) fn publish_adapters(&mut self) {
         let list = self.engine.loras().adapters();
         self.emitter.adapter_gauges(&list, self.engine.loras());
         let entries = list

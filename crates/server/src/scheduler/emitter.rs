@@ -2,7 +2,7 @@
 //! requests they belong to, and the metrics gateways and dashboards read (TTFT and
 //! inter-token latency per adapter, queue time, token counts, vLLM's gauges) move with them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
@@ -36,6 +36,8 @@ pub(super) struct Emitter {
     lora_info: (String, String),
     last_stats: LoraManagerStats,
     last_prefix: PrefixCacheStats,
+    /// Adapters whose per-adapter series are published.
+    adapter_labels: HashSet<String>,
 }
 
 impl Emitter {
@@ -49,6 +51,7 @@ impl Emitter {
             lora_info: (String::new(), String::new()),
             last_stats: LoraManagerStats::default(),
             last_prefix: PrefixCacheStats::default(),
+            adapter_labels: HashSet::new(),
         }
     }
 
@@ -174,24 +177,37 @@ impl Emitter {
     }
 
     /// Per-adapter gauges (resident, bytes, pinned, requests, last use) and the
-    /// known/resident totals. Series of adapters no longer known disappear.
-    pub fn adapter_gauges(&self, list: &[AdapterInfo], loras: &LoraManager) {
+    /// known/resident totals. Series are updated in place, so a scrape never sees them
+    /// missing; those of adapters no longer known are removed.
+    pub fn adapter_gauges(&mut self, list: &[AdapterInfo], loras: &LoraManager) {
         let m = &self.metrics;
-        m.adapter_resident.reset();
-        m.adapter_bytes.reset();
-        m.adapter_pinned.reset();
-        m.adapter_requests.reset();
-        m.adapter_last_used.reset();
+        let known: HashSet<&str> = list.iter().map(|a| a.name.as_str()).collect();
+        for gone in self.adapter_labels.iter().filter(|n| !known.contains(n.as_str())) {
+            let label = [gone.as_str()];
+            let _ = m.adapter_resident.remove_label_values(&label);
+            let _ = m.adapter_bytes.remove_label_values(&label);
+            let _ = m.adapter_pinned.remove_label_values(&label);
+            let _ = m.adapter_requests.remove_label_values(&label);
+            let _ = m.adapter_last_used.remove_label_values(&label);
+        }
         for a in list {
             let label = [a.name.as_str()];
             m.adapter_resident.with_label_values(&label).set(if a.resident.is_some() { 1.0 } else { 0.0 });
             m.adapter_bytes.with_label_values(&label).set(a.bytes as f64);
             m.adapter_pinned.with_label_values(&label).set(if a.pinned { 1.0 } else { 0.0 });
-            m.adapter_requests.with_label_values(&label).inc_by(a.requests);
-            if let Some(t) = a.last_used.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
-                m.adapter_last_used.with_label_values(&label).set(t.as_secs_f64());
+            let counter = m.adapter_requests.with_label_values(&label);
+            if a.requests < counter.get() {
+                counter.reset(); // unloaded and loaded again since the last publish: counting afresh
+            }
+            counter.inc_by(a.requests - counter.get());
+            match a.last_used.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
+                Some(t) => m.adapter_last_used.with_label_values(&label).set(t.as_secs_f64()),
+                None => {
+                    let _ = m.adapter_last_used.remove_label_values(&label);
+                }
             }
         }
+        self.adapter_labels = known.into_iter().map(str::to_string).collect();
         m.adapters_known.set(list.len() as i64);
         m.adapters_resident.set(loras.resident_count() as i64);
         m.adapters_resident_bytes.set(loras.resident_bytes() as i64);

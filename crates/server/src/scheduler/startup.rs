@@ -39,8 +39,11 @@ pub(crate) async fn spawn(
                 let gate = scheduler.admission_gate().clone();
                 let input = engine.input().clone();
                 let reader = engine.loras().reader().clone();
+                let mut batch_loop = BatchLoop::new(engine, scheduler, rx, thread_shared, metrics, &settings);
+                // The adapter views are current before the first request or scrape can come.
+                batch_loop.publish_adapters();
                 let _ = ready_tx.send(Ok((info, gate, input, reader)));
-                BatchLoop::new(engine, scheduler, rx, thread_shared, metrics, &settings).run();
+                batch_loop.run();
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e));
