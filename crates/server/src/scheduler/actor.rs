@@ -111,8 +111,9 @@ impl BatchLoop {
         if !report.adapters_loaded.is_empty() || report.adapter_load_failures > 0 {
             self.views_dirty = true;
         }
-        self.emitter.deliver(report);
+        // Gauges first: a client that got its answer and then scrapes sees the state after it.
         self.update_views();
+        self.emitter.deliver(report);
         true
     }
 
