@@ -245,13 +245,22 @@ fn permuted_heads(hf_name: &str) -> Option<bool> {
     }
 }
 
-/// Undoes llama.cpp's `permute`: GGUF row `h*hd + 2i + j` holds HF row `h*hd + j*hd/2 + i`.
-/// Rows are moved whole, so quantized blocks (which run along a row) stay intact.
+/// Undoes llama.cpp's `permute` on a quantized q/k weight (see [`unpermute_row_bytes`]).
 fn unpermute_rows(q: &QTensor, heads: usize, device: &Device) -> Result<QTensor> {
     let (rows, cols) = q.shape().dims2()?;
+    let out = unpermute_row_bytes(&q.data()?, rows, heads).map_err(|m| EngineError::InvalidRequest(format!("q/k weight: {m}")))?;
+    Ok(qtensor_from_ggml(q.dtype(), &out, vec![rows, cols], device)?)
+}
+
+/// Undoes llama.cpp's `permute` on `rows` equal rows of bytes: GGUF row `h*hd + 2i + j`
+/// holds HF row `h*hd + j*hd/2 + i`. Rows are moved whole, so quantized blocks (which run
+/// along a row) stay intact. Shared by base q/k weights and GGUF adapters' q/k `lora_b`.
+pub(crate) fn unpermute_row_bytes(data: &[u8], rows: usize, heads: usize) -> std::result::Result<Vec<u8>, String> {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
+        return Err(format!("{rows} rows do not split into {heads} heads of an even size"));
+    }
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    let data = q.data()?;
     let row_bytes = data.len() / rows;
     let mut out = vec![0u8; data.len()];
     for h in 0..heads {
@@ -259,12 +268,11 @@ fn unpermute_rows(q: &QTensor, heads: usize, device: &Device) -> Result<QTensor>
             for j in 0..2 {
                 let src = h * head_dim + 2 * i + j;
                 let dst = h * head_dim + j * half + i;
-                out[dst * row_bytes..(dst + 1) * row_bytes]
-                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
             }
         }
     }
-    Ok(qtensor_from_ggml(q.dtype(), &out, vec![rows, cols], device)?)
+    Ok(out)
 }
 
 /// Maps a Hugging Face tensor name to its GGUF name.

@@ -29,6 +29,7 @@ use super::model::{LoraLayerWeights, LoraMatrix, LoraModel};
 use super::{LoraModule, ModuleShapes};
 use crate::config::Architecture;
 use crate::error::{EngineError, Result};
+use crate::weights::unpermute_row_bytes;
 
 /// llama.cpp's tensor name for each projection, in [`LoraModule::ALL`] order.
 const GGUF_MODULES: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
@@ -136,7 +137,7 @@ pub(super) fn load(name: &str, path: &Path, shapes: &ModuleShapes, max_rank: usi
                 let stored = Stored::of(info.ggml_dtype).map_err(|m| err(&name, m))?;
                 let data = tensor_bytes(&bytes, content.tensor_data_offset, info, rows, cols).map_err(|m| err(&name, m))?;
                 let data = match permuted_heads(shapes, module, half) {
-                    Some(heads) => std::borrow::Cow::Owned(unpermute_rows(data, rows, heads).map_err(|m| err(&name, m))?),
+                    Some(heads) => std::borrow::Cow::Owned(unpermute_row_bytes(data, rows, heads).map_err(|m| err(&name, m))?),
                     None => std::borrow::Cow::Borrowed(data),
                 };
                 let (dtype, data) = match stored {
@@ -253,28 +254,6 @@ fn permuted_heads(shapes: &ModuleShapes, module: LoraModule, half: Half) -> Opti
     }
 }
 
-/// Undoes llama.cpp's `permute` on whole rows (so quantized rows stay intact): file row
-/// `h*hd + 2i + j` holds PyTorch row `h*hd + j*hd/2 + i`, as for the base's q/k weights.
-fn unpermute_rows(data: &[u8], rows: usize, heads: usize) -> std::result::Result<Vec<u8>, String> {
-    if heads == 0 || !rows.is_multiple_of(2 * heads) {
-        return Err(format!("{rows} rows do not split into {heads} heads of an even size"));
-    }
-    let head_dim = rows / heads;
-    let half = head_dim / 2;
-    let row_bytes = data.len() / rows;
-    let mut out = vec![0u8; data.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * head_dim + 2 * i + j;
-                let dst = h * head_dim + j * half + i;
-                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Q8_0 blocks widened to little-endian f32 bytes, as ggml dequantizes them (scale times
 /// each value): adapters are small, so they are kept as f32 rather than quantized.
 fn q8_0_to_f32_bytes(data: &[u8]) -> Vec<u8> {
@@ -317,8 +296,8 @@ mod tests {
                 }
             }
         }
-        assert_eq!(unpermute_rows(&file, heads * hd, heads).unwrap(), torch);
-        assert!(unpermute_rows(&file, heads * hd, 3).is_err());
+        assert_eq!(unpermute_row_bytes(&file, heads * hd, heads).unwrap(), torch);
+        assert!(unpermute_row_bytes(&file, heads * hd, 3).is_err());
     }
 
     #[test]
