@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use loramux_engine::engine::read_model_config;
+use loramux_engine::read_model_config;
 use loramux_engine::{Engine, EngineOptions, ModelConfig, ModelLocation};
 
 /// One scratch file per fuzzing process, rewritten for every input.

@@ -298,7 +298,7 @@ impl BenchContext {
             .model
             .as_ref()
             .ok_or_else(|| BenchError::Invalid("this scenario starts its own servers; --url is not supported".into()))?;
-        let cfg = loramux_engine::engine::read_model_config(location)
+        let cfg = loramux_engine::read_model_config(location)
             .map_err(|e| BenchError::Invalid(format!("reading the model's configuration: {e}")))?;
         Ok(loramux_engine::lora::ModuleShapes::from_config(&cfg))
     }

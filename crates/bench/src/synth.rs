@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use loramux_engine::lora::{LoraModule, ModuleShapes};
-use loramux_engine::Architecture;
+use loramux_engine::models::llama::permute_row_bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::tensor::TensorView;
@@ -131,21 +131,12 @@ pub fn write_gguf_adapter(path: &Path, shapes: &ModuleShapes, spec: &AdapterSpec
         Dtype::F16 => 1,
         _ => 30, // BF16
     };
-    let architecture = match shapes.architecture {
-        Architecture::Llama => "llama",
-        Architecture::Qwen2 => "qwen2",
-        Architecture::Qwen3 => "qwen3",
-    };
+    let architecture = shapes.architecture.gguf_name();
     let mut tensors: Vec<(String, [usize; 2], Vec<u8>)> = Vec::new();
     for p in pairs {
         let (out_dim, in_dim) = shapes.shapes[p.module.index()];
-        let heads = match (shapes.architecture, p.module) {
-            (Architecture::Llama, LoraModule::QProj) => Some(shapes.heads),
-            (Architecture::Llama, LoraModule::KProj) => Some(shapes.kv_heads),
-            _ => None,
-        };
-        let b = match heads {
-            Some(heads) => permute_rows(&p.b, out_dim, heads),
+        let b = match shapes.architecture.llama_cpp_permuted_heads(p.module, shapes.heads, shapes.kv_heads) {
+            Some(heads) => permute_row_bytes(&p.b, out_dim, heads).map_err(std::io::Error::other)?,
             None => p.b,
         };
         let name = format!("blk.{}.{}.weight", p.layer, GGUF_MODULES[p.module.index()]);
@@ -185,22 +176,6 @@ pub fn write_gguf_adapter(path: &Path, shapes: &ModuleShapes, spec: &AdapterSpec
         out.resize(out.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
     }
     std::fs::write(path, out)
-}
-
-/// llama.cpp's `permute` of q/k rows for interleaved rotary: PyTorch row
-/// `h*hd + j*hd/2 + i` goes to row `h*hd + 2i + j`.
-fn permute_rows(data: &[u8], rows: usize, heads: usize) -> Vec<u8> {
-    let (head_dim, row_bytes) = (rows / heads, data.len() / rows);
-    let mut out = vec![0u8; data.len()];
-    for h in 0..heads {
-        for j in 0..2 {
-            for i in 0..head_dim / 2 {
-                let (src, dst) = (h * head_dim + j * head_dim / 2 + i, h * head_dim + 2 * i + j);
-                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
-            }
-        }
-    }
-    out
 }
 
 /// Writes a random all-linear bfloat16 adapter of rank `r` (the engine benchmark's adapters),

@@ -6,40 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{EngineError, Result};
-
-/// The decoder families loramux runs. They share one transformer implementation and
-/// differ only in the flags of [`ModelConfig`] (attention biases, q/k norms).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Architecture {
-    /// Llama 2/3, SmolLM, Mistral.
-    Llama,
-    /// Qwen2 / Qwen2.5: biases on q/k/v.
-    Qwen2,
-    /// Qwen3: RMS norms on q and k per head.
-    Qwen3,
-}
-
-impl Architecture {
-    /// Maps a `config.json` `architectures[0]` or `model_type` value.
-    pub fn from_hf_name(name: &str) -> Option<Self> {
-        match name {
-            "LlamaForCausalLM" | "MistralForCausalLM" | "llama" | "mistral" => Some(Self::Llama),
-            "Qwen2ForCausalLM" | "qwen2" => Some(Self::Qwen2),
-            "Qwen3ForCausalLM" | "qwen3" => Some(Self::Qwen3),
-            _ => None,
-        }
-    }
-
-    /// Maps a GGUF `general.architecture` value.
-    pub fn from_gguf_name(name: &str) -> Option<Self> {
-        match name {
-            "llama" | "mistral" => Some(Self::Llama),
-            "qwen2" => Some(Self::Qwen2),
-            "qwen3" => Some(Self::Qwen3),
-            _ => None,
-        }
-    }
-}
+use crate::models::Architecture;
 
 /// How rotary frequencies are rescaled for long contexts.
 #[derive(Clone, Debug, PartialEq)]
@@ -73,9 +40,9 @@ pub struct ModelConfig {
     pub rope_scaling: Option<RopeScaling>,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
-    /// q/k/v projections carry biases (Qwen2, or Llama with `attention_bias`).
+    /// q/k/v projections carry biases (the architecture's, or `config.json`'s `attention_bias`).
     pub attention_bias: bool,
-    /// Per-head RMS norm on q and k before rotary embedding (Qwen3).
+    /// Per-head RMS norm on q and k before rotary embedding (the architecture's).
     pub qk_norm: bool,
 }
 
@@ -123,7 +90,8 @@ impl ModelConfig {
             .iter()
             .find_map(|n| Architecture::from_hf_name(n))
             .ok_or_else(|| {
-                format!("config.json: unsupported architecture {names:?} (supported: Llama, Mistral, Qwen2, Qwen3)")
+                let supported: Vec<&str> = Architecture::ALL.iter().map(|a| a.spec().hf_names[0]).collect();
+                format!("config.json: unsupported architecture {names:?} (supported: {})", supported.join(", "))
             })?;
         let rope_params = raw.rope_parameters.as_ref();
         let rope_theta = raw
@@ -153,9 +121,8 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            attention_bias: architecture == Architecture::Qwen2
-                || raw.attention_bias.unwrap_or(false),
-            qk_norm: architecture == Architecture::Qwen3,
+            attention_bias: architecture.spec().attention_bias || raw.attention_bias.unwrap_or(false),
+            qk_norm: architecture.spec().qk_norm,
         };
         cfg.check_dimensions().map_err(|m| format!("config.json: {m}"))?;
         Ok(cfg)

@@ -1,33 +1,31 @@
 //! The engine: one base model, its input processor (tokenizer, chat template) and the
-//! adapter manager. Sequences carry their own KV cache, sampler, detokenizer and adapter
-//! slot; [`Engine::execute`] runs one forward pass for any mix of them (prefill chunks and
-//! decode tokens, any adapters) and samples a token for each sequence whose prompt is then
-//! fully in its cache. What runs in each pass is the [`crate::scheduler::Scheduler`]'s
-//! choice: the server, `loramux generate` and the benchmarks all batch through it.
+//! adapter manager. [`Engine::execute`] runs one forward pass for any mix of
+//! [`Sequence`]s (prefill chunks and decode tokens, any adapters) and samples a token for
+//! each sequence whose prompt is then fully in its cache. The engine never decides what
+//! runs: the [`crate::scheduler`] plans each pass and drives it (one-way: the scheduler
+//! names the engine, never the reverse).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::quantized::gguf_file::Value;
 use candle_core::Device;
-use serde::{Deserialize, Serialize};
 
 use crate::attention::SeqSpan;
 use crate::chat::ChatTemplate;
-use crate::config::{Architecture, ModelConfig};
+use crate::config::ModelConfig;
 use crate::detokenizer::Detokenizer;
 use crate::error::{EngineError, Result};
-use crate::input::{InputProcessor, ProcessedRequest, Request};
+use crate::input::{InputProcessor, ProcessedRequest};
 use crate::kv::KvCache;
 use crate::lora::manager::LoraLimits;
-use crate::lora::{LoraBatch, LoraManager, LoraModel, LoraRequest, LoraSlot, ModuleShapes};
-use crate::model::{LogitsFor, Transformer};
+use crate::lora::{LoraBatch, LoraManager, LoraModel, ModuleShapes};
+use crate::model_files::{gguf_config, read_chat_template, read_eos_ids};
+use crate::models::{LogitsFor, Transformer};
 use crate::prefix_cache::{PrefixCache, PrefixCacheStats};
 use crate::registry::ModelLocation;
-use crate::sampling::{SampledToken, Sampler, SamplingParams};
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::sampling::{SampledToken, Sampler};
+use crate::sequence::{FinishReason, Sequence};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightSource;
 
@@ -57,148 +55,6 @@ impl Default for EngineOptions {
     }
 }
 
-/// Why a sequence stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FinishReason {
-    /// End-of-sequence token, stop token or stop string.
-    Stop,
-    /// `max_tokens` or the model length reached.
-    Length,
-}
-
-impl FinishReason {
-    /// The OpenAI `finish_reason` string.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
-    }
-}
-
-/// A sequence being generated.
-pub struct Sequence {
-    pub id: u64,
-    lora: Option<LoraRequest>,
-    slot: Option<LoraSlot>,
-    pub prompt_ids: Vec<u32>,
-    pub output_ids: Vec<u32>,
-    /// Per output token, when logprobs were asked for.
-    pub logprobs: Vec<SampledToken>,
-    cache: KvCache,
-    sampler: Sampler,
-    pub finish: Option<FinishReason>,
-    detokenizer: Detokenizer,
-    max_len: usize,
-    /// Root of the prefix-cache chains of the weights it runs on.
-    prefix_root: u64,
-}
-
-impl Sequence {
-    /// Prompt plus generated tokens.
-    pub fn len(&self) -> usize {
-        self.prompt_ids.len() + self.output_ids.len()
-    }
-
-    /// Whether the sequence has no tokens (never true for a valid sequence).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Tokens already in the KV cache.
-    pub fn cached_len(&self) -> usize {
-        self.cache.len()
-    }
-
-    /// Tokens still to be fed before the next token can be sampled.
-    pub fn pending_len(&self) -> usize {
-        self.len() - self.cache.len()
-    }
-
-    /// The sequence's KV cache, for memory accounting.
-    pub fn cache(&self) -> &KvCache {
-        &self.cache
-    }
-
-    /// Frees the KV cache (the sequence can be recomputed from its tokens later).
-    pub fn drop_cache(&mut self) {
-        self.cache.clear();
-    }
-
-    /// The adapter the sequence runs with.
-    pub fn lora(&self) -> Option<&LoraRequest> {
-        self.lora.as_ref()
-    }
-
-    /// Whether the sequence runs with an adapter slot (rows of one slot are batched together).
-    pub(crate) fn slot(&self) -> Option<LoraSlot> {
-        self.slot
-    }
-
-    /// Sampling parameters of the request.
-    pub fn params(&self) -> &SamplingParams {
-        self.sampler.params()
-    }
-
-    /// Output text since the last call that can no longer change: while running, the tail
-    /// that might still become a stop string is held back.
-    pub fn take_new_text(&mut self) -> &str {
-        let finished = self.finish.is_some();
-        self.detokenizer.take_stable(finished)
-    }
-
-    /// Where the sequence stands, to put it back after a failed pass.
-    pub(crate) fn mark(&self) -> SeqMark {
-        SeqMark { cached: self.cache.len(), outputs: self.output_ids.len() }
-    }
-
-    /// Whether the sequence got a token since `mark`.
-    pub(crate) fn advanced_since(&self, mark: &SeqMark) -> bool {
-        self.output_ids.len() > mark.outputs
-    }
-
-    /// Puts the cache back to `mark` unless the sequence got its token (then the pass did
-    /// its work for it). A pass that panicked midway may have appended to some layers only.
-    pub(crate) fn rollback_unless_advanced(&mut self, mark: SeqMark) {
-        if !self.advanced_since(&mark) {
-            self.cache.truncate(mark.cached);
-        }
-    }
-
-    /// The finished request.
-    pub fn into_completion(self) -> Completion {
-        Completion {
-            lora: self.lora,
-            prompt_tokens: self.prompt_ids.len(),
-            text: self.detokenizer.into_text(),
-            token_ids: self.output_ids,
-            finish_reason: self.finish.unwrap_or(FinishReason::Length),
-            logprobs: self.logprobs,
-        }
-    }
-}
-
-/// A sequence's cache and output lengths before a pass.
-pub(crate) struct SeqMark {
-    cached: usize,
-    outputs: usize,
-}
-
-/// A finished request.
-#[derive(Clone, Debug, Serialize)]
-pub struct Completion {
-    /// The adapter it ran with.
-    #[serde(rename = "adapter")]
-    pub lora: Option<LoraRequest>,
-    pub text: String,
-    pub token_ids: Vec<u32>,
-    pub prompt_tokens: usize,
-    pub finish_reason: FinishReason,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub logprobs: Vec<SampledToken>,
-}
-
 /// One base model with its adapters.
 pub struct Engine {
     model: Transformer,
@@ -212,101 +68,6 @@ pub struct Engine {
     next_id: u64,
     /// Fault injection for tests: a pass with a row of this adapter panics.
     panic_on_forward: Option<String>,
-}
-
-fn gguf_config(md: &HashMap<String, Value>, src: &WeightSource) -> Result<ModelConfig> {
-    let path = src.path();
-    let err = |m: String| EngineError::model(path, m);
-    let arch_name = md
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .ok_or_else(|| err("GGUF has no general.architecture".into()))?
-        .clone();
-    let architecture = Architecture::from_gguf_name(&arch_name)
-        .ok_or_else(|| err(format!("unsupported GGUF architecture '{arch_name}' (supported: llama, qwen2, qwen3)")))?;
-    let key = |k: &str| format!("{arch_name}.{k}");
-    let int = |k: &str| -> Result<usize> {
-        md.get(&key(k))
-            .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
-            .map(|v| v as usize)
-            .ok_or_else(|| err(format!("GGUF metadata {} missing", key(k))))
-    };
-    let float = |k: &str| md.get(&key(k)).and_then(|v| v.to_f32().ok()).map(f64::from);
-    let heads = int("attention.head_count")?;
-    let hidden = int("embedding_length")?;
-    if heads == 0 {
-        return Err(err(format!("GGUF metadata {} must be positive, got 0", key("attention.head_count"))));
-    }
-    let vocab = md
-        .get("tokenizer.ggml.tokens")
-        .and_then(|v| v.to_vec().ok())
-        .map(|v| v.len())
-        .ok_or_else(|| err("GGUF has no tokenizer.ggml.tokens".into()))?;
-    let cfg = ModelConfig {
-        architecture,
-        vocab_size: vocab,
-        hidden_size: hidden,
-        intermediate_size: int("feed_forward_length")?,
-        num_hidden_layers: int("block_count")?,
-        num_attention_heads: heads,
-        num_key_value_heads: int("attention.head_count_kv").unwrap_or(heads),
-        head_dim: int("attention.key_length").unwrap_or(hidden / heads),
-        rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
-        rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
-        rope_scaling: None,
-        max_position_embeddings: int("context_length").unwrap_or(4096),
-        tie_word_embeddings: !src.contains("lm_head.weight"),
-        attention_bias: architecture == Architecture::Qwen2,
-        qk_norm: architecture == Architecture::Qwen3,
-    };
-    cfg.check_dimensions().map_err(|m| err(format!("GGUF metadata: {m}")))?;
-    Ok(cfg)
-}
-
-fn read_eos_ids(dir: &Path, tokenizer: &Tokenizer) -> Vec<u32> {
-    let mut ids = Vec::new();
-    if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-            match v.get("eos_token_id") {
-                Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
-                Some(serde_json::Value::Array(a)) => ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),
-                _ => {}
-            }
-        }
-    }
-    if let Some(id) = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
-        ids.push(id);
-    }
-    ids
-}
-
-fn read_chat_template(dir: &Path) -> Option<String> {
-    if let Ok(t) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
-        return Some(t);
-    }
-    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    match v.get("chat_template")? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        // A list of named templates: take "default".
-        serde_json::Value::Array(list) => list
-            .iter()
-            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
-        _ => None,
-    }
-}
-
-/// A model's configuration without loading its weights (GGUF header or `config.json`):
-/// benchmarks use it to make adapters that fit a base before any server loads it.
-pub fn read_model_config(location: &ModelLocation) -> Result<ModelConfig> {
-    match location {
-        ModelLocation::Gguf(path) => {
-            let src = WeightSource::open_gguf(path, &Device::Cpu, false)?;
-            gguf_config(src.gguf_metadata().expect("gguf source has metadata"), &src)
-        }
-        ModelLocation::HfDir(dir) => ModelConfig::from_hf_file(&dir.join("config.json")),
-    }
 }
 
 impl Engine {
@@ -535,13 +296,6 @@ impl Engine {
             seq.finish = Some(FinishReason::Length);
         }
         Ok(())
-    }
-
-    /// Runs requests to completion as one mixed batch (every adapter in the same forward
-    /// passes, scheduled as the server schedules them); results come back in input order.
-    pub fn generate(&mut self, requests: &[Request]) -> Result<Vec<Completion>> {
-        let processed = requests.iter().map(|r| self.input.process(r.clone())).collect::<Result<Vec<_>>>()?;
-        Scheduler::new(SchedulerConfig::for_batch(processed.len()), self)?.run_to_completion(self, processed)
     }
 
     /// Folds a resident or known adapter into the float base weights, restorably: its

@@ -105,3 +105,9 @@ impl EngineError {
 
 /// Engine result type.
 pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// The text of a panic payload (a caught panic of the batch loop, an adapter read or a
+/// file parser becomes an error message).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown panic")
+}

@@ -2,29 +2,33 @@
 //! that mix sequences of different adapters in one forward pass.
 
 pub mod attention;
+pub mod backend;
 pub mod chat;
 pub mod config;
 pub mod detokenizer;
 pub mod engine;
 pub mod error;
 pub mod input;
-mod kernels;
 pub mod kv;
 pub mod lora;
-pub mod model;
+pub mod model_files;
+pub mod models;
 pub mod prefix_cache;
-pub mod quant;
 pub mod registry;
 pub mod sampling;
 pub mod scheduler;
+pub mod sequence;
 pub mod structured;
 pub mod tokenizer;
 pub mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate};
-pub use config::{Architecture, ModelConfig};
-pub use engine::{Completion, Engine, EngineOptions, FinishReason, Sequence};
-pub use error::{EngineError, InputField, Result};
+pub use config::ModelConfig;
+pub use engine::{Engine, EngineOptions};
+pub use error::{panic_message, EngineError, InputField, Result};
+pub use model_files::read_model_config;
+pub use models::Architecture;
+pub use sequence::{Completion, FinishReason, Sequence};
 pub use input::{InputProcessor, ProcessedRequest, Prompt, Request};
 pub use lora::manager::LoraLimits;
 pub use lora::LoraRequest;

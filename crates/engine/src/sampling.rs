@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::detokenizer::MAX_STOP_STRING_BYTES;
 use crate::error::{EngineError, InputField, Result};
-use crate::kernels::argmax;
+use crate::backend::cpu::kernels::argmax;
 use crate::structured::{Constraint, Grammar, ResponseFormat};
 
 /// Temperatures below this sample greedily (vLLM's `_SAMPLING_EPS`): dividing logits by a

@@ -13,8 +13,11 @@ use candle_core::quantized::{ggml_file::qtensor_from_ggml, gguf_file, GgmlDType,
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{Architecture, ModelConfig, RopeScaling};
-use crate::error::{EngineError, Result};
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::{panic_message, EngineError, Result};
+use crate::lora::LoraModule;
+use crate::models::llama::unpermute_row_bytes;
+use crate::models::Architecture;
 
 /// A projection weight as stored: dense float32, or quantized blocks kept as they are.
 #[derive(Clone, Debug)]
@@ -48,8 +51,9 @@ pub struct WeightSource {
     device: Device,
     /// Dequantize GGUF projections to float32 instead of keeping them quantized.
     dequantize: bool,
-    /// Llama GGUF files store q/k rows permuted for interleaved rotary; we undo it.
-    unpermute_qk: Option<(usize, usize)>,
+    /// GGUF files of some architectures store q/k rows permuted for llama.cpp's rotary:
+    /// the architecture and head counts to undo it with.
+    unpermute_qk: Option<(Architecture, usize, usize)>,
 }
 
 impl WeightSource {
@@ -127,11 +131,11 @@ impl WeightSource {
         &self.device
     }
 
-    /// Tells the source the head counts so Llama GGUF q/k rows can be un-permuted.
+    /// Tells the source the architecture and head counts, so GGUF q/k rows that llama.cpp
+    /// permuted can be put back.
     pub(crate) fn prepare_for(&mut self, cfg: &ModelConfig) {
-        if matches!(self.backing, Backing::Gguf { .. }) && cfg.architecture == Architecture::Llama
-        {
-            self.unpermute_qk = Some((cfg.num_attention_heads, cfg.num_key_value_heads));
+        if matches!(self.backing, Backing::Gguf { .. }) {
+            self.unpermute_qk = Some((cfg.architecture, cfg.num_attention_heads, cfg.num_key_value_heads));
         }
     }
 
@@ -168,11 +172,12 @@ impl WeightSource {
                     EngineError::model(&self.path, format!("no GGUF name for tensor {hf_name}"))
                 })?;
                 let q = read_gguf_tensor(content, reader, &name, &self.path, &self.device)?;
-                let q = match (self.unpermute_qk, permuted_heads(hf_name)) {
-                    (Some((heads, kv_heads)), Some(is_k)) => {
-                        unpermute_rows(&q, if is_k { kv_heads } else { heads }, &self.device)?
-                    }
-                    _ => q,
+                let permuted = self.unpermute_qk.zip(projection_of(hf_name)).and_then(|((arch, heads, kv_heads), module)| {
+                    arch.llama_cpp_permuted_heads(module, heads, kv_heads)
+                });
+                let q = match permuted {
+                    Some(heads) => unpermute_rows(&q, heads, &self.device)?,
+                    None => q,
                 };
                 let float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
                 if force_dense || self.dequantize || float {
@@ -197,12 +202,64 @@ impl WeightSource {
     }
 }
 
+/// A tensor-name prefix over a [`WeightSource`], as candle's `VarBuilder::pp`: model code
+/// names tensors segment by segment (`vb.pp("self_attn").pp("q_proj")`), mirroring the
+/// Hugging Face module tree, and never formats names itself.
+#[derive(Clone)]
+pub struct WeightPath<'a> {
+    src: &'a WeightSource,
+    prefix: String,
+}
+
+impl<'a> WeightPath<'a> {
+    /// The root of the source's names.
+    pub fn root(src: &'a WeightSource) -> Self {
+        Self { src, prefix: String::new() }
+    }
+
+    /// The path one module further down.
+    pub fn pp(&self, segment: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() { segment.to_string() } else { format!("{}.{segment}", self.prefix) };
+        Self { src: self.src, prefix }
+    }
+
+    /// The full name of tensor `leaf` under this path.
+    pub fn name(&self, leaf: &str) -> String {
+        self.pp(leaf).prefix
+    }
+
+    /// The module path itself (for messages).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The source the names are read from.
+    pub fn source(&self) -> &'a WeightSource {
+        self.src
+    }
+
+    /// Whether tensor `leaf` exists.
+    pub fn contains(&self, leaf: &str) -> bool {
+        self.src.contains(&self.name(leaf))
+    }
+
+    /// Tensor `leaf` as dense float32.
+    pub fn dense(&self, leaf: &str) -> Result<Tensor> {
+        self.src.dense(&self.name(leaf))
+    }
+
+    /// Weight `leaf` as stored (quantized or dense).
+    pub fn weight(&self, leaf: &str) -> Result<Weight> {
+        self.src.weight(&self.name(leaf), false)
+    }
+}
+
 /// Parses a GGUF header (metadata and tensor table). candle's parser panics on some
 /// malformed files (a `general.alignment` of 0 divides by zero): a file that cannot be read
 /// is an error message, never a crash. Shared by model files and LoRA adapter files.
 pub(crate) fn read_gguf_header<R: std::io::Read + std::io::Seek>(reader: &mut R) -> std::result::Result<gguf_file::Content, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(reader)))
-        .map_err(|p| format!("not a readable GGUF file: the GGUF parser failed: {}", crate::lora::panic_message(&*p)))?
+        .map_err(|p| format!("not a readable GGUF file: the GGUF parser failed: {}", panic_message(&*p)))?
         .map_err(|e| format!("not a readable GGUF file: {e}"))
 }
 
@@ -234,12 +291,12 @@ fn read_gguf_tensor(
         .map_err(|e| EngineError::model(path, format!("tensor {name}: {e}")))
 }
 
-/// `Some(is_k)` for the weights whose rows llama.cpp permutes.
-fn permuted_heads(hf_name: &str) -> Option<bool> {
+/// The projection a base weight belongs to, for the q/k row permutation.
+fn projection_of(hf_name: &str) -> Option<LoraModule> {
     if hf_name.ends_with("self_attn.q_proj.weight") {
-        Some(false)
+        Some(LoraModule::QProj)
     } else if hf_name.ends_with("self_attn.k_proj.weight") {
-        Some(true)
+        Some(LoraModule::KProj)
     } else {
         None
     }
@@ -250,29 +307,6 @@ fn unpermute_rows(q: &QTensor, heads: usize, device: &Device) -> Result<QTensor>
     let (rows, cols) = q.shape().dims2()?;
     let out = unpermute_row_bytes(&q.data()?, rows, heads).map_err(|m| EngineError::InvalidRequest(format!("q/k weight: {m}")))?;
     Ok(qtensor_from_ggml(q.dtype(), &out, vec![rows, cols], device)?)
-}
-
-/// Undoes llama.cpp's `permute` on `rows` equal rows of bytes: GGUF row `h*hd + 2i + j`
-/// holds HF row `h*hd + j*hd/2 + i`. Rows are moved whole, so quantized blocks (which run
-/// along a row) stay intact. Shared by base q/k weights and GGUF adapters' q/k `lora_b`.
-pub(crate) fn unpermute_row_bytes(data: &[u8], rows: usize, heads: usize) -> std::result::Result<Vec<u8>, String> {
-    if heads == 0 || !rows.is_multiple_of(2 * heads) {
-        return Err(format!("{rows} rows do not split into {heads} heads of an even size"));
-    }
-    let head_dim = rows / heads;
-    let half = head_dim / 2;
-    let row_bytes = data.len() / rows;
-    let mut out = vec![0u8; data.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * head_dim + 2 * i + j;
-                let dst = h * head_dim + j * half + i;
-                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Maps a Hugging Face tensor name to its GGUF name.

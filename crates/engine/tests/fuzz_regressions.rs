@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use loramux_engine::engine::read_model_config;
+use loramux_engine::read_model_config;
 use loramux_engine::lora::{LoraModel, LoraModule, ModuleShapes};
 use loramux_engine::{ChatMessage, ChatTemplate, Engine, EngineError, EngineOptions, ModelConfig, ModelLocation};
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use loramux_engine::lora::{scan_lora_dir, LoraBatch, LoraModel, LoraModule};
-use loramux_engine::model::LogitsFor;
+use loramux_engine::models::LogitsFor;
 use loramux_engine::{
     attention::SeqSpan, Engine, EngineError, EngineOptions, LoraLimits, LoraRequest, ModelLocation, Prompt, Request, SamplingParams,
 };

@@ -116,7 +116,7 @@ fn smollm2_matches_transformers_with_and_without_the_pirate_adapter() {
 }
 
 fn last_logits(engine: &Engine, ids: &[u32], adapter: Option<&str>) -> Vec<f32> {
-    use loramux_engine::{attention::SeqSpan, lora::LoraBatch, model::LogitsFor};
+    use loramux_engine::{attention::SeqSpan, lora::LoraBatch, models::LogitsFor};
     let model = adapter.map(|a| engine.loras().get_by_name(a).unwrap());
     let lora = LoraBatch::from_runs([(0..ids.len(), model.as_deref())]);
     let mut cache = engine.model().new_cache();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use loramux_engine::lora::LoraBatch;
-use loramux_engine::model::LogitsFor;
+use loramux_engine::models::LogitsFor;
 use loramux_engine::{
     attention::SeqSpan, ChatMessage, Engine, EngineOptions, LoraLimits, LoraRequest, ModelLocation, Prompt, Request,
     SamplingParams,

@@ -27,9 +27,9 @@ use safetensors::Dtype;
 
 use super::model::{LoraLayerWeights, LoraMatrix, LoraModel};
 use super::{LoraModule, ModuleShapes};
-use crate::config::Architecture;
+use crate::models::llama::unpermute_row_bytes;
+use crate::models::Architecture;
 use crate::error::{EngineError, Result};
-use crate::weights::unpermute_row_bytes;
 
 /// llama.cpp's tensor name for each projection, in [`LoraModule::ALL`] order.
 const GGUF_MODULES: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
@@ -247,10 +247,9 @@ fn tensor_bytes<'f>(file: &'f [u8], data_offset: u64, info: &TensorInfo, rows: u
 /// Head count whose rows llama.cpp's converter permuted in this tensor: the `lora_b` of q
 /// (query heads) and k (key/value heads) of Llama adapters.
 fn permuted_heads(shapes: &ModuleShapes, module: LoraModule, half: Half) -> Option<usize> {
-    match (shapes.architecture, module, half) {
-        (Architecture::Llama, LoraModule::QProj, Half::B) => Some(shapes.heads),
-        (Architecture::Llama, LoraModule::KProj, Half::B) => Some(shapes.kv_heads),
-        _ => None,
+    match half {
+        Half::B => shapes.architecture.llama_cpp_permuted_heads(module, shapes.heads, shapes.kv_heads),
+        Half::A => None,
     }
 }
 

@@ -1,4 +1,6 @@
-//! Reading adapters from disk off the batch loop: each read runs on its own thread and its
+//! Reading adapters from disk: [`LoraModel::load`] picks the reader by what the path is
+//! (a PEFT directory: `super::peft`; a GGUF file: `super::gguf`). Reads run off the batch
+//! loop: each read runs on its own thread and its
 //! result comes back through a channel the manager polls between steps. A read carries the
 //! adapter's generation when it started, so a read that finishes after the adapter was
 //! replaced or removed is recognised as stale and dropped; a reader that panics reports
@@ -11,8 +13,26 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{LoraModel, ModuleShapes};
-use crate::error::EngineError;
+use super::{gguf, peft, LoraModel, ModuleShapes};
+use crate::error::{panic_message, EngineError};
+
+impl LoraModel {
+    /// Reads and validates an adapter: a directory is a PEFT adapter, a file (or a path
+    /// ending in `.gguf`) a llama.cpp GGUF adapter. `max_rank` bounds every projection's rank.
+    pub fn load(name: &str, path: &Path, shapes: &ModuleShapes, max_rank: usize) -> crate::Result<Self> {
+        if path.is_dir() {
+            peft::load(name, path, shapes, max_rank)
+        } else if path.is_file() || path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            gguf::load(name, path, shapes, max_rank)
+        } else {
+            Err(EngineError::adapter(
+                name,
+                "path",
+                format!("{} is neither a PEFT adapter directory nor a GGUF adapter file", path.display()),
+            ))
+        }
+    }
+}
 
 /// Reads and validates adapters against one base model's shapes and rank limit, on any
 /// thread: the batch loop's lazy reads and the server's runtime loads share it.
@@ -121,9 +141,4 @@ impl AdapterLoader {
         }
         out
     }
-}
-
-/// The text of a panic payload.
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown panic")
 }

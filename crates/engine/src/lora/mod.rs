@@ -1,20 +1,23 @@
 //! LoRA adapters served unmerged beside one base model, named after vLLM's `vllm/lora/`:
 //! [`config`] reads PEFT's `adapter_config.json`, [`model`] holds one adapter's weights
-//! checked against the base (`LoRAModel`), [`manager`] owns the resident set, its slots
-//! and LRU (`LoRAModelManager`) with adapters read off the loop by a loader, and
-//! [`punica`] applies many adapters to one batch, each only on its own rows (shrink then
-//! expand, vLLM's Punica wrapper). A request names its adapter with a [`LoraRequest`].
-//! Adapters come as PEFT directories or as llama.cpp's GGUF adapter files (`gguf`).
+//! (`LoRAModel`), read and checked against the base by `peft` (PEFT directories) or `gguf`
+//! (llama.cpp's GGUF adapter files), the reader chosen by the loader, which also reads
+//! off the batch loop; [`manager`] owns the resident set, its slots and LRU
+//! (`LoRAModelManager`); [`punica`] plans one batch's per-row adapters (vLLM's Punica
+//! wrapper), whose shrink/expand kernel is the backend's, called from inside each
+//! projection ([`crate::models::LoraLinear`]). A request names its adapter with a
+//! [`LoraRequest`].
 
 pub mod config;
 mod gguf;
 mod loader;
 pub mod manager;
 pub mod model;
+mod peft;
 pub mod punica;
 
 pub use config::PeftConfig;
-pub use loader::{panic_message, AdapterReader};
+pub use loader::AdapterReader;
 pub use manager::{
     scan_lora_dir, AdapterInfo, InsertOutcome, LoadEvents, LoraManager, LoraManagerStats, LoraSlot, Readiness, UnloadOutcome,
 };
@@ -92,7 +95,7 @@ pub struct ModuleShapes {
     pub layers: usize,
     pub shapes: [(usize, usize); 7],
     /// The base's architecture: a GGUF adapter names the one it was converted for.
-    pub architecture: crate::config::Architecture,
+    pub architecture: crate::models::Architecture,
     /// Query and key/value head counts: llama.cpp's converter permutes the q/k rows of
     /// Llama adapters head by head, and reading them back needs the counts.
     pub heads: usize,

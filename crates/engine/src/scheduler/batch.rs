@@ -8,9 +8,10 @@ use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use super::{failed, BatchStats, RequestEvent, RequestOutput, Scheduler, StepReport};
-use crate::engine::{Engine, Sequence};
+use crate::engine::Engine;
+use crate::sequence::Sequence;
 use crate::error::EngineError;
-use crate::lora::panic_message;
+use crate::error::panic_message;
 
 /// Runs one pass over `batch`, turning a panic into an error; on failure the sequences
 /// that did not get their token are put back as they were.

@@ -4,7 +4,7 @@
 //! would not fit). The plan computed here is the one the pass runs.
 
 use super::{Running, Scheduler};
-use crate::engine::Sequence;
+use crate::sequence::Sequence;
 use crate::kv::{KvCache, KV_BLOCK_TOKENS};
 
 /// KV blocks that hold `tokens` positions.

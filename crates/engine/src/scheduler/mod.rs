@@ -15,13 +15,15 @@ mod admission;
 mod batch;
 mod budget;
 mod merge;
+mod offline;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::engine::{Completion, Engine, Sequence};
+use crate::engine::Engine;
+use crate::sequence::{Completion, Sequence};
 use crate::error::{EngineError, Result};
 use crate::input::ProcessedRequest;
 use crate::kv::KV_BLOCK_TOKENS;

@@ -11,7 +11,8 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use loramux_engine::lora::{panic_message, InsertOutcome, LoraModel, UnloadOutcome};
+use loramux_engine::lora::{InsertOutcome, LoraModel, UnloadOutcome};
+use loramux_engine::panic_message;
 use loramux_engine::{Engine, EngineError, Scheduler};
 use tokio::sync::mpsc as tmpsc;
 

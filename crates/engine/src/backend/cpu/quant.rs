@@ -12,7 +12,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
-use crate::kernels::SendPtr;
+use super::kernels::SendPtr;
 
 /// Output columns per tile.
 const TILE: usize = 16;
