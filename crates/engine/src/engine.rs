@@ -24,7 +24,7 @@ use crate::model_files::{gguf_config, read_chat_template, read_eos_ids};
 use crate::models::{LogitsFor, Transformer};
 use crate::prefix_cache::{PrefixCache, PrefixCacheStats};
 use crate::registry::ModelLocation;
-use crate::sampling::{SampledToken, Sampler};
+use crate::sampling::{token_logprobs, SampledToken, Sampler};
 use crate::sequence::{FinishReason, Sequence};
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightSource;
@@ -165,7 +165,12 @@ impl Engine {
 
     /// Copies the cached blocks a sequence's prompt starts with (on its weights) into its
     /// empty cache: a new sequence, or one preempted and resumed. Returns the tokens reused.
+    /// A sequence that asked for its prompt's log-probabilities reuses nothing: they are
+    /// computed from the logits of every prompt position.
     pub fn reuse_cached_prefix(&mut self, seq: &mut Sequence) -> usize {
+        if seq.params().prompt_logprobs.is_some() {
+            return 0;
+        }
         self.prefix_cache.fill(seq.prefix_root, &seq.prompt_ids, &mut seq.cache)
     }
 
@@ -202,6 +207,7 @@ impl Engine {
             prompt_ids,
             output_ids: Vec::new(),
             logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
             cache: self.model.new_cache(),
             detokenizer: Detokenizer::new(&params.stop),
             sampler: Sampler::new(params),
@@ -257,21 +263,48 @@ impl Engine {
         for (s, span) in ordered.iter_mut().zip(&spans) {
             s.cache.reserve(span.pos + span.len);
         }
+        // Logits of the last row of each span, and of every row of a sequence that asked
+        // for its prompt's log-probabilities (`first_row[k]`: where span k's rows start).
+        let mut wanted: Vec<u32> = Vec::with_capacity(spans.len());
+        let mut first_row = Vec::with_capacity(spans.len());
+        for (s, span) in ordered.iter().zip(&spans) {
+            first_row.push(wanted.len());
+            let from = if s.params().prompt_logprobs.is_some() { span.start } else { span.start + span.len - 1 };
+            wanted.extend((from..span.start + span.len).map(|r| r as u32));
+        }
         let logits = {
             let mut caches: Vec<&mut KvCache> = ordered.iter_mut().map(|s| &mut s.cache).collect();
-            self.model.forward(&tokens, &spans, &mut caches, &lora, LogitsFor::LastOfEachSpan)?
+            self.model.forward(&tokens, &spans, &mut caches, &lora, LogitsFor::Rows(&wanted))?
         };
         let vocab = logits.dim(1)?;
         let logits = logits.flatten_all()?.to_vec1::<f32>()?;
-        for (k, (seq, span)) in ordered.into_iter().zip(&spans).enumerate() {
+        let row = |i: usize| &logits[i * vocab..(i + 1) * vocab];
+        for ((seq, span), &first) in ordered.into_iter().zip(&spans).zip(&first_row) {
             let prompt_len = seq.prompt_ids.len();
             if span.pos < prompt_len && span.pos + span.len >= prompt_len {
                 self.prefix_cache.insert(seq.prefix_root, &seq.prompt_ids, &seq.cache);
             }
+            if let Some(top) = seq.params().prompt_logprobs {
+                // Row r predicts the token after position span.pos + r; a recomputed span
+                // (after preemption) finds its positions already recorded.
+                for r in 0..span.len {
+                    let next = span.pos + r + 1;
+                    if next < prompt_len && seq.prompt_logprobs.len() == next - 1 {
+                        let t = token_logprobs(row(first + r), seq.prompt_ids[next], top);
+                        seq.prompt_logprobs.push(t);
+                    }
+                }
+            }
             if seq.pending_len() > 0 {
                 continue; // prompt not fully prefilled yet
             }
-            let t = seq.sampler.sample(&logits[k * vocab..(k + 1) * vocab]);
+            if seq.params().max_tokens == Some(0) {
+                // Prompt scoring only (`echo` with `max_tokens: 0`): nothing to generate.
+                seq.finish = Some(FinishReason::Length);
+                continue;
+            }
+            let last = if seq.params().prompt_logprobs.is_some() { first + span.len - 1 } else { first };
+            let t = seq.sampler.sample(row(last));
             self.append_token(seq, t)?;
         }
         Ok(rows)

@@ -40,6 +40,10 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// How many top alternatives to report per token (`None`: no logprobs).
     pub logprobs: Option<usize>,
+    /// Log-probabilities of the prompt's own tokens, with this many top alternatives each
+    /// (vLLM's `prompt_logprobs`; what `echo` with `logprobs` returns). `None`: not computed.
+    #[serde(default)]
+    pub prompt_logprobs: Option<usize>,
     /// What the output must be: free text, or JSON (an object, or valid against a schema).
     pub response_format: ResponseFormat,
     /// `response_format` compiled for the model: set by [`crate::InputProcessor`], which
@@ -60,6 +64,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            prompt_logprobs: None,
             response_format: ResponseFormat::Text,
             grammar: None,
         }
@@ -87,8 +92,8 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return invalid("top_p", format!("top_p must be in (0, 1], got {}", self.top_p));
         }
-        if self.max_tokens == Some(0) {
-            return invalid("max_tokens", "max_tokens must be at least 1".into());
+        if self.max_tokens == Some(0) && self.prompt_logprobs.is_none() {
+            return invalid("max_tokens", "max_tokens must be at least 1 (0 only scores the prompt, with prompt logprobs)".into());
         }
         if self.stop.len() > MAX_STOP_STRINGS {
             return invalid("stop", format!("at most {MAX_STOP_STRINGS} stop strings are accepted, got {}", self.stop.len()));
@@ -96,8 +101,11 @@ impl SamplingParams {
         if let Some(long) = self.stop.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
             return invalid("stop", format!("stop strings may have at most {MAX_STOP_STRING_BYTES} bytes, got one of {}", long.len()));
         }
-        if self.logprobs.is_some_and(|n| n > 20) {
-            return invalid("top_logprobs", "top_logprobs must be at most 20".into());
+        if self.logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
+            return invalid("top_logprobs", format!("top_logprobs must be at most {MAX_LOGPROBS}"));
+        }
+        if self.prompt_logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
+            return invalid("prompt_logprobs", format!("prompt_logprobs must be at most {MAX_LOGPROBS}"));
         }
         Ok(())
     }
@@ -109,6 +117,16 @@ pub struct SampledToken {
     pub id: u32,
     pub logprob: f32,
     pub top: Vec<(u32, f32)>,
+}
+
+/// Most alternatives reported per token (vLLM's default `max_logprobs`, OpenAI's limit).
+pub const MAX_LOGPROBS: usize = 20;
+
+/// The log-probability of token `id` under `logits` and the `top` most likely tokens
+/// (for the prompt's tokens, which are given rather than sampled).
+pub fn token_logprobs(logits: &[f32], id: u32, top: usize) -> SampledToken {
+    let (logprob, top) = log_probs(logits, id, top);
+    SampledToken { id, logprob, top }
 }
 
 /// Per-request sampler state.

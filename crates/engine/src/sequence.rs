@@ -38,6 +38,9 @@ pub struct Sequence {
     pub output_ids: Vec<u32>,
     /// Per output token, when logprobs were asked for.
     pub logprobs: Vec<SampledToken>,
+    /// Per prompt token after the first (entry `i` is prompt token `i + 1`), when prompt
+    /// logprobs were asked for.
+    pub prompt_logprobs: Vec<SampledToken>,
     pub(crate) cache: KvCache,
     pub(crate) sampler: Sampler,
     pub finish: Option<FinishReason>,
@@ -127,6 +130,7 @@ impl Sequence {
             token_ids: self.output_ids,
             finish_reason: self.finish.unwrap_or(FinishReason::Length),
             logprobs: self.logprobs,
+            prompt_logprobs: self.prompt_logprobs,
         }
     }
 }
@@ -149,4 +153,7 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logprobs: Vec<SampledToken>,
+    /// Log-probabilities of prompt tokens 1.. (token 0 has none), when asked for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prompt_logprobs: Vec<SampledToken>,
 }

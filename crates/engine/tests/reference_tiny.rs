@@ -214,3 +214,51 @@ fn chat_template_and_tokenizer_match_transformers() {
         }
     }
 }
+
+/// Log-softmax of one row of reference logits.
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_sum = row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+    row.iter().map(|&l| l as f64 - log_sum).collect()
+}
+
+/// Prompt log-probabilities (`echo` with `logprobs` and `max_tokens: 0`, vLLM's
+/// `prompt_logprobs`) against log-softmax of transformers' logits at every position, with
+/// prompts split into chunks across passes (a budget of 4 tokens) and mixed with a
+/// generating request in the same passes.
+#[test]
+fn prompt_logprobs_match_transformers() {
+    use loramux_engine::{Scheduler, SchedulerConfig};
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let (mut engine, expected, logits) = load(arch);
+        for (case, adapter) in [("base", None), ("b_unmerged", Some("b"))] {
+            let scoring = SamplingParams { prompt_logprobs: Some(3), ..SamplingParams::greedy(0) };
+            let mut requests: Vec<Request> = expected
+                .prompts
+                .iter()
+                .map(|p| Request { lora: adapter.map(LoraRequest::new), prompt: Prompt::Tokens(p.clone()), params: scoring.clone() })
+                .collect();
+            requests.push(Request { lora: None, prompt: Prompt::Tokens(expected.prompts[0].clone()), params: SamplingParams::greedy(3) });
+            let processed = requests.iter().map(|r| engine.input().process(r.clone()).unwrap()).collect();
+            let cfg = SchedulerConfig { max_num_batched_tokens: 4, ..SchedulerConfig::for_batch(requests.len()) };
+            let done = Scheduler::new(cfg, &engine).unwrap().run_to_completion(&mut engine, processed).unwrap();
+            for (i, prompt) in expected.prompts.iter().enumerate() {
+                let c = &done[i];
+                assert!(c.token_ids.is_empty(), "{arch} {case}: max_tokens 0 generates nothing");
+                assert_eq!(c.prompt_logprobs.len(), prompt.len() - 1, "{arch} {case} prompt {i}: one entry per token after the first");
+                let reference = logits[&format!("{case}.{i}")].to_vec2::<f32>().unwrap();
+                for (p, t) in c.prompt_logprobs.iter().enumerate() {
+                    let want = log_softmax(&reference[p]);
+                    assert_eq!(t.id, prompt[p + 1]);
+                    let diff = (t.logprob as f64 - want[t.id as usize]).abs();
+                    assert!(diff < 1e-4, "{arch} {case} prompt {i} position {}: {} vs {}", p + 1, t.logprob, want[t.id as usize]);
+                    let mut order: Vec<usize> = (0..want.len()).collect();
+                    order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+                    let top: Vec<u32> = t.top.iter().map(|&(id, _)| id).collect();
+                    assert_eq!(top, order[..3].iter().map(|&x| x as u32).collect::<Vec<_>>(), "{arch} {case}: top-3 at {}", p + 1);
+                }
+            }
+            assert_eq!(done.last().unwrap().token_ids.len(), 3, "{arch}: the generating request in the same passes");
+        }
+    }
+}

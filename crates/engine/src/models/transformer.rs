@@ -191,11 +191,14 @@ enum Embedding {
 
 /// Which logits a forward pass returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogitsFor {
+pub enum LogitsFor<'a> {
     /// The last row of each span (what generation samples from).
     LastOfEachSpan,
     /// Every row (for tests against reference logits).
     AllRows,
+    /// These rows, in this order (the last of most spans, every row of a sequence whose
+    /// prompt log-probabilities were asked for).
+    Rows(&'a [u32]),
 }
 
 /// The whole model: embeddings, layers, final norm and LM head.
@@ -299,7 +302,7 @@ impl Transformer {
         spans: &[SeqSpan],
         caches: &mut [&mut KvCache],
         lora: &LoraBatch<'_>,
-        logits_for: LogitsFor,
+        logits_for: LogitsFor<'_>,
     ) -> Result<Tensor> {
         // A parallel kernel started from outside rayon's pool blocks its caller on a latch
         // until a worker has run it: a sleep and a wake-up per operation, hundreds a step.
@@ -352,6 +355,7 @@ impl Transformer {
         }
         let x = match logits_for {
             LogitsFor::AllRows => x,
+            LogitsFor::Rows(rows) => x.index_select(&Tensor::from_slice(rows, rows.len(), &self.device)?, 0)?,
             LogitsFor::LastOfEachSpan => {
                 let last: Vec<u32> = spans.iter().map(|s| (s.start + s.len - 1) as u32).collect();
                 x.index_select(&Tensor::from_slice(&last, last.len(), &self.device)?, 0)?

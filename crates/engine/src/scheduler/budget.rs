@@ -4,8 +4,12 @@
 //! would not fit). The plan computed here is the one the pass runs.
 
 use super::{Running, Scheduler};
-use crate::sequence::Sequence;
 use crate::kv::{KvCache, KV_BLOCK_TOKENS};
+use crate::sequence::Sequence;
+
+/// Most prompt rows of a prompt-logprobs request in one pass: each keeps a row of logits
+/// (vocabulary × 4 bytes, ~190 KiB for SmolLM2), so a pass holds at most ~50 MB of them.
+pub const PROMPT_LOGPROBS_CHUNK: usize = 256;
 
 /// KV blocks that hold `tokens` positions.
 pub(super) fn blocks(tokens: usize) -> usize {
@@ -38,8 +42,11 @@ impl Scheduler {
             (0..self.running.len()).filter(|&i| take[i] == 0 && is_active(&self.running[i]) && self.running[i].seq.pending_len() > 0).collect();
         prefills.sort_by_key(|&i| self.running[i].seq.id);
         for i in prefills {
-            let pending = self.running[i].seq.pending_len();
-            let n = if self.cfg.enable_chunked_prefill {
+            let seq = &self.running[i].seq;
+            // Every row of a prompt-logprobs prefill keeps its logits: bound them per pass.
+            let cap = if seq.params().prompt_logprobs.is_some() { PROMPT_LOGPROBS_CHUNK } else { usize::MAX };
+            let pending = seq.pending_len().min(cap);
+            let n = if self.cfg.enable_chunked_prefill || cap != usize::MAX {
                 pending.min(budget)
             } else if pending <= budget {
                 pending
