@@ -5,12 +5,15 @@
 //!   preemption, adapter-aware FCFS admission with lazy loading off the loop); a bounded
 //!   waiting queue refuses excess requests with 429 at once.
 //! - [`routes`]: `/v1/chat/completions`, `/v1/completions` (JSON and SSE), `/v1/models`,
-//!   `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, `/health`, `/metrics`.
+//!   `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, `/health`, `/metrics`; one file per
+//!   endpoint group, and [`routes::router`] lists them all: **an endpoint is added there**.
 //! - [`openai`]: request parsing; [`protocol`]: the typed responses, stream chunks,
 //!   logprobs and model cards; [`error`]: OpenAI-style errors.
 //! - [`auth`], [`adapters`] (adapter roots and `--lora-dir`), [`metrics`], [`config`].
 //!
-//! [`Server::start`] binds and serves; [`Server::shutdown`] drains gracefully.
+//! [`Server::start`] binds and serves; [`Server::shutdown`] drains gracefully. The server
+//! does no model math: it reaches the engine only through `loramux_engine`'s public API and
+//! the scheduler actor. `crates/server/README.md` has the file map.
 
 pub mod adapters;
 pub mod auth;
@@ -24,6 +27,7 @@ pub mod routes;
 pub mod scheduler;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,87 +63,14 @@ impl Server {
     pub async fn start(location: ModelLocation, settings: Settings) -> Result<Self, ServerError> {
         // Checked before the model loads, which can take a while (the engine refuses a
         // quantized base too, later).
-        if let Some(merge) = &settings.merge_lora {
-            if matches!(location, ModelLocation::Gguf(_)) && !settings.dequantize {
-                return Err(ServerError::Config(format!(
-                    "--merge-lora {} needs a float base model, but {} is a quantized GGUF: add --dequantize to load \
-                     it as float32, or serve a Hugging Face safetensors directory",
-                    merge.display(),
-                    location.path().display()
-                )));
-            }
-            if !merge.exists() {
-                return Err(ServerError::Config(format!(
-                    "--merge-lora {} does not exist (a PEFT adapter folder or a llama.cpp GGUF adapter file)",
-                    merge.display()
-                )));
-            }
-        }
+        check_merge_lora(&location, &settings)?;
         let metrics = Arc::new(Metrics::new(&settings.served_model_name, settings.lora.max_loras));
-        let mut lora_dirs = Vec::new();
-        for d in &settings.lora_dirs {
-            let c = d.canonicalize().map_err(|e| ServerError::io(format!("--lora-dir {}", d.display()), e))?;
-            if !c.is_dir() {
-                return Err(ServerError::Config(format!("--lora-dir {} is not a directory", d.display())));
-            }
-            if !lora_dirs.contains(&c) {
-                lora_dirs.push(c);
-            }
-        }
-        let mut roots = lora_dirs.clone();
-        for r in adapters::canonical_roots(&settings.allowed_lora_roots) {
-            if !roots.contains(&r) {
-                roots.push(r);
-            }
-        }
+        let (lora_dirs, roots) = adapter_dirs(&settings)?;
 
         let t = Instant::now();
         tracing::info!(model = %location.path().display(), "loading model");
         let (sched, batch_thread) = scheduler::spawn(location, &settings, lora_dirs.clone(), metrics.clone()).await?;
-        let info = sched.info.clone();
-        tracing::info!(
-            name = %settings.served_model_name,
-            path = %info.location.path().display(),
-            architecture = %info.architecture,
-            weights = %mib(info.weight_bytes),
-            quantized = info.quantized,
-            max_model_len = info.max_model_len,
-            seconds = format!("{:.2}", info.load_seconds),
-            "model loaded"
-        );
-        if let Some(p) = &info.merged_lora {
-            tracing::info!(
-                name = %settings.served_model_name,
-                adapter = %p.display(),
-                "serving the base model with this adapter merged into its weights (--merge-lora)"
-            );
-        }
-        tracing::info!(
-            budget = %mib(info.kv_budget_bytes),
-            tokens = info.kv_budget_bytes / info.kv_bytes_per_token.max(1),
-            bytes_per_token = info.kv_bytes_per_token,
-            max_num_seqs = settings.max_num_seqs,
-            max_num_batched_tokens = settings.max_num_batched_tokens,
-            "KV cache"
-        );
-        let startup_bytes: usize = info.startup_adapters.iter().map(|a| a.1).sum();
-        tracing::info!(
-            known = info.known_adapters,
-            loaded = info.startup_adapters.len(),
-            loaded_bytes = %mib(startup_bytes),
-            max_loras = settings.lora.max_loras,
-            max_lora_rank = settings.lora.max_rank,
-            runtime_updates = settings.enable_lora_updates,
-            "adapters"
-        );
-        if settings.enable_lora_updates {
-            for r in &roots {
-                tracing::info!(root = %r.display(), "load_lora_adapter may read from");
-            }
-            if roots.is_empty() {
-                tracing::warn!("--enable-lora-updates without --lora-dir or --allowed-lora-root: no adapter can be loaded at run time");
-            }
-        }
+        log_loaded(&settings, &sched.info, &roots);
 
         let state = Arc::new(AppState {
             sched,
@@ -254,6 +185,96 @@ impl Server {
                 return "the batch loop stopped (see the error above)";
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// `--merge-lora` needs a float base and an adapter that exists.
+fn check_merge_lora(location: &ModelLocation, settings: &Settings) -> Result<(), ServerError> {
+    if let Some(merge) = &settings.merge_lora {
+        if matches!(location, ModelLocation::Gguf(_)) && !settings.dequantize {
+            return Err(ServerError::Config(format!(
+                "--merge-lora {} needs a float base model, but {} is a quantized GGUF: add --dequantize to load \
+                 it as float32, or serve a Hugging Face safetensors directory",
+                merge.display(),
+                location.path().display()
+            )));
+        }
+        if !merge.exists() {
+            return Err(ServerError::Config(format!(
+                "--merge-lora {} does not exist (a PEFT adapter folder or a llama.cpp GGUF adapter file)",
+                merge.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The `--lora-dir`s, canonical and deduplicated, and the roots `load_lora_adapter` may read
+/// from: those plus the `--allowed-lora-root`s.
+fn adapter_dirs(settings: &Settings) -> Result<(Vec<PathBuf>, Vec<PathBuf>), ServerError> {
+    let mut lora_dirs = Vec::new();
+    for d in &settings.lora_dirs {
+        let c = d.canonicalize().map_err(|e| ServerError::io(format!("--lora-dir {}", d.display()), e))?;
+        if !c.is_dir() {
+            return Err(ServerError::Config(format!("--lora-dir {} is not a directory", d.display())));
+        }
+        if !lora_dirs.contains(&c) {
+            lora_dirs.push(c);
+        }
+    }
+    let mut roots = lora_dirs.clone();
+    for r in adapters::canonical_roots(&settings.allowed_lora_roots) {
+        if !roots.contains(&r) {
+            roots.push(r);
+        }
+    }
+    Ok((lora_dirs, roots))
+}
+
+/// What was loaded: the model, the KV-cache budget, the adapters and where runtime loads may read.
+fn log_loaded(settings: &Settings, info: &EngineInfo, roots: &[PathBuf]) {
+    tracing::info!(
+        name = %settings.served_model_name,
+        path = %info.location.path().display(),
+        architecture = %info.architecture,
+        weights = %mib(info.weight_bytes),
+        quantized = info.quantized,
+        max_model_len = info.max_model_len,
+        seconds = format!("{:.2}", info.load_seconds),
+        "model loaded"
+    );
+    if let Some(p) = &info.merged_lora {
+        tracing::info!(
+            name = %settings.served_model_name,
+            adapter = %p.display(),
+            "serving the base model with this adapter merged into its weights (--merge-lora)"
+        );
+    }
+    tracing::info!(
+        budget = %mib(info.kv_budget_bytes),
+        tokens = info.kv_budget_bytes / info.kv_bytes_per_token.max(1),
+        bytes_per_token = info.kv_bytes_per_token,
+        max_num_seqs = settings.max_num_seqs,
+        max_num_batched_tokens = settings.max_num_batched_tokens,
+        "KV cache"
+    );
+    let startup_bytes: usize = info.startup_adapters.iter().map(|a| a.1).sum();
+    tracing::info!(
+        known = info.known_adapters,
+        loaded = info.startup_adapters.len(),
+        loaded_bytes = %mib(startup_bytes),
+        max_loras = settings.lora.max_loras,
+        max_lora_rank = settings.lora.max_rank,
+        runtime_updates = settings.enable_lora_updates,
+        "adapters"
+    );
+    if settings.enable_lora_updates {
+        for r in roots {
+            tracing::info!(root = %r.display(), "load_lora_adapter may read from");
+        }
+        if roots.is_empty() {
+            tracing::warn!("--enable-lora-updates without --lora-dir or --allowed-lora-root: no adapter can be loaded at run time");
         }
     }
 }

@@ -63,28 +63,11 @@ pub(crate) async fn spawn(
     }
 }
 
+/// Loads the engine and the startup adapters and makes the scheduler, in order: the model
+/// (with `--merge-lora`), the scheduler, `--lora-dir`s, `--lora-modules`, `--pin-lora`.
 fn load(location: ModelLocation, settings: &Settings, lora_dirs: &[PathBuf]) -> Result<(Engine, Scheduler, EngineInfo), ServerError> {
-    let t = Instant::now();
-    let options = EngineOptions {
-        dequantize: settings.dequantize,
-        max_model_len: settings.max_model_len,
-        lora: settings.lora.clone(),
-        prefix_cache_bytes: settings.prefix_cache_bytes,
-        ..EngineOptions::default()
-    };
-    let mut engine = Engine::load(&location, &options)?;
-    let load_seconds = t.elapsed().as_secs_f64();
-    if let Some(path) = &settings.merge_lora {
-        engine.merge_adapter_dir(path).map_err(|source| ServerError::MergeLora { path: path.clone(), source })?;
-    }
-    if settings.auto_merge_after.is_some() && engine.model().is_quantized() {
-        return Err(ServerError::Config(
-            "--auto-merge folds adapters into float weights, but the model's weights are quantized: add --dequantize \
-             (on a CPU the quantized kernels are faster than any merge saves; see BENCHMARKS.md \"Automatic merge and unmerge\")"
-                .into(),
-        ));
-    }
-    let scheduler = Scheduler::new(
+    let (mut engine, load_seconds) = load_engine(&location, settings)?;
+    let mut scheduler = Scheduler::new(
         SchedulerConfig {
             max_num_seqs: settings.max_num_seqs,
             max_num_batched_tokens: settings.max_num_batched_tokens,
@@ -98,13 +81,60 @@ fn load(location: ModelLocation, settings: &Settings, lora_dirs: &[PathBuf]) -> 
         &engine,
     )
     .map_err(|e| ServerError::Config(e.to_string()))?;
-    let mut scheduler = scheduler;
     scheduler.inject_admission_panic(settings.debug_faults.panic_on_admit.clone());
     engine.loras_mut().inject_reader_panic(settings.debug_faults.panic_on_adapter_read.clone());
     engine.inject_forward_panic(settings.debug_faults.panic_on_forward.clone());
 
-    let mut startup_adapters = Vec::new();
-    // --lora-dir adapters: known by folder name, read on first use.
+    register_lora_dirs(&mut engine, settings, lora_dirs)?;
+    let startup_adapters = load_lora_modules(&mut engine, settings)?;
+    pin_loras(&mut engine, settings)?;
+    let cfg = engine.model().config();
+    let (_, kv_budget_bytes) = scheduler.kv_usage_bytes();
+    let info = EngineInfo {
+        location,
+        architecture: format!("{:?}", cfg.architecture),
+        max_model_len: engine.max_model_len(),
+        weight_bytes: engine.model().size_in_bytes(),
+        quantized: engine.model().is_quantized(),
+        shapes: engine.loras().shapes().clone(),
+        max_lora_rank: settings.lora.max_rank,
+        kv_budget_bytes,
+        kv_bytes_per_token: engine.kv_floats_per_token() * std::mem::size_of::<f32>(),
+        load_seconds,
+        startup_adapters,
+        known_adapters: engine.loras().adapters().len(),
+        merged_lora: settings.merge_lora.clone(),
+    };
+    Ok((engine, scheduler, info))
+}
+
+/// The model, with the `--merge-lora` adapter folded in; the seconds the model took to load.
+fn load_engine(location: &ModelLocation, settings: &Settings) -> Result<(Engine, f64), ServerError> {
+    let t = Instant::now();
+    let options = EngineOptions {
+        dequantize: settings.dequantize,
+        max_model_len: settings.max_model_len,
+        lora: settings.lora.clone(),
+        prefix_cache_bytes: settings.prefix_cache_bytes,
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::load(location, &options)?;
+    let load_seconds = t.elapsed().as_secs_f64();
+    if let Some(path) = &settings.merge_lora {
+        engine.merge_adapter_dir(path).map_err(|source| ServerError::MergeLora { path: path.clone(), source })?;
+    }
+    if settings.auto_merge_after.is_some() && engine.model().is_quantized() {
+        return Err(ServerError::Config(
+            "--auto-merge folds adapters into float weights, but the model's weights are quantized: add --dequantize \
+             (on a CPU the quantized kernels are faster than any merge saves; see BENCHMARKS.md \"Automatic merge and unmerge\")"
+                .into(),
+        ));
+    }
+    Ok((engine, load_seconds))
+}
+
+/// `--lora-dir` adapters: known by folder name, read on first use.
+fn register_lora_dirs(engine: &mut Engine, settings: &Settings, lora_dirs: &[PathBuf]) -> Result<(), ServerError> {
     for dir in lora_dirs {
         let found = scan_lora_dir(dir).map_err(|e| ServerError::io(format!("reading --lora-dir {}", dir.display()), e))?;
         let mut shown: Vec<&str> = found.iter().take(12).map(|(n, _)| n.as_str()).collect();
@@ -125,7 +155,13 @@ fn load(location: ModelLocation, settings: &Settings, lora_dirs: &[PathBuf]) -> 
         }
         engine.loras_mut().add_lora_dir(dir.clone());
     }
-    // --lora-modules: loaded now (the first --max-loras of them), so a broken one fails startup.
+    Ok(())
+}
+
+/// `--lora-modules`: loaded now (the first `--max-loras` of them), so a broken one fails
+/// startup; the rest are registered. Returns the loaded ones with their sizes in bytes.
+fn load_lora_modules(engine: &mut Engine, settings: &Settings) -> Result<Vec<(String, usize)>, ServerError> {
+    let mut startup_adapters = Vec::new();
     for (i, (name, path)) in settings.lora_modules.iter().enumerate() {
         if i < settings.lora.max_loras {
             let t = Instant::now();
@@ -138,7 +174,11 @@ fn load(location: ModelLocation, settings: &Settings, lora_dirs: &[PathBuf]) -> 
             tracing::info!(adapter = %name, path = %path.display(), "adapter registered (more --lora-modules than --max-loras: loaded on first use)");
         }
     }
-    // --pin-lora: resident now (a broken or unknown one fails startup) and never evicted.
+    Ok(startup_adapters)
+}
+
+/// `--pin-lora`: resident now (a broken or unknown one fails startup) and never evicted.
+fn pin_loras(engine: &mut Engine, settings: &Settings) -> Result<(), ServerError> {
     for name in &settings.pinned_loras {
         engine.loras_mut().pin(name).map_err(|e| match e {
             EngineError::UnknownAdapter(_) => {
@@ -149,22 +189,5 @@ fn load(location: ModelLocation, settings: &Settings, lora_dirs: &[PathBuf]) -> 
         })?;
         tracing::info!(adapter = %name, "adapter pinned: resident, never evicted");
     }
-    let cfg = engine.model().config();
-    let (_, kv_budget_bytes) = scheduler.kv_usage_bytes();
-    let info = EngineInfo {
-        location,
-        architecture: format!("{:?}", cfg.architecture),
-        max_model_len: engine.max_model_len(),
-        weight_bytes: engine.model().size_in_bytes(),
-        quantized: engine.model().is_quantized(),
-        shapes: engine.loras().shapes().clone(),
-        max_lora_rank: settings.lora.max_rank,
-        kv_budget_bytes,
-        kv_bytes_per_token: engine.kv_floats_per_token() * std::mem::size_of::<f32>(),
-        load_seconds,
-        startup_adapters,
-        known_adapters: engine.loras().adapters().len(),
-        merged_lora: settings.merge_lora.clone(),
-    };
-    Ok((engine, scheduler, info))
+    Ok(())
 }

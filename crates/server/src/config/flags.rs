@@ -1,0 +1,218 @@
+//! [`ServeConfig`]: the flags of `loramux serve`, which are also the TOML keys of
+//! `--config`, with `--lora-modules` parsing and the file-then-flags merge.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use clap::Args;
+use loramux_engine::registry::DEFAULT_MODEL;
+use serde::{Deserialize, Deserializer};
+
+use super::{defaults, GIB};
+use crate::error::ServerError;
+
+/// Settings of `loramux serve`, from a TOML file (`--config`) or the command line: vLLM's
+/// names where vLLM has the setting. TOML keys are the flag names, `max-loras` (or
+/// `max_loras`) for `--max-loras`. Every field is optional so that flags can override the
+/// file field by field; [`ServeConfig::resolve`] fills in the defaults and checks the values.
+#[derive(Args, Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServeConfig {
+    /// TOML file with these settings; the command line overrides it (not a TOML key itself).
+    #[arg(long, value_name = "FILE", help = "TOML file with the same settings (keys are the flag names: `max-loras = 8`); flags override it")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Model file, directory or known name.
+    #[arg(long, value_name = "PATH|NAME", help = format!("Model: a GGUF file, a Hugging Face directory, a known name (pulled if missing), or a hub id in the local HF cache [default: {DEFAULT_MODEL}]"))]
+    pub model: Option<String>,
+    /// Name clients use for the base model [default: the --model argument].
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
+    /// Adapters loaded at startup, as NAME=PATH (PEFT directories or llama.cpp GGUF adapter files). Repeatable, or several after one flag.
+    #[arg(long, value_name = "NAME=PATH", num_args = 1..)]
+    #[serde(default, deserialize_with = "deserialize_lora_modules")]
+    pub lora_modules: Option<Vec<LoraModule>>,
+    /// Adapter (PEFT folder or GGUF adapter file) folded into the base weights at startup: the served model name answers with the merged model (a GGUF base needs --dequantize).
+    #[arg(long, value_name = "PATH")]
+    pub merge_lora: Option<PathBuf>,
+    /// Directory whose adapters (PEFT subfolders, or NAME.gguf files) are served by name, loaded on first use. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<Vec<PathBuf>>,
+    /// Extra directory /v1/load_lora_adapter may read adapters from (besides --lora-dir). Repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub allowed_lora_root: Option<Vec<PathBuf>>,
+    /// Adapters that must answer without a cold read: made resident at startup and never evicted.
+    #[arg(long, value_name = "NAME", help = "Adapter kept resident, never evicted (a --lora-modules or --lora-dir name); one slot of --max-loras must stay unpinned. Repeatable")]
+    pub pin_lora: Option<Vec<String>>,
+    /// Bounds the adapters resident at once, so their memory stays bounded.
+    #[arg(long, value_name = "N", help = format!("Adapters resident at once; idle ones are evicted least recently used first [default: {}]", defaults::MAX_LORAS))]
+    pub max_loras: Option<usize>,
+    /// Bounds adapter rank, which sizes the batched LoRA kernels' work.
+    #[arg(long, value_name = "R", help = format!("Largest adapter rank accepted [default: {}]", defaults::MAX_LORA_RANK))]
+    pub max_lora_rank: Option<usize>,
+    /// Bounds the memory of the resident adapters together.
+    #[arg(long, value_name = "BYTES", help = format!("Bytes all resident adapters may occupy [default: {} = {} GiB]", defaults::MAX_LORA_BYTES, defaults::MAX_LORA_BYTES as f64 / GIB))]
+    pub max_lora_bytes: Option<usize>,
+    /// Bounds the running batch.
+    #[arg(long, value_name = "N", help = format!("Sequences in the running batch at once [default: {}]", defaults::MAX_NUM_SEQS))]
+    pub max_num_seqs: Option<usize>,
+    /// Token budget of one forward pass, which bounds a step's latency.
+    #[arg(long, value_name = "N", help = format!("Tokens per forward pass: decode tokens plus prefill chunks [default: {}]", defaults::MAX_NUM_BATCHED_TOKENS))]
+    pub max_num_batched_tokens: Option<usize>,
+    /// Whether a long prompt may be prefilled in pieces across steps, so decodes keep running beside it.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", help = format!("Split long prompts' prefill across steps so running decodes are not stalled; `false` prefills each prompt in one step [default: {}]", defaults::ENABLE_CHUNKED_PREFILL))]
+    pub enable_chunked_prefill: Option<bool>,
+    /// Longest prompt plus completion [default: the model's context, at most 8192].
+    #[arg(long, value_name = "N")]
+    pub max_model_len: Option<usize>,
+    /// KV-cache memory budget in GiB.
+    #[arg(long, value_name = "GIB", help = format!("KV-cache memory budget in GiB; requests wait (or the newest is preempted) when it is full [default: {}]", defaults::KV_CACHE_GIB))]
+    pub kv_cache_gib: Option<f64>,
+    /// Whether a prompt prefix seen before on the same adapter skips its prefill (vLLM's automatic prefix caching).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", help = format!("Reuse the KV of prompt prefixes seen before on the same adapter (whole 64-token blocks; never across adapters) [default: {}]", defaults::ENABLE_PREFIX_CACHING))]
+    pub enable_prefix_caching: Option<bool>,
+    /// Bounds the memory of cached prefixes, apart from the running sequences' KV budget.
+    #[arg(long, value_name = "GIB", help = format!("Memory for cached prompt prefixes in GiB, least recently used evicted first [default: {}]", defaults::PREFIX_CACHE_GIB))]
+    pub prefix_cache_gib: Option<f64>,
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", help = format!("Address to listen on; 0.0.0.0 for all interfaces [default: {}]", defaults::HOST))]
+    pub host: Option<String>,
+    /// Port to listen on.
+    #[arg(long, help = format!("Port to listen on [default: {}]", defaults::PORT))]
+    pub port: Option<u16>,
+    /// Key every /v1 call must present as `Authorization: Bearer KEY`; KEY:ADAPTER gives the key's user that adapter by default. Repeatable.
+    #[arg(long, value_name = "KEY[:ADAPTER]")]
+    pub api_key: Option<Vec<String>>,
+    /// Key for /v1/load_lora_adapter and /v1/unload_lora_adapter.
+    #[arg(long, value_name = "KEY", env = "LORAMUX_ADMIN_API_KEY", hide_env_values = true)]
+    pub admin_api_key: Option<String>,
+    /// Allow loading and unloading adapters at run time (needs --admin-api-key) [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub enable_lora_updates: Option<bool>,
+    /// Dequantize GGUF weights to float32 [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub dequantize: Option<bool>,
+    /// Bounds the memory one request body can take.
+    #[arg(long, value_name = "BYTES", help = format!("Largest request body in bytes [default: {} = {} MiB]", defaults::MAX_REQUEST_BYTES, defaults::MAX_REQUEST_BYTES >> 20))]
+    pub max_request_bytes: Option<usize>,
+    /// Slowloris protection: a client that trickles its request in cannot hold a connection for long.
+    #[arg(long, value_name = "SECS", help = format!("Seconds a client may take to send its request headers and body [default: {}]", defaults::HTTP_READ_TIMEOUT_SECS))]
+    pub http_read_timeout_secs: Option<f64>,
+    /// Per-request deadline, so a client is answered even when the server is overloaded.
+    #[arg(long, value_name = "SECS", help = "Seconds a request may take from arrival to its last token, queueing included; later it is cancelled [default: no deadline]")]
+    pub request_timeout_secs: Option<f64>,
+    /// Bounds the admission queue, so an overloaded server refuses work early instead of queueing without end.
+    #[arg(long, value_name = "N", help = format!("Requests that may wait for a place in the batch; more are refused with HTTP 429 [default: {}]", defaults::MAX_WAITING))]
+    pub max_waiting: Option<usize>,
+    /// Bounds the expected queueing time, so past saturation clients get a fast 429 rather than a slow answer.
+    #[arg(long, value_name = "SECS", help = format!("Refuse (429) requests that would wait longer than this for a place in the batch, judged from the rate requests start while others wait; 0 turns the bound off [default: {}]", defaults::MAX_QUEUE_DELAY_SECS))]
+    pub max_queue_delay_secs: Option<f64>,
+    /// How long a request blocked on adapter capacity lets later requests overtake it.
+    #[arg(long, value_name = "SECS", help = format!("Seconds a request waiting for an adapter slot lets later requests (for resident adapters) overtake it [default: {}]", defaults::ADAPTER_WAIT_SECS))]
+    pub adapter_wait_secs: Option<f64>,
+    /// One adapter holding all the traffic then costs what the base costs (needs a float base).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", help = "Fold an adapter into the base weights while it alone holds every request, unfold it when a request for the base or another adapter arrives; needs a float base (a GGUF with --dequantize) [default: false]")]
+    pub auto_merge: Option<bool>,
+    /// Hysteresis of --auto-merge, so alternating traffic does not fold and unfold at every step.
+    #[arg(long, value_name = "SECS", help = format!("How long one adapter must hold every request before --auto-merge folds it [default: {}]", defaults::AUTO_MERGE_AFTER_SECS))]
+    pub auto_merge_after_secs: Option<f64>,
+    /// Drain time, so a restart does not cut off answers in flight.
+    #[arg(long, value_name = "SECS", help = format!("Seconds in-flight requests get to finish on SIGINT/SIGTERM before they are cancelled [default: {}]", defaults::SHUTDOWN_TIMEOUT_SECS))]
+    pub shutdown_timeout_secs: Option<f64>,
+    /// Faults injected on purpose, so tests can check the server survives them (hidden).
+    #[arg(long = "debug-fault", value_name = "KIND=ADAPTER", hide = true)]
+    pub debug_fault: Option<Vec<String>>,
+}
+
+/// One `--lora-modules` entry: the adapter at `path` served under `name`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraModule {
+    /// What clients put in `model` to get this adapter.
+    pub name: String,
+    /// The adapter: a PEFT directory or a llama.cpp GGUF adapter file.
+    pub path: PathBuf,
+}
+
+impl FromStr for LoraModule {
+    type Err = String;
+
+    /// Parses `NAME=PATH`, or vLLM's JSON form `{"name": NAME, "path": PATH}`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let module = |name: &str, path: &str| LoraModule { name: name.to_string(), path: PathBuf::from(path) };
+        if s.trim_start().starts_with('{') {
+            let v: serde_json::Value = serde_json::from_str(s).map_err(|e| format!("invalid JSON: {e}"))?;
+            return match (v.get("name").and_then(|n| n.as_str()), v.get("path").and_then(|p| p.as_str())) {
+                (Some(n), Some(p)) if !n.is_empty() && !p.is_empty() => Ok(module(n, p)),
+                _ => Err(r#"expected {"name": NAME, "path": PATH}"#.to_string()),
+            };
+        }
+        match s.split_once('=') {
+            Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok(module(name, path)),
+            _ => Err("expected NAME=PATH".to_string()),
+        }
+    }
+}
+
+/// `lora-modules` in a config file: a list of `"NAME=PATH"` strings (as on the command line)
+/// or, more readably, a `{NAME = PATH}` table.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum LoraModules {
+    List(Vec<String>),
+    Table(BTreeMap<String, PathBuf>),
+}
+
+/// Reads [`ServeConfig::lora_modules`] from either TOML form of [`LoraModules`].
+fn deserialize_lora_modules<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<LoraModule>>, D::Error> {
+    let modules = match LoraModules::deserialize(deserializer)? {
+        LoraModules::List(list) => list
+            .iter()
+            .map(|s| s.parse().map_err(|e| serde::de::Error::custom(format!("lora-modules '{s}': {e}"))))
+            .collect::<Result<_, _>>()?,
+        LoraModules::Table(table) => table.into_iter().map(|(name, path)| LoraModule { name, path }).collect(),
+    };
+    Ok(Some(modules))
+}
+
+impl ServeConfig {
+    /// Reads a TOML file; keys may use `-` or `_`.
+    pub fn from_file(path: &Path) -> Result<Self, ServerError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ServerError::ConfigFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::from_toml(&text).map_err(|message| ServerError::ConfigFile { path: path.to_path_buf(), message })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let normalized: toml::Table = table.into_iter().map(|(k, v)| (k.replace('_', "-"), v)).collect();
+        normalized.try_into().map_err(|e: toml::de::Error| e.to_string())
+    }
+
+    /// The file that `--config` names overridden by these settings (the command line's), or
+    /// these settings alone when there is no file.
+    pub fn over_config_file(self) -> Result<ServeConfig, ServerError> {
+        match &self.config {
+            Some(path) => Ok(Self::from_file(path)?.overridden_by(self)),
+            None => Ok(self),
+        }
+    }
+
+    /// `self` with every setting that `flags` gives replaced by the flag's value.
+    pub fn overridden_by(self, flags: ServeConfig) -> ServeConfig {
+        macro_rules! pick {
+            ($($f:ident),*) => { ServeConfig { $($f: flags.$f.or(self.$f)),* } };
+        }
+        pick!(
+            config, model, served_model_name, lora_modules, merge_lora, lora_dir, allowed_lora_root, pin_lora, max_loras,
+            max_lora_rank, max_lora_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill,
+            max_model_len, kv_cache_gib, enable_prefix_caching, prefix_cache_gib, host, port, api_key, admin_api_key, enable_lora_updates, dequantize,
+            max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, max_queue_delay_secs, adapter_wait_secs,
+            auto_merge, auto_merge_after_secs,
+            shutdown_timeout_secs, debug_fault
+        )
+    }
+}

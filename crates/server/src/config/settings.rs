@@ -1,0 +1,298 @@
+//! [`Settings`], the resolved and validated settings, and [`ServeConfig::resolve`], which
+//! makes them: defaults filled in, every value checked, one named step per group of settings.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use loramux_engine::LoraLimits;
+
+use super::{defaults, ServeConfig, GIB};
+use crate::auth::ApiKey;
+use crate::error::ServerError;
+
+/// Everything the server needs, resolved.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub served_model_name: String,
+    /// Adapters loaded at startup (`--lora-modules`).
+    pub lora_modules: Vec<(String, PathBuf)>,
+    /// Adapter merged into the base weights at startup (`--merge-lora`): the served model
+    /// name then answers with the merged model, the "fully fine-tuned" deployment that
+    /// unmerged LoRA serving is compared against. Other adapters still apply on top.
+    pub merge_lora: Option<PathBuf>,
+    /// Directories whose adapter subdirectories are known by folder name and loaded lazily.
+    pub lora_dirs: Vec<PathBuf>,
+    /// Extra directories `load_lora_adapter` may read from (besides `lora_dirs`).
+    pub allowed_lora_roots: Vec<PathBuf>,
+    /// Adapters resident from startup and never evicted (`--pin-lora`).
+    pub pinned_loras: Vec<String>,
+    pub lora: LoraLimits,
+    pub max_num_seqs: usize,
+    /// Token budget of one forward pass (chunked prefill).
+    pub max_num_batched_tokens: usize,
+    /// Whether a prompt's prefill may be split across steps (`--enable-chunked-prefill`). When
+    /// false, a prompt is prefilled in one step, so it must fit `max_num_batched_tokens` (vLLM
+    /// requires `max_num_batched_tokens >= max_model_len` then; the model length is only known
+    /// once the model is loaded, so that check belongs to the scheduler).
+    pub enable_chunked_prefill: bool,
+    pub max_model_len: Option<usize>,
+    pub kv_cache_bytes: usize,
+    /// Memory for cached prompt prefixes; 0: prefix caching off.
+    pub prefix_cache_bytes: usize,
+    pub host: String,
+    pub port: u16,
+    pub api_keys: Vec<ApiKey>,
+    pub admin_api_key: Option<String>,
+    pub enable_lora_updates: bool,
+    pub dequantize: bool,
+    pub max_request_bytes: usize,
+    /// How long a client may take to send its request headers and body (slowloris protection).
+    pub http_read_timeout: Duration,
+    /// Deadline of one request from arrival to its last token, queueing included; `None`: no deadline.
+    pub request_timeout: Option<Duration>,
+    pub shutdown_timeout: Duration,
+    /// Requests waiting for a place in the batch beyond this are refused with 429 (bounded admission queue).
+    pub max_waiting: usize,
+    /// Requests expected to wait longer than this for a place in the batch are refused with 429.
+    pub max_queue_delay: Option<Duration>,
+    /// How long a request blocked on adapter capacity lets later requests overtake it.
+    pub adapter_wait: Duration,
+    /// `--auto-merge` with its hysteresis; `None`: off.
+    pub auto_merge_after: Option<Duration>,
+    /// Faults injected on purpose (tests only).
+    pub debug_faults: DebugFaults,
+}
+
+impl Settings {
+    /// Defaults for a model, as if no flag were given (used by tests and embedders).
+    pub fn for_model(served_model_name: &str) -> Self {
+        ServeConfig::default().resolve(served_model_name).expect("defaults are valid")
+    }
+}
+
+/// Faults injected on purpose (`--debug-fault KIND=ADAPTER`, hidden): each makes one code
+/// path panic for requests on one adapter, so tests can check what the server does then.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DebugFaults {
+    /// `admit=NAME`: the batch loop panics admitting a request on NAME (outside the forward pass).
+    pub panic_on_admit: Option<String>,
+    /// `adapter-read=NAME`: the off-loop reader of NAME panics.
+    pub panic_on_adapter_read: Option<String>,
+    /// `forward=NAME`: every forward pass with a row of NAME panics.
+    pub panic_on_forward: Option<String>,
+}
+
+impl DebugFaults {
+    fn parse(specs: &[String]) -> Result<Self, ServerError> {
+        let mut faults = Self::default();
+        for spec in specs {
+            let (kind, name) = spec.split_once('=').ok_or_else(|| ServerError::Config(format!("--debug-fault '{spec}': expected KIND=ADAPTER")))?;
+            let slot = match kind {
+                "admit" => &mut faults.panic_on_admit,
+                "adapter-read" => &mut faults.panic_on_adapter_read,
+                "forward" => &mut faults.panic_on_forward,
+                _ => return Err(ServerError::Config(format!("--debug-fault '{spec}': KIND is admit, adapter-read or forward"))),
+            };
+            *slot = Some(name.to_string());
+        }
+        Ok(faults)
+    }
+}
+
+/// `secs` as a duration; `flag` names the setting in the error.
+fn seconds(flag: &str, secs: f64) -> Result<Duration, ServerError> {
+    Duration::try_from_secs_f64(secs).map_err(|_| ServerError::Config(format!("{flag} must be a number of seconds >= 0, got {secs}")))
+}
+
+/// `secs` as a duration that must not be zero (a zero timeout would refuse everything).
+fn positive_seconds(flag: &str, secs: f64) -> Result<Duration, ServerError> {
+    match seconds(flag, secs)? {
+        d if d.is_zero() => Err(ServerError::Config(format!("{flag} must be > 0, got {secs}"))),
+        d => Ok(d),
+    }
+}
+
+/// A refusal of the configuration.
+fn bad<T>(message: String) -> Result<T, ServerError> {
+    Err(ServerError::Config(message))
+}
+
+/// The request, read and shutdown deadlines, and the adapter-capacity wait.
+struct Timeouts {
+    request: Option<Duration>,
+    http_read: Duration,
+    shutdown: Duration,
+    adapter_wait: Duration,
+}
+
+impl ServeConfig {
+    /// Fills defaults and checks the values. `model_spec` is the model argument as resolved.
+    /// The steps run in a fixed order, so a configuration with several faults is always
+    /// refused for the same one.
+    pub fn resolve(mut self, model_spec: &str) -> Result<Settings, ServerError> {
+        let lora_modules = self.lora_modules()?;
+        let lora = self.lora_limits()?;
+        let (max_num_seqs, max_num_batched_tokens) = self.batch_limits()?;
+        let (kv_cache_bytes, prefix_cache_bytes) = self.cache_bytes()?;
+        let (api_keys, admin_api_key, enable_lora_updates) = self.keys()?;
+        let (max_waiting, max_queue_delay) = self.admission()?;
+        let timeouts = self.timeouts()?;
+        let auto_merge_after = self.auto_merge_after()?;
+        let served_model_name = self.names(model_spec, &lora_modules)?;
+        Ok(Settings {
+            served_model_name,
+            lora_modules,
+            merge_lora: self.merge_lora,
+            lora_dirs: self.lora_dir.unwrap_or_default(),
+            allowed_lora_roots: self.allowed_lora_root.unwrap_or_default(),
+            pinned_loras: self.pin_lora.unwrap_or_default(),
+            lora,
+            max_num_seqs,
+            max_num_batched_tokens,
+            enable_chunked_prefill: self.enable_chunked_prefill.unwrap_or(defaults::ENABLE_CHUNKED_PREFILL),
+            max_model_len: self.max_model_len,
+            kv_cache_bytes,
+            prefix_cache_bytes,
+            host: self.host.unwrap_or_else(|| defaults::HOST.to_string()),
+            port: self.port.unwrap_or(defaults::PORT),
+            api_keys,
+            admin_api_key,
+            enable_lora_updates,
+            dequantize: self.dequantize.unwrap_or(false),
+            max_request_bytes: self.max_request_bytes.unwrap_or(defaults::MAX_REQUEST_BYTES),
+            http_read_timeout: timeouts.http_read,
+            request_timeout: timeouts.request,
+            shutdown_timeout: timeouts.shutdown,
+            max_waiting,
+            max_queue_delay,
+            adapter_wait: timeouts.adapter_wait,
+            auto_merge_after,
+            debug_faults: DebugFaults::parse(&self.debug_fault.unwrap_or_default())?,
+        })
+    }
+
+    /// `--lora-modules` as (name, path) pairs, each name checked.
+    fn lora_modules(&mut self) -> Result<Vec<(String, PathBuf)>, ServerError> {
+        let lora_modules: Vec<(String, PathBuf)> =
+            self.lora_modules.take().unwrap_or_default().into_iter().map(|m| (m.name, m.path)).collect();
+        for (name, _) in &lora_modules {
+            crate::adapters::check_adapter_name(name).map_err(|e| ServerError::Config(format!("--lora-modules {name}: {}", e.message)))?;
+        }
+        Ok(lora_modules)
+    }
+
+    /// `--max-loras`, `--max-lora-rank`, `--max-lora-bytes`.
+    fn lora_limits(&self) -> Result<LoraLimits, ServerError> {
+        let max_loras = self.max_loras.unwrap_or(defaults::MAX_LORAS);
+        if max_loras == 0 {
+            return bad("--max-loras must be at least 1".into());
+        }
+        let max_lora_rank = self.max_lora_rank.unwrap_or(defaults::MAX_LORA_RANK);
+        if max_lora_rank == 0 || max_lora_rank > 256 {
+            return bad(format!("--max-lora-rank must be in 1..=256, got {max_lora_rank}"));
+        }
+        Ok(LoraLimits { max_loras, max_rank: max_lora_rank, max_bytes: self.max_lora_bytes.unwrap_or(defaults::MAX_LORA_BYTES) })
+    }
+
+    /// `--max-num-seqs` and `--max-num-batched-tokens`; `--max-model-len` is checked too.
+    fn batch_limits(&self) -> Result<(usize, usize), ServerError> {
+        let max_num_seqs = self.max_num_seqs.unwrap_or(defaults::MAX_NUM_SEQS);
+        if max_num_seqs == 0 {
+            return bad("--max-num-seqs must be at least 1".into());
+        }
+        let max_num_batched_tokens = self.max_num_batched_tokens.unwrap_or(defaults::MAX_NUM_BATCHED_TOKENS);
+        if max_num_batched_tokens == 0 {
+            return bad("--max-num-batched-tokens must be at least 1".into());
+        }
+        if self.max_model_len.is_some_and(|l| l < 2) {
+            return bad("--max-model-len must be at least 2".into());
+        }
+        Ok((max_num_seqs, max_num_batched_tokens))
+    }
+
+    /// The KV-cache and prefix-cache budgets in bytes (the latter 0 when prefix caching is off).
+    fn cache_bytes(&self) -> Result<(usize, usize), ServerError> {
+        let kv_gib = self.kv_cache_gib.unwrap_or(defaults::KV_CACHE_GIB);
+        if !(kv_gib.is_finite() && kv_gib > 0.0) {
+            return bad(format!("--kv-cache-gib must be positive, got {kv_gib}"));
+        }
+        let prefix_gib = self.prefix_cache_gib.unwrap_or(defaults::PREFIX_CACHE_GIB);
+        if !(prefix_gib.is_finite() && prefix_gib >= 0.0) {
+            return bad(format!("--prefix-cache-gib must be zero or positive, got {prefix_gib}"));
+        }
+        let prefix_cache_bytes =
+            if self.enable_prefix_caching.unwrap_or(defaults::ENABLE_PREFIX_CACHING) { (prefix_gib * GIB) as usize } else { 0 };
+        Ok(((kv_gib * GIB) as usize, prefix_cache_bytes))
+    }
+
+    /// The API keys, the admin key, and whether runtime adapter updates are on (they need the admin key).
+    fn keys(&mut self) -> Result<(Vec<ApiKey>, Option<String>, bool), ServerError> {
+        let api_keys = self
+            .api_key
+            .take()
+            .unwrap_or_default()
+            .iter()
+            .map(|s| ApiKey::parse(s).map_err(ServerError::Config))
+            .collect::<Result<Vec<_>, _>>()?;
+        let admin_api_key = self.admin_api_key.take().filter(|k| !k.is_empty());
+        let enable_lora_updates = self.enable_lora_updates.unwrap_or(false);
+        if enable_lora_updates && admin_api_key.is_none() {
+            return bad("--enable-lora-updates needs --admin-api-key: loading adapters at run time is an admin operation".into());
+        }
+        Ok((api_keys, admin_api_key, enable_lora_updates))
+    }
+
+    /// The admission queue's bounds: `--max-waiting` and `--max-queue-delay-secs` (0: off).
+    fn admission(&self) -> Result<(usize, Option<Duration>), ServerError> {
+        let max_waiting = self.max_waiting.unwrap_or(defaults::MAX_WAITING);
+        if max_waiting == 0 {
+            return bad("--max-waiting must be at least 1".into());
+        }
+        let max_queue_delay = match self.max_queue_delay_secs.unwrap_or(defaults::MAX_QUEUE_DELAY_SECS) {
+            0.0 => None,
+            secs => Some(positive_seconds("--max-queue-delay-secs", secs)?),
+        };
+        Ok((max_waiting, max_queue_delay))
+    }
+
+    /// `--request-timeout-secs` (none by default), `--http-read-timeout-secs`,
+    /// `--shutdown-timeout-secs` and `--adapter-wait-secs`.
+    fn timeouts(&self) -> Result<Timeouts, ServerError> {
+        let request = self.request_timeout_secs.map(|secs| positive_seconds("--request-timeout-secs", secs)).transpose()?;
+        let http_read = positive_seconds(
+            "--http-read-timeout-secs",
+            self.http_read_timeout_secs.unwrap_or(defaults::HTTP_READ_TIMEOUT_SECS),
+        )?;
+        let shutdown = seconds("--shutdown-timeout-secs", self.shutdown_timeout_secs.unwrap_or(defaults::SHUTDOWN_TIMEOUT_SECS))?;
+        let adapter_wait = seconds("--adapter-wait-secs", self.adapter_wait_secs.unwrap_or(defaults::ADAPTER_WAIT_SECS))?;
+        Ok(Timeouts { request, http_read, shutdown, adapter_wait })
+    }
+
+    /// `--auto-merge` with its hysteresis, which excludes `--merge-lora`.
+    fn auto_merge_after(&self) -> Result<Option<Duration>, ServerError> {
+        let auto_merge_after = match self.auto_merge.unwrap_or(false) {
+            true => Some(seconds("--auto-merge-after-secs", self.auto_merge_after_secs.unwrap_or(defaults::AUTO_MERGE_AFTER_SECS))?),
+            false => None,
+        };
+        if auto_merge_after.is_some() && self.merge_lora.is_some() {
+            return bad("--auto-merge and --merge-lora both change the base weights; use one".into());
+        }
+        Ok(auto_merge_after)
+    }
+
+    /// The last checks: the served model name (not empty, and no adapter's) and `--merge-lora`
+    /// (not empty). Returns the served model name.
+    fn names(&mut self, model_spec: &str, lora_modules: &[(String, PathBuf)]) -> Result<String, ServerError> {
+        let served_model_name = self.served_model_name.take().unwrap_or_else(|| model_spec.to_string());
+        if served_model_name.is_empty() {
+            return bad("--served-model-name must not be empty".into());
+        }
+        if self.merge_lora.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return bad("--merge-lora needs an adapter directory".into());
+        }
+        if lora_modules.iter().any(|(n, _)| *n == served_model_name) {
+            return bad(format!("adapter name '{served_model_name}' is the base model's name"));
+        }
+        Ok(served_model_name)
+    }
+}

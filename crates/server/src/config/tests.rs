@@ -1,0 +1,107 @@
+//! Flags, TOML and their merge, defaults, and refusals.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser};
+use loramux_engine::LoraLimits;
+
+use super::*;
+
+/// `loramux serve`'s command line, as the binary flattens it.
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    serve: ServeConfig,
+}
+
+fn parse(args: &[&str]) -> ServeConfig {
+    Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).unwrap().serve
+}
+
+fn module(name: &str, path: &str) -> (String, PathBuf) {
+    (name.to_string(), PathBuf::from(path))
+}
+
+#[test]
+fn toml_keys_accept_both_spellings_and_flags_override() {
+    let file = ServeConfig::from_toml(
+        "model = \"m\"\nmax_loras = 3\nmax-num-seqs = 5\nlora-modules = { a = \"/x/a\" }\napi-key = [\"k1:a\", \"k2\"]\nmerge_lora = \"/x/m\"\n",
+    )
+    .unwrap();
+    assert_eq!(file.max_loras, Some(3));
+    assert_eq!(file.max_num_seqs, Some(5));
+    let flags = ServeConfig { max_loras: Some(4), ..Default::default() };
+    let s = file.overridden_by(flags).resolve("m").unwrap();
+    assert_eq!(s.lora.max_loras, 4);
+    assert_eq!(s.max_num_seqs, 5);
+    assert_eq!(s.lora_modules, vec![module("a", "/x/a")]);
+    assert_eq!(s.api_keys.len(), 2);
+    assert_eq!(s.api_keys[0].adapter.as_deref(), Some("a"));
+    assert_eq!(s.merge_lora, Some(PathBuf::from("/x/m")));
+}
+
+#[test]
+fn command_line_overrides_the_config_file() {
+    Cli::command().debug_assert();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("serve.toml");
+    let toml = "max-loras = 3\nmax_num_seqs = 5\nlora-modules = [\"a=/x/a\"]\nenable-chunked-prefill = true\nrequest-timeout-secs = 9.5\nhttp-read-timeout-secs = 7\n";
+    std::fs::write(&path, toml).unwrap();
+    let flags = parse(&[
+        "--config", path.to_str().unwrap(),
+        "--max-loras", "4",
+        "--lora-modules", "b=/x/b", r#"{"name": "c", "path": "/x/c"}"#,
+        "--lora-modules", "d=/x/d",
+        "--enable-chunked-prefill", "false",
+        "--dequantize",
+        "--max-waiting", "10",
+        "--lora-dir", "/l1", "--lora-dir", "/l2",
+    ]);
+    let s = flags.over_config_file().unwrap().resolve("m").unwrap();
+    assert_eq!(s.lora.max_loras, 4);
+    assert_eq!(s.max_num_seqs, 5);
+    assert_eq!(s.lora_modules, vec![module("b", "/x/b"), module("c", "/x/c"), module("d", "/x/d")]);
+    assert!(!s.enable_chunked_prefill);
+    assert!(s.dequantize);
+    assert_eq!(s.max_waiting, 10);
+    assert_eq!(s.request_timeout, Some(Duration::from_secs_f64(9.5)));
+    assert_eq!(s.http_read_timeout, Duration::from_secs(7));
+    assert_eq!(s.lora_dirs, vec![PathBuf::from("/l1"), PathBuf::from("/l2")]);
+}
+
+#[test]
+fn defaults_are_filled_in_and_shown_in_help() {
+    let s = parse(&[]).resolve("m").unwrap();
+    assert_eq!(s.lora.max_loras, defaults::MAX_LORAS);
+    assert_eq!(s.lora.max_loras, LoraLimits::default().max_loras);
+    assert_eq!(s.max_waiting, defaults::MAX_WAITING);
+    assert!(s.enable_chunked_prefill);
+    assert_eq!(s.request_timeout, None);
+    assert_eq!(s.http_read_timeout, Duration::from_secs_f64(defaults::HTTP_READ_TIMEOUT_SECS));
+    assert!(parse(&["--enable-chunked-prefill"]).resolve("m").unwrap().enable_chunked_prefill);
+    let help = Cli::command().render_long_help().to_string();
+    assert!(help.contains(&format!("[default: {}]", defaults::MAX_LORAS)), "{help}");
+    assert!(help.contains(&format!("[default: {}]", defaults::MAX_WAITING)), "{help}");
+}
+
+#[test]
+fn unknown_keys_and_bad_values_are_refused() {
+    assert!(ServeConfig::from_toml("max-lora = 3").unwrap_err().contains("unknown field"));
+    assert!(ServeConfig::from_toml("config = \"other.toml\"").unwrap_err().contains("unknown field"));
+    assert!(ServeConfig::from_toml("lora-modules = [\"noequals\"]").unwrap_err().contains("NAME=PATH"));
+    let refusal = |args: &[&str]| parse(args).resolve("m").unwrap_err().to_string();
+    assert!(refusal(&["--max-loras", "0"]).contains("--max-loras"));
+    assert!(refusal(&["--enable-lora-updates"]).contains("--admin-api-key"));
+    assert!(refusal(&["--max-waiting", "0"]).contains("--max-waiting"));
+    assert!(refusal(&["--request-timeout-secs", "0"]).contains("--request-timeout-secs"));
+    assert!(refusal(&["--request-timeout-secs", "inf"]).contains("--request-timeout-secs"));
+    assert!(refusal(&["--http-read-timeout-secs", "0"]).contains("--http-read-timeout-secs"));
+    assert!(refusal(&["--shutdown-timeout-secs=-1"]).contains("--shutdown-timeout-secs"));
+    assert!(Cli::try_parse_from(["serve", "--lora-modules", "noequals"]).is_err());
+    assert!(Cli::try_parse_from(["serve", "--enable-chunked-prefill", "maybe"]).is_err());
+    assert_eq!(
+        r#"{"name": "x", "path": "/p", "base_model_name": "m"}"#.parse::<LoraModule>().unwrap(),
+        LoraModule { name: "x".into(), path: PathBuf::from("/p") }
+    );
+}

@@ -1,0 +1,177 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: parse, pick the adapter, tokenize
+//! and check every choice on the handler's thread, submit the jobs to the batch loop, then
+//! answer whole ([`collect_response`]) or streamed ([`super::sse::stream_response`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use loramux_engine::{FinishReason, LoraRequest};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::choices::{Meta, Piece};
+use super::sse::stream_response;
+use super::{now_secs, random_id, AppState};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::openai::{self, Api, GenRequest};
+use crate::protocol::{TokenLogprob, Usage};
+use crate::scheduler::{Event, Job};
+
+pub(super) async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let r = generate(&st, &headers, body, Api::Chat).await;
+    st.respond(r)
+}
+
+pub(super) async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let r = generate(&st, &headers, body, Api::Completions).await;
+    st.respond(r)
+}
+
+/// Which adapter a request runs with: the one `model` names, else the caller's default,
+/// else the base model. Whether the adapter exists is the batch loop's answer.
+struct Target {
+    lora: Option<LoraRequest>,
+    /// Name echoed in responses and used as the metrics label.
+    model: String,
+}
+
+fn resolve_target(st: &AppState, requested: Option<&str>, caller: &Caller) -> Target {
+    let named = requested.filter(|m| *m != st.base_name);
+    match named.map(str::to_string).or_else(|| caller.default_adapter.clone()) {
+        Some(a) => Target { lora: Some(LoraRequest::new(a.clone())), model: a },
+        None => Target { lora: None, model: st.base_name.clone() },
+    }
+}
+
+async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api) -> Result<Response, ApiError> {
+    let caller = st.auth.check(headers)?;
+    let bytes = st.read_body(headers, body).await?;
+    let req = parse(st, &bytes, api)?;
+    let target = resolve_target(st, req.model.as_deref(), &caller);
+    let jobs = jobs(st, &req, &target, api)?;
+    let mut receivers = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        receivers.push(st.sched.submit(job)?);
+    }
+    let prompt_tokens = accepted(&mut receivers, req.n).await?;
+    let meta = Meta {
+        api,
+        id: random_id(if api == Api::Chat { "chatcmpl" } else { "cmpl" }),
+        created: now_secs(),
+        model: target.model,
+        prompt_tokens,
+    };
+    if req.stream {
+        Ok(stream_response(st.clone(), meta, &req, receivers))
+    } else {
+        collect_response(meta, &req, receivers).await
+    }
+}
+
+/// The request, parsed and checked against the model (its length, its chat template).
+fn parse(st: &AppState, bytes: &[u8], api: Api) -> Result<GenRequest, ApiError> {
+    let input = &st.sched.input;
+    let req = match api {
+        Api::Chat => openai::parse_chat(bytes, input.max_model_len())?,
+        Api::Completions => openai::parse_completion(bytes, input.max_model_len())?,
+    };
+    if api == Api::Chat && input.chat_template().is_none() {
+        return Err(ApiError::bad_request("this model has no chat template: use /v1/completions with a plain prompt"));
+    }
+    Ok(req)
+}
+
+/// One job per choice (`n` per prompt, seeds counted up), tokenized and checked here, on the
+/// handler's thread: the batch loop only schedules.
+fn jobs(st: &AppState, req: &GenRequest, target: &Target, api: Api) -> Result<Vec<Job>, ApiError> {
+    let input = &st.sched.input;
+    let prompt_param = if api == Api::Chat { "messages" } else { "prompt" };
+    let deadline = st.request_timeout.map(|t| Instant::now() + t);
+    let mut jobs = Vec::with_capacity(req.prompts.len() * req.n);
+    for prompt in &req.prompts {
+        let ids = input.tokenize(prompt).map_err(|e| ApiError::from_input(&e, prompt_param))?;
+        for j in 0..req.n {
+            let mut params = req.params.clone();
+            params.seed = params.seed.map(|s| s.wrapping_add(j as u64));
+            let request = input
+                .process_tokens(target.lora.clone(), ids.clone(), prompt, params)
+                .map_err(|e| ApiError::from_input(&e, prompt_param))?;
+            jobs.push(Job { request, label: target.model.clone(), deadline });
+        }
+    }
+    Ok(jobs)
+}
+
+/// Waits until the batch loop accepted every choice (so errors still get a status) and
+/// returns the prompt tokens, counted once per prompt whatever `n`.
+async fn accepted(receivers: &mut [UnboundedReceiver<Event>], n: usize) -> Result<usize, ApiError> {
+    let mut prompt_tokens = 0;
+    for (i, rx) in receivers.iter_mut().enumerate() {
+        match rx.recv().await {
+            Some(Event::Accepted { prompt_tokens: p }) => {
+                if i % n == 0 {
+                    prompt_tokens += p;
+                }
+            }
+            Some(Event::Error(e)) => return Err(e),
+            _ => return Err(ApiError::unavailable("the batch loop has stopped")),
+        }
+    }
+    Ok(prompt_tokens)
+}
+
+#[derive(Default)]
+struct ChoiceAcc {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    finish: Option<FinishReason>,
+    completion_tokens: usize,
+}
+
+/// A choice's events, gathered until it is done.
+async fn collect_choice(rx: &mut UnboundedReceiver<Event>) -> Result<ChoiceAcc, ApiError> {
+    let mut acc = ChoiceAcc::default();
+    loop {
+        match rx.recv().await {
+            Some(Event::Delta { text, logprobs, .. }) => {
+                acc.text.push_str(&text);
+                acc.logprobs.extend(logprobs);
+            }
+            Some(Event::Done { finish, completion_tokens, .. }) => {
+                acc.finish = Some(finish);
+                acc.completion_tokens = completion_tokens;
+                return Ok(acc);
+            }
+            Some(Event::Accepted { .. }) => {}
+            Some(Event::Error(e)) => return Err(e),
+            None => return Err(ApiError::unavailable("the request was cancelled")),
+        }
+    }
+}
+
+/// The whole answer, once every choice is done.
+async fn collect_response(meta: Meta, req: &GenRequest, receivers: Vec<UnboundedReceiver<Event>>) -> Result<Response, ApiError> {
+    let mut choices = Vec::with_capacity(receivers.len());
+    for mut rx in receivers {
+        choices.push(collect_choice(&mut rx).await?);
+    }
+    let usage = Usage::new(meta.prompt_tokens, choices.iter().map(|c| c.completion_tokens).sum());
+    let want_logprobs = req.logprobs.is_some();
+    let pieces = choices
+        .into_iter()
+        .enumerate()
+        .map(|(index, c)| Piece {
+            index,
+            text: Some(c.text),
+            role: None,
+            logprobs: want_logprobs.then_some(c.logprobs),
+            text_offset: 0,
+            finish_reason: c.finish,
+        })
+        .collect();
+    Ok(meta.whole(pieces, usage))
+}
