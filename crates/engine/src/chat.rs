@@ -31,6 +31,8 @@ const TEMPLATE_FUEL: u64 = 1_000_000;
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The template as written (vLLM's `/tokenizer_info` shows it).
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -61,9 +63,15 @@ impl ChatTemplate {
             .map_err(|e| EngineError::ChatTemplate(format!("cannot compile: {e}")))?;
         Ok(Self {
             env,
+            source: source.to_string(),
             bos_token: bos_token.unwrap_or_default().to_string(),
             eos_token: eos_token.unwrap_or_default().to_string(),
         })
+    }
+
+    /// The template's source text.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders messages, ending with the assistant prompt when `add_generation_prompt`.

@@ -117,6 +117,10 @@ pub struct SampledToken {
     pub id: u32,
     pub logprob: f32,
     pub top: Vec<(u32, f32)>,
+    /// Rank of the token in its distribution (1: the most likely), for prompt tokens,
+    /// which are given rather than sampled (vLLM reports it); `None` for sampled tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
 }
 
 /// Most alternatives reported per token (vLLM's default `max_logprobs`, OpenAI's limit).
@@ -126,7 +130,9 @@ pub const MAX_LOGPROBS: usize = 20;
 /// (for the prompt's tokens, which are given rather than sampled).
 pub fn token_logprobs(logits: &[f32], id: u32, top: usize) -> SampledToken {
     let (logprob, top) = log_probs(logits, id, top);
-    SampledToken { id, logprob, top }
+    let own = logits[id as usize];
+    let rank = 1 + logits.iter().filter(|&&l| l > own).count() as u32;
+    SampledToken { id, logprob, top, rank: Some(rank) }
 }
 
 /// Per-request sampler state.
@@ -181,7 +187,7 @@ impl Sampler {
             None => (0.0, Vec::new()),
             Some(n) => log_probs(logits, id, n),
         };
-        SampledToken { id, logprob, top }
+        SampledToken { id, logprob, top, rank: None }
     }
 
     fn pick(&mut self, logits: &[f32]) -> u32 {

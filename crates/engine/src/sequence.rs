@@ -130,7 +130,8 @@ impl Sequence {
             token_ids: self.output_ids,
             finish_reason: self.finish.unwrap_or(FinishReason::Length),
             logprobs: self.logprobs,
-            prompt_logprobs: self.prompt_logprobs,
+            prompt_logprobs: self.sampler.params().prompt_logprobs.map(|_| self.prompt_logprobs),
+            prompt_token_ids: self.prompt_ids,
         }
     }
 }
@@ -153,7 +154,10 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logprobs: Vec<SampledToken>,
-    /// Log-probabilities of prompt tokens 1.. (token 0 has none), when asked for.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub prompt_logprobs: Vec<SampledToken>,
+    /// Log-probabilities of prompt tokens 1.. (token 0 has none); `Some` when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Vec<SampledToken>>,
+    /// The prompt's tokens (what `echo` and prompt logprobs are reported against).
+    #[serde(skip)]
+    pub prompt_token_ids: Vec<u32>,
 }

@@ -245,13 +245,16 @@ fn prompt_logprobs_match_transformers() {
             for (i, prompt) in expected.prompts.iter().enumerate() {
                 let c = &done[i];
                 assert!(c.token_ids.is_empty(), "{arch} {case}: max_tokens 0 generates nothing");
-                assert_eq!(c.prompt_logprobs.len(), prompt.len() - 1, "{arch} {case} prompt {i}: one entry per token after the first");
+                let lps = c.prompt_logprobs.as_ref().expect("asked for");
+                assert_eq!(lps.len(), prompt.len() - 1, "{arch} {case} prompt {i}: one entry per token after the first");
                 let reference = logits[&format!("{case}.{i}")].to_vec2::<f32>().unwrap();
-                for (p, t) in c.prompt_logprobs.iter().enumerate() {
+                for (p, t) in lps.iter().enumerate() {
                     let want = log_softmax(&reference[p]);
                     assert_eq!(t.id, prompt[p + 1]);
                     let diff = (t.logprob as f64 - want[t.id as usize]).abs();
                     assert!(diff < 1e-4, "{arch} {case} prompt {i} position {}: {} vs {}", p + 1, t.logprob, want[t.id as usize]);
+                    let rank = 1 + want.iter().filter(|&&w| w > want[t.id as usize]).count() as u32;
+                    assert_eq!(t.rank, Some(rank), "{arch} {case}: rank at {}", p + 1);
                     let mut order: Vec<usize> = (0..want.len()).collect();
                     order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
                     let top: Vec<u32> = t.top.iter().map(|&(id, _)| id).collect();

@@ -99,9 +99,10 @@ impl ChatLogprobs {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
+    /// `null` for an echoed prompt's first token, which nothing predicts.
+    pub token_logprobs: Vec<Option<f32>>,
     /// Alternatives by token text; when two alternatives decode alike, the likelier is kept.
-    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
     /// Where each token starts in the choice's text, in bytes.
     pub text_offset: Vec<usize>,
 }
@@ -109,23 +110,105 @@ pub struct CompletionLogprobs {
 impl CompletionLogprobs {
     /// The completions shape of these tokens; `offset` is where the first starts in the
     /// choice's text (non-zero for a streamed chunk after the first).
-    pub fn new(tokens: Vec<TokenLogprob>, mut offset: usize) -> Self {
+    pub fn new(tokens: Vec<TokenLogprob>, offset: usize) -> Self {
         let mut out = Self {
             tokens: Vec::with_capacity(tokens.len()),
             token_logprobs: Vec::with_capacity(tokens.len()),
             top_logprobs: Vec::with_capacity(tokens.len()),
             text_offset: Vec::with_capacity(tokens.len()),
         };
+        out.extend(tokens, offset);
+        out
+    }
+
+    /// An echoed prompt's tokens (`echo` with `logprobs`, as vLLM answers it): the first
+    /// with `null`s, then each with its log-probability, offsets from the start of the text.
+    pub fn echoed(prompt: &PromptLogprobs) -> Self {
+        let mut out = Self {
+            tokens: vec![prompt.first.clone()],
+            token_logprobs: vec![None],
+            top_logprobs: vec![None],
+            text_offset: vec![0],
+        };
+        out.extend(prompt.rest.iter().map(|t| t.token_logprob()).collect(), prompt.first.len());
+        out
+    }
+
+    /// Appends tokens whose text starts at `offset`.
+    pub fn extend(&mut self, tokens: Vec<TokenLogprob>, mut offset: usize) {
         for t in tokens {
-            out.text_offset.push(offset);
+            self.text_offset.push(offset);
             offset += t.token.len();
             let mut top = BTreeMap::new();
             for (s, lp) in t.top {
                 top.entry(s).or_insert(lp.max(MIN_LOGPROB));
             }
-            out.top_logprobs.push(top);
-            out.token_logprobs.push(t.logprob.max(MIN_LOGPROB));
-            out.tokens.push(t.token);
+            self.top_logprobs.push(Some(top));
+            self.token_logprobs.push(Some(t.logprob.max(MIN_LOGPROB)));
+            self.tokens.push(t.token);
+        }
+    }
+
+    /// Where the text of these tokens ends.
+    pub fn end_offset(&self) -> usize {
+        match (self.text_offset.last(), self.tokens.last()) {
+            (Some(o), Some(t)) => o + t.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// A prompt token's log-probability with its rank and top alternatives, by token id.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptTokenLogprob {
+    pub id: u32,
+    pub token: String,
+    pub logprob: f32,
+    pub rank: u32,
+    /// `(id, text, logprob)`, most likely first.
+    pub top: Vec<(u32, String, f32)>,
+}
+
+impl PromptTokenLogprob {
+    fn token_logprob(&self) -> TokenLogprob {
+        TokenLogprob { token: self.token.clone(), logprob: self.logprob, top: self.top.iter().map(|(_, s, lp)| (s.clone(), *lp)).collect() }
+    }
+}
+
+/// The prompt's log-probabilities: its first token (which nothing predicts) and every later one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptLogprobs {
+    /// The whole prompt decoded (what `echo` shows for a prompt sent as token ids).
+    pub text: String,
+    pub first: String,
+    pub first_id: u32,
+    pub rest: Vec<PromptTokenLogprob>,
+}
+
+/// One token of vLLM's `prompt_logprobs` answer field.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VllmLogprob {
+    pub logprob: f32,
+    pub rank: Option<u32>,
+    pub decoded_token: String,
+}
+
+/// vLLM's `prompt_logprobs` choice field: `null` for the first prompt token, then per token
+/// a map from token id to its log-probability, rank and text (the prompt's own token and
+/// the top alternatives).
+pub type VllmPromptLogprobs = Vec<Option<BTreeMap<String, VllmLogprob>>>;
+
+impl PromptLogprobs {
+    /// The vLLM shape of these log-probabilities.
+    pub fn to_vllm(&self) -> VllmPromptLogprobs {
+        let mut out: VllmPromptLogprobs = vec![None];
+        for t in &self.rest {
+            let mut m = BTreeMap::new();
+            for (rank, (id, text, lp)) in t.top.iter().enumerate() {
+                m.insert(id.to_string(), VllmLogprob { logprob: lp.max(MIN_LOGPROB), rank: Some(rank as u32 + 1), decoded_token: text.clone() });
+            }
+            m.insert(t.id.to_string(), VllmLogprob { logprob: t.logprob.max(MIN_LOGPROB), rank: Some(t.rank), decoded_token: t.token.clone() });
+            out.push(Some(m));
         }
         out
     }
@@ -151,6 +234,9 @@ pub struct ChatChoice {
     /// `null` unless the request asked for logprobs.
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<FinishReason>,
+    /// vLLM's extension, present when the request set `prompt_logprobs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<VllmPromptLogprobs>,
 }
 
 /// The generated message of a [`ChatChoice`].
@@ -220,6 +306,9 @@ pub struct CompletionChoice {
     pub logprobs: Option<CompletionLogprobs>,
     /// `null` until the choice's last chunk when streamed.
     pub finish_reason: Option<FinishReason>,
+    /// vLLM's extension, present when the request set `prompt_logprobs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<VllmPromptLogprobs>,
 }
 
 /// What `/v1/models` says about the base model or an adapter. Names only: the files a
@@ -356,6 +445,7 @@ mod tests {
                 message: ChatMessageOut { role: Role::Assistant, content: "hi".into() },
                 logprobs: None,
                 finish_reason: Some(FinishReason::Stop),
+                prompt_logprobs: None,
             }],
             usage: Usage::new(4, 1),
         };

@@ -584,7 +584,7 @@ async fn bad_inputs_get_4xx_and_good_requests_still_complete() {
         ("token outside the vocabulary", comp, json!({"prompt": [1, 99999]}).to_string().into_bytes(), 400),
         ("negative token", comp, json!({"prompt": [-1]}).to_string().into_bytes(), 400),
         ("empty prompt", comp, json!({"prompt": ""}).to_string().into_bytes(), 400),
-        ("echo", comp, json!({"prompt": "x", "echo": true}).to_string().into_bytes(), 400),
+        ("echo", comp, json!({"prompt": "x", "echo": true, "stream": true}).to_string().into_bytes(), 400),
         ("best_of", comp, json!({"prompt": "x", "best_of": 3}).to_string().into_bytes(), 400),
         ("logprobs above 20", comp, json!({"prompt": "x", "logprobs": 50}).to_string().into_bytes(), 400),
         ("unknown adapter (completions)", comp, json!({"model": "missing-adapter", "prompt": "x"}).to_string().into_bytes(), 404),

@@ -3,6 +3,7 @@
 //! parameters this server accepts only at their neutral value. The steps run in a fixed
 //! order, so a request with several faults is always refused for the same one.
 
+use loramux_engine::sampling::MAX_LOGPROBS;
 use loramux_engine::{ResponseFormat, SamplingParams};
 use serde_json::{json, Value};
 
@@ -53,11 +54,13 @@ pub(super) fn common(f: &mut Fields, api: Api, max_model_len: usize) -> Result<G
             stop_token_ids,
             ignore_eos,
             logprobs: None,
-            prompt_logprobs: None,
+            prompt_logprobs: prompt_logprobs(f)?,
             response_format,
             grammar: None,
         },
         logprobs: None,
+        echo: false,
+        prompt_logprobs: false,
     })
 }
 
@@ -155,7 +158,10 @@ fn max_tokens(f: &mut Fields, api: Api, max_model_len: usize) -> Result<Option<u
     }
     Ok(match max_tokens {
         None => None,
-        Some((k, m)) if m <= 0 => return Err(ApiError::invalid_param(k, format!("'{k}' must be at least 1, got {m}"))),
+        // 0 scores the prompt only: completions with `echo` (checked there).
+        Some((k, m)) if m < 0 || (m == 0 && api == Api::Chat) => {
+            return Err(ApiError::invalid_param(k, format!("'{k}' must be at least 1, got {m}")))
+        }
         Some((k, m)) if m as u64 >= max_model_len as u64 => {
             return Err(ApiError::invalid_param(
                 k,
@@ -165,6 +171,16 @@ fn max_tokens(f: &mut Fields, api: Api, max_model_len: usize) -> Result<Option<u
         }
         Some((_, m)) => Some(m as usize),
     })
+}
+
+/// vLLM's `prompt_logprobs`: the prompt tokens' log-probabilities with this many top
+/// alternatives each (0 to 20).
+fn prompt_logprobs(f: &mut Fields) -> Result<Option<usize>, ApiError> {
+    match f.int("prompt_logprobs")? {
+        None => Ok(None),
+        Some(n) if (0..=MAX_LOGPROBS as i64).contains(&n) => Ok(Some(n as usize)),
+        Some(n) => Err(ApiError::invalid_param("prompt_logprobs", format!("'prompt_logprobs' must be between 0 and {MAX_LOGPROBS}, got {n}"))),
+    }
 }
 
 /// Known parameters this server does not implement: accepted only at their neutral value.
@@ -179,7 +195,6 @@ fn refuse_unimplemented(f: &mut Fields) -> Result<(), ApiError> {
     f.unsupported_unless("use_beam_search", |v| v == &Value::Bool(false), "beam search is not implemented")?;
     f.unsupported_unless("skip_special_tokens", |v| v == &Value::Bool(true), "special tokens are always skipped")?;
     f.unsupported_unless("include_stop_str_in_output", |v| v == &Value::Bool(false), "stop strings are never included")?;
-    f.unsupported_unless("prompt_logprobs", |_| false, "prompt logprobs are not implemented")?;
     f.unsupported_unless("guided_json", |_| false, "guided decoding is not implemented")?;
     f.unsupported_unless("guided_regex", |_| false, "guided decoding is not implemented")?;
     f.unsupported_unless("guided_choice", |_| false, "guided decoding is not implemented")?;

@@ -37,7 +37,7 @@ fn message_content(i: usize, v: Value) -> Result<String, ApiError> {
 }
 
 /// Chat `messages`: text content only, `developer` read as `system`, no tools.
-pub(super) fn parse_messages(v: Value) -> Result<Vec<ChatMessage>, ApiError> {
+pub(crate) fn parse_messages(v: Value) -> Result<Vec<ChatMessage>, ApiError> {
     let Value::Array(list) = v else {
         return Err(wrong_type("messages", "an array of messages", &v));
     };

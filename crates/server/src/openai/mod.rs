@@ -10,8 +10,9 @@
 
 mod common;
 mod fields;
-mod messages;
+pub(crate) mod messages;
 
+use loramux_engine::sampling::MAX_LOGPROBS;
 use loramux_engine::{Prompt, SamplingParams};
 use serde_json::{json, Value};
 
@@ -44,6 +45,10 @@ pub struct GenRequest {
     pub params: SamplingParams,
     /// Log-probabilities asked for (`Some(top_n)`).
     pub logprobs: Option<usize>,
+    /// Completions' `echo`: the prompt precedes the completion in `text` (and in `logprobs`).
+    pub echo: bool,
+    /// The request set vLLM's `prompt_logprobs`: answered in each choice's field of that name.
+    pub prompt_logprobs: bool,
 }
 
 /// Parses a `/v1/chat/completions` body.
@@ -55,8 +60,8 @@ pub fn parse_chat(body: &[u8], max_model_len: usize) -> Result<GenRequest, ApiEr
     let logprobs = f.bool("logprobs")?.unwrap_or(false);
     let top = match f.int("top_logprobs")? {
         None => None,
-        Some(t) if !(0..=20).contains(&t) => {
-            return Err(ApiError::invalid_param("top_logprobs", format!("'top_logprobs' must be between 0 and 20, got {t}")))
+        Some(t) if !(0..=MAX_LOGPROBS as i64).contains(&t) => {
+            return Err(ApiError::invalid_param("top_logprobs", format!("'top_logprobs' must be between 0 and {MAX_LOGPROBS}, got {t}")))
         }
         Some(t) => Some(t as usize),
     };
@@ -82,7 +87,24 @@ pub fn parse_chat(body: &[u8], max_model_len: usize) -> Result<GenRequest, ApiEr
     f.finish()?;
     req.prompts = vec![Prompt::Chat(messages)];
     req.params.logprobs = req.logprobs;
+    req.prompt_logprobs = req.params.prompt_logprobs.is_some();
     Ok(req)
+}
+
+/// Completions' `echo`, refused where vLLM refuses it: with more than one choice per
+/// prompt, or streamed. `max_tokens: 0` (scoring the prompt only) needs it.
+fn echo(f: &mut Fields, req: &GenRequest) -> Result<bool, ApiError> {
+    let echo = f.bool("echo")?.unwrap_or(false);
+    if echo && req.n > 1 {
+        return Err(ApiError::invalid_param("echo", format!("'echo' returns the prompt once per choice: use n = 1, not {}", req.n)));
+    }
+    if echo && req.stream {
+        return Err(ApiError::invalid_param("echo", "'echo' is not supported with 'stream': true"));
+    }
+    if !echo && req.params.max_tokens == Some(0) {
+        return Err(ApiError::invalid_param("max_tokens", "'max_tokens' must be at least 1, got 0 (0 only scores the prompt, with 'echo': true)"));
+    }
+    Ok(echo)
 }
 
 /// Parses a `/v1/completions` body.
@@ -112,14 +134,21 @@ pub fn parse_completion(body: &[u8], max_model_len: usize) -> Result<GenRequest,
     }
     req.logprobs = match f.int("logprobs")? {
         None => None,
-        Some(l) if !(0..=20).contains(&l) => return Err(ApiError::invalid_param("logprobs", format!("'logprobs' must be between 0 and 20, got {l}"))),
+        Some(l) if !(0..=MAX_LOGPROBS as i64).contains(&l) => {
+            return Err(ApiError::invalid_param("logprobs", format!("'logprobs' must be between 0 and {MAX_LOGPROBS}, got {l}")))
+        }
         Some(l) => Some(l as usize),
     };
-    f.unsupported_unless("echo", |v| v == &Value::Bool(false), "echo is not implemented")?;
+    req.echo = echo(&mut f, &req)?;
+    req.prompt_logprobs = req.params.prompt_logprobs.is_some();
     f.unsupported_unless("suffix", |v| v.as_str() == Some(""), "suffix (insertion) is not implemented")?;
     f.finish()?;
     req.prompts = prompts;
     req.params.logprobs = req.logprobs;
+    if req.echo && req.params.prompt_logprobs.is_none() {
+        // The echoed prompt's log-probabilities come from the same prefill.
+        req.params.prompt_logprobs = req.logprobs.or(Some(0));
+    }
     Ok(req)
 }
 
@@ -200,7 +229,9 @@ mod tests {
         assert_eq!(r.prompts.len(), 2);
         assert_eq!(err(parse_completion(br#"{"prompt":5}"#, 100)).param.as_deref(), Some("prompt"));
         assert_eq!(err(parse_completion(br#"{"prompt":[-1]}"#, 100)).param.as_deref(), Some("prompt[0]"));
-        assert_eq!(err(parse_completion(br#"{"prompt":"x","echo":true}"#, 100)).param.as_deref(), Some("echo"));
+        assert_eq!(err(parse_completion(br#"{"prompt":"x","echo":true,"n":2}"#, 100)).param.as_deref(), Some("echo"));
+        let scoring = parse_completion(br#"{"prompt":"x","echo":true,"max_tokens":0,"logprobs":1}"#, 100).unwrap();
+        assert!(scoring.echo && scoring.params.prompt_logprobs == Some(1) && scoring.params.max_tokens == Some(0));
         assert_eq!(err(parse_completion(br#"{"prompt":"x","logprobs":21}"#, 100)).param.as_deref(), Some("logprobs"));
     }
 }

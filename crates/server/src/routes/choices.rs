@@ -11,7 +11,7 @@ use super::sse::frame;
 use crate::openai::Api;
 use crate::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs, ChatMessageOut, Completion,
-    CompletionChoice, CompletionLogprobs, Role, TokenLogprob, Usage,
+    CompletionChoice, CompletionLogprobs, PromptLogprobs, Role, TokenLogprob, Usage, VllmPromptLogprobs,
 };
 
 /// What every answer and chunk of one request shares.
@@ -36,6 +36,16 @@ pub(super) struct Piece {
     /// Where the first token starts in the choice's text (completions logprobs).
     pub text_offset: usize,
     pub finish_reason: Option<FinishReason>,
+    /// Completions' `echo`: the prompt that precedes the text.
+    pub echo: Option<Echo>,
+    /// vLLM's `prompt_logprobs` field, when the request set it.
+    pub prompt_logprobs: Option<VllmPromptLogprobs>,
+}
+
+/// An echoed prompt: its text, and its tokens' log-probabilities when logprobs were asked for.
+pub(super) struct Echo {
+    pub text: String,
+    pub logprobs: Option<Box<PromptLogprobs>>,
 }
 
 impl Piece {
@@ -45,6 +55,7 @@ impl Piece {
             message: ChatMessageOut { role: Role::Assistant, content: self.text.unwrap_or_default() },
             logprobs: self.logprobs.map(ChatLogprobs::new),
             finish_reason: self.finish_reason,
+            prompt_logprobs: self.prompt_logprobs,
         }
     }
 
@@ -59,13 +70,20 @@ impl Piece {
 
     /// Completions use one choice shape, whole or streamed.
     fn completion_choice(self) -> CompletionChoice {
-        let offset = self.text_offset;
-        CompletionChoice {
-            index: self.index,
-            text: self.text.unwrap_or_default(),
-            logprobs: self.logprobs.map(|l| CompletionLogprobs::new(l, offset)),
-            finish_reason: self.finish_reason,
-        }
+        let text = self.text.unwrap_or_default();
+        let (text, logprobs) = match self.echo {
+            None => (text, self.logprobs.map(|l| CompletionLogprobs::new(l, self.text_offset))),
+            Some(echo) => {
+                // The prompt's tokens first (the first with nulls), then the completion's.
+                let logprobs = echo.logprobs.map(|p| {
+                    let mut all = CompletionLogprobs::echoed(&p);
+                    all.extend(self.logprobs.unwrap_or_default(), all.end_offset());
+                    all
+                });
+                (echo.text + &text, logprobs)
+            }
+        };
+        CompletionChoice { index: self.index, text, logprobs, finish_reason: self.finish_reason, prompt_logprobs: self.prompt_logprobs }
     }
 }
 

@@ -9,16 +9,16 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use loramux_engine::{FinishReason, LoraRequest};
+use loramux_engine::{FinishReason, LoraRequest, Prompt};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::choices::{Meta, Piece};
+use super::choices::{Echo, Meta, Piece};
 use super::sse::stream_response;
 use super::{now_secs, random_id, AppState};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::openai::{self, Api, GenRequest};
-use crate::protocol::{TokenLogprob, Usage};
+use crate::protocol::{PromptLogprobs, TokenLogprob, Usage};
 use crate::scheduler::{Event, Job};
 
 pub(super) async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -130,6 +130,7 @@ struct ChoiceAcc {
     logprobs: Vec<TokenLogprob>,
     finish: Option<FinishReason>,
     completion_tokens: usize,
+    prompt_logprobs: Option<Box<PromptLogprobs>>,
 }
 
 /// A choice's events, gathered until it is done.
@@ -141,9 +142,10 @@ async fn collect_choice(rx: &mut UnboundedReceiver<Event>) -> Result<ChoiceAcc, 
                 acc.text.push_str(&text);
                 acc.logprobs.extend(logprobs);
             }
-            Some(Event::Done { finish, completion_tokens, .. }) => {
+            Some(Event::Done { finish, completion_tokens, prompt_logprobs, .. }) => {
                 acc.finish = Some(finish);
                 acc.completion_tokens = completion_tokens;
+                acc.prompt_logprobs = prompt_logprobs;
                 return Ok(acc);
             }
             Some(Event::Accepted { .. }) => {}
@@ -164,13 +166,26 @@ async fn collect_response(meta: Meta, req: &GenRequest, receivers: Vec<Unbounded
     let pieces = choices
         .into_iter()
         .enumerate()
-        .map(|(index, c)| Piece {
-            index,
-            text: Some(c.text),
-            role: None,
-            logprobs: want_logprobs.then_some(c.logprobs),
-            text_offset: 0,
-            finish_reason: c.finish,
+        .map(|(index, c)| {
+            let prompt_logprobs = req.prompt_logprobs.then(|| c.prompt_logprobs.as_ref().map(|p| p.to_vllm())).flatten();
+            // With `echo` (n = 1), choice i answers prompt i: its text as sent, or decoded.
+            let echo = c.prompt_logprobs.filter(|_| req.echo).map(|p| {
+                let text = match &req.prompts[index] {
+                    Prompt::Text(t) => t.clone(),
+                    _ => p.text.clone(),
+                };
+                Echo { text, logprobs: want_logprobs.then_some(p) }
+            });
+            Piece {
+                index,
+                text: Some(c.text),
+                role: None,
+                logprobs: want_logprobs.then_some(c.logprobs),
+                text_offset: 0,
+                finish_reason: c.finish,
+                echo,
+                prompt_logprobs,
+            }
         })
         .collect();
     Ok(meta.whole(pieces, usage))

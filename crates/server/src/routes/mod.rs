@@ -24,6 +24,7 @@ mod health;
 mod lora_adapters;
 mod metrics;
 mod models;
+mod tokenize;
 mod sse;
 
 use std::path::PathBuf;
@@ -74,6 +75,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(generate::completions))
         .route("/v1/load_lora_adapter", post(lora_adapters::load_lora))
         .route("/v1/unload_lora_adapter", post(lora_adapters::unload_lora))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .route("/tokenizer_info", get(tokenize::tokenizer_info))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -18,7 +18,7 @@ use super::choices::{Meta, Piece};
 use super::AppState;
 use crate::error::ApiError;
 use crate::openai::{Api, GenRequest};
-use crate::protocol::{Role, TokenLogprob, Usage};
+use crate::protocol::{Role, TokenLogprob, Usage, VllmPromptLogprobs};
 use crate::scheduler::Event;
 
 /// A choice's events, each with the choice's index.
@@ -41,6 +41,8 @@ struct SseState {
     include_usage: bool,
     continuous_usage: bool,
     want_logprobs: bool,
+    /// The request set vLLM's `prompt_logprobs`.
+    want_prompt_logprobs: bool,
     started: bool,
     open: usize,
     /// Where the next token starts in each choice's text (completions logprobs).
@@ -68,6 +70,18 @@ impl SseState {
     /// The frame for a piece of choice `i`: new text (`None` in chat's last chunk, whose delta
     /// is empty), the logprobs of its tokens, or the finish reason.
     fn choice_frame(&self, i: usize, text: Option<String>, logprobs: Vec<TokenLogprob>, finish_reason: Option<FinishReason>) -> String {
+        self.frame_with_prompt(i, text, logprobs, finish_reason, None)
+    }
+
+    /// [`Self::choice_frame`] carrying vLLM's `prompt_logprobs` (in the choice's last chunk).
+    fn frame_with_prompt(
+        &self,
+        i: usize,
+        text: Option<String>,
+        logprobs: Vec<TokenLogprob>,
+        finish_reason: Option<FinishReason>,
+        prompt_logprobs: Option<VllmPromptLogprobs>,
+    ) -> String {
         let piece = Piece {
             index: i,
             text,
@@ -75,6 +89,8 @@ impl SseState {
             logprobs: (self.want_logprobs && !logprobs.is_empty()).then_some(logprobs),
             text_offset: self.token_offset[i],
             finish_reason,
+            echo: None,
+            prompt_logprobs,
         };
         self.meta.chunk(vec![piece], self.chunk_usage())
     }
@@ -93,6 +109,8 @@ impl SseState {
                     logprobs: None,
                     text_offset: 0,
                     finish_reason: None,
+                    echo: None,
+                    prompt_logprobs: None,
                 };
                 self.meta.chunk(vec![piece], self.chunk_usage())
             })
@@ -109,9 +127,10 @@ impl SseState {
                 self.token_offset[i] += advance;
                 out
             }
-            Event::Done { finish, completion_tokens, .. } => {
+            Event::Done { finish, completion_tokens, prompt_logprobs, .. } => {
                 self.completion_tokens[i] = completion_tokens;
-                let mut out = self.choice_frame(i, None, Vec::new(), Some(finish));
+                let prompt_logprobs = prompt_logprobs.filter(|_| self.want_prompt_logprobs).map(|p| p.to_vllm());
+                let mut out = self.frame_with_prompt(i, None, Vec::new(), Some(finish), prompt_logprobs);
                 self.open -= 1;
                 if self.open == 0 {
                     if self.include_usage {
@@ -166,6 +185,7 @@ pub(super) fn stream_response(st: Arc<AppState>, meta: Meta, req: &GenRequest, r
         include_usage: req.include_usage,
         continuous_usage: req.continuous_usage,
         want_logprobs: req.logprobs.is_some(),
+        want_prompt_logprobs: req.prompt_logprobs,
         started: false,
         open: n,
         token_offset: vec![0; n],

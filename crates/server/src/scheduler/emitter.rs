@@ -9,13 +9,13 @@ use std::time::{Instant, UNIX_EPOCH};
 use loramux_engine::lora::{AdapterInfo, LoraManager, LoraManagerStats};
 use loramux_engine::prefix_cache::PrefixCacheStats;
 use loramux_engine::tokenizer::Tokenizer;
-use loramux_engine::{RequestEvent, RequestId, SampledToken, Scheduler, StepReport};
+use loramux_engine::{Completion, RequestEvent, RequestId, SampledToken, Scheduler, StepReport};
 use tokio::sync::mpsc as tmpsc;
 
 use super::Event;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::protocol::TokenLogprob;
+use crate::protocol::{PromptLogprobs, PromptTokenLogprob, TokenLogprob};
 
 /// One request's stream and timings.
 struct Stream {
@@ -90,6 +90,25 @@ impl Emitter {
             tracing::debug!(requests = gone.len(), "cancelled requests of disconnected clients");
         }
         gone
+    }
+
+    /// The prompt's log-probabilities with token texts, when they were asked for.
+    fn prompt_logprobs(&self, c: &Completion) -> Option<Box<PromptLogprobs>> {
+        let lps = c.prompt_logprobs.as_ref()?;
+        let decode = |id: u32| self.tokenizer.decode(&[id], false).unwrap_or_default();
+        let first_id = *c.prompt_token_ids.first()?;
+        let rest = lps
+            .iter()
+            .map(|t| PromptTokenLogprob {
+                id: t.id,
+                token: decode(t.id),
+                logprob: t.logprob,
+                rank: t.rank.unwrap_or(0),
+                top: t.top.iter().map(|&(id, lp)| (id, decode(id), lp)).collect(),
+            })
+            .collect();
+        let text = self.tokenizer.decode(&c.prompt_token_ids, false).unwrap_or_default();
+        Some(Box::new(PromptLogprobs { text, first: decode(first_id), first_id, rest }))
     }
 
     fn token_logprob(&self, t: &SampledToken) -> TokenLogprob {
@@ -169,6 +188,7 @@ impl Emitter {
                         finish,
                         prompt_tokens: completion.prompt_tokens,
                         completion_tokens: completion.token_ids.len(),
+                        prompt_logprobs: self.prompt_logprobs(&completion),
                     });
                 }
                 RequestEvent::Failed(e) => self.reject(out.id, ApiError::from_engine(&e)),

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 pub(crate) use startup::spawn;
 
 use crate::error::ApiError;
-use crate::protocol::TokenLogprob;
+use crate::protocol::{PromptLogprobs, TokenLogprob};
 
 /// What a request's stream carries.
 #[derive(Clone, Debug)]
@@ -36,7 +36,7 @@ pub enum Event {
     /// New output: text that can no longer change, and the tokens generated since the last delta.
     Delta { text: String, tokens: usize, logprobs: Vec<TokenLogprob> },
     /// The request finished.
-    Done { finish: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Done { finish: FinishReason, prompt_tokens: usize, completion_tokens: usize, prompt_logprobs: Option<Box<PromptLogprobs>> },
     /// The request failed (before or during generation).
     Error(ApiError),
 }
