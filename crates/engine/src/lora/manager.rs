@@ -5,6 +5,11 @@
 //! waiting for a slot, or unloaded while requests still run on it. This is the one place
 //! that answers "is this adapter known, and can a request on it run now?".
 //! Loading never touches the base model.
+//!
+//! The file is longer than our ~500-line guide on purpose: [`LoraManager`]'s methods all
+//! keep one set of invariants (a slot holds one adapter, a pinned or in-use adapter is
+//! never evicted, a read's generation must match to be kept), and reading them in one
+//! `impl` is how a reviewer checks them.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
