@@ -13,6 +13,14 @@ cargo test --release --locked --workspace
 if [ -x tests/openai_client/run.sh ]; then
   tests/openai_client/run.sh
 fi
+# The real lm-eval-harness (PyPI lm_eval, local-completions) against a live server with two task
+# adapters, checked item by item against a reference through the server (tests/lm_eval/run.sh;
+# skips itself without network for its venv or without adapters/tasks).
+if command -v python3 >/dev/null; then
+  LORAMUX_BIN="$PWD/target/release/loramux" tests/lm_eval/run.sh
+else
+  echo "skipped tests/lm_eval/run.sh: needs python3"
+fi
 # The Kubernetes manifests (deploy/k8s) against the Kubernetes and GIE schemas, offline once its
 # venv is installed (deploy/validate.sh); needs only python3 (with venv).
 if command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null; then
