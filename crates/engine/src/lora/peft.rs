@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use super::config::{scaling, PeftConfig};
+use super::config::{scaling, PeftConfig, TargetMatcher};
 use super::model::{LoraLayerWeights, LoraMatrix, LoraModel};
 use super::{LoraModule, ModuleShapes};
 use crate::error::{EngineError, Result};
@@ -19,41 +19,61 @@ save_file(torch.load('adapter_model.bin', map_location='cpu'), 'adapter_model.sa
 /// Reads and validates a PEFT adapter directory.
 pub(super) fn load(name: &str, dir: &Path, shapes: &ModuleShapes, max_rank: usize) -> Result<LoraModel> {
     let err = |field: &str, msg: String| EngineError::adapter(name, field, msg);
-    let config_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&config_path)
+    let (config, matcher) = read_config(name, dir)?;
+    let bytes = read_weights_file(name, dir)?;
+    let tensors = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| err("adapter_model.safetensors", format!("corrupt: {e}")))?;
+    let seen = tensor_names(name, &tensors, shapes.layers)?;
+    let reader = ProjectionReader { name, tensors: &tensors, seen: &seen, config: &config, matcher: &matcher, shapes, max_rank };
+    let mut layers: Vec<[Option<LoraLayerWeights>; 7]> = (0..shapes.layers).map(|_| Default::default()).collect();
+    let (mut max, mut total_bytes) = (0usize, 0usize);
+    for (layer, slots) in layers.iter_mut().enumerate() {
+        for module in LoraModule::ALL {
+            if let Some(weights) = reader.read(layer, module)? {
+                total_bytes += weights.size_in_bytes();
+                max = max.max(weights.rank);
+                slots[module.index()] = Some(weights);
+            }
+        }
+    }
+    if max == 0 {
+        return Err(err("target_modules", "the adapter targets no projection of this model".into()));
+    }
+    Ok(LoraModel { name: name.to_string(), path: dir.to_path_buf(), layers, max_rank: max, bytes: total_bytes, config: Some(config) })
+}
+
+/// `adapter_config.json`, checked for what loramux supports, and its target matcher.
+fn read_config(name: &str, dir: &Path) -> Result<(PeftConfig, TargetMatcher)> {
+    let err = |field: &str, msg: String| EngineError::adapter(name, field, msg);
+    let text = std::fs::read_to_string(dir.join("adapter_config.json"))
         .map_err(|e| err("adapter_config.json", format!("cannot read: {e}")))?;
-    let config: PeftConfig = serde_json::from_str(&text)
-        .map_err(|e| err("adapter_config.json", format!("invalid: {e}")))?;
-    config
-        .check_supported()
-        .map_err(|u| err(u.field, u.message))?;
+    let config: PeftConfig = serde_json::from_str(&text).map_err(|e| err("adapter_config.json", format!("invalid: {e}")))?;
+    config.check_supported().map_err(|u| err(u.field, u.message))?;
     let matcher = config.matcher().map_err(|u| err(u.field, u.message))?;
     if config.fan_in_fan_out {
         tracing::warn!(adapter = name, "fan_in_fan_out=true on Linear projections: ignored, as PEFT does");
     }
+    Ok((config, matcher))
+}
 
+/// The bytes of `adapter_model.safetensors`, read, not memory-mapped: a file truncated while
+/// mapped raises SIGBUS on the next touch of a lost page, which kills the server. A read of
+/// a file changing underneath gives at worst inconsistent bytes, which the checks refuse.
+fn read_weights_file(name: &str, dir: &Path) -> Result<Vec<u8>> {
+    let err = |msg: String| EngineError::adapter(name, "adapter_model.safetensors", msg);
     let weights_path = dir.join("adapter_model.safetensors");
     if !weights_path.exists() {
-        let msg = if dir.join("adapter_model.bin").exists() {
-            BIN_HINT.to_string()
-        } else {
-            "adapter_model.safetensors not found".to_string()
-        };
-        return Err(err("adapter_model.safetensors", msg));
+        let pickle = dir.join("adapter_model.bin").exists();
+        return Err(err(if pickle { BIN_HINT.to_string() } else { "adapter_model.safetensors not found".to_string() }));
     }
-    // Read, not memory-mapped: a file truncated while mapped raises SIGBUS on the next
-    // touch of a lost page, which kills the server. A read of a file changing underneath
-    // gives at worst inconsistent bytes, which the checks below refuse.
-    let bytes = std::fs::read(&weights_path)
-        .map_err(|e| err("adapter_model.safetensors", format!("cannot read: {e}")))?;
-    let tensors = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| err("adapter_model.safetensors", format!("corrupt: {e}")))?;
+    std::fs::read(&weights_path).map_err(|e| err(format!("cannot read: {e}")))
+}
 
-    // Every tensor must be a lora_A/lora_B of a projection we know.
+/// Every tensor's `(layer, module, A|B)`: each must be a lora_A/lora_B of a projection we know.
+fn tensor_names(name: &str, tensors: &safetensors::SafeTensors<'_>, layers: usize) -> Result<HashSet<(usize, LoraModule, char)>> {
     let mut seen = HashSet::new();
     for key in tensors.names() {
-        let parsed = parse_key(key, shapes.layers);
-        match parsed {
+        match parse_key(key, layers) {
             Some(k) => {
                 seen.insert(k);
             }
@@ -67,107 +87,84 @@ pub(super) fn load(name: &str, dir: &Path, shapes: &ModuleShapes, max_rank: usiz
                 } else {
                     "adapter_model.safetensors"
                 };
-                return Err(err(
+                return Err(EngineError::adapter(
+                    name,
                     field,
                     format!("tensor '{key}' does not belong to a supported projection of this base model (an adapter for another model, or LoRA on embeddings/lm_head, which is not supported)"),
                 ));
             }
         }
     }
-
-    let mut layers: Vec<[Option<LoraLayerWeights>; 7]> =
-        (0..shapes.layers).map(|_| Default::default()).collect();
-    let mut max = 0usize;
-    let mut total_bytes = 0usize;
-    for (layer, slots) in layers.iter_mut().enumerate() {
-        for module in LoraModule::ALL {
-            let has_a = seen.contains(&(layer, module, 'A'));
-            let has_b = seen.contains(&(layer, module, 'B'));
-            let targeted = matcher.targets(module, layer);
-            if !has_a && !has_b {
-                if targeted {
-                    return Err(err(
-                        "target_modules",
-                        format!("config targets {} but the weights file has no lora_A/lora_B for it", module.module_name(layer)),
-                    ));
-                }
-                continue;
-            }
-            if !targeted {
-                return Err(err(
-                    "target_modules",
-                    format!("weights for {} are present but the config does not target it", module.module_name(layer)),
-                ));
-            }
-            if !(has_a && has_b) {
-                return Err(err(
-                    "adapter_model.safetensors",
-                    format!("{} has only one of lora_A / lora_B", module.module_name(layer)),
-                ));
-            }
-            let (r, alpha) = matcher.rank_alpha(&config, module, layer);
-            let (out_dim, in_dim) = shapes.shapes[module.index()];
-            let prefix = format!("base_model.model.{}", module.module_name(layer));
-            let a = tensor(&tensors, &prefix, 'A').map_err(|m| err("adapter_model.safetensors", m))?;
-            let b = tensor(&tensors, &prefix, 'B').map_err(|m| err("adapter_model.safetensors", m))?;
-            if a.shape() != [r, in_dim] || b.shape() != [out_dim, r] {
-                return Err(err(
-                    "shape",
-                    format!(
-                        "{}: lora_A is {:?} and lora_B is {:?}, but this base needs [{r}, {in_dim}] and [{out_dim}, {r}] (rank {r} from the config): an adapter made for another model?",
-                        module.module_name(layer), a.shape(), b.shape()
-                    ),
-                ));
-            }
-            if r > max_rank {
-                return Err(err(
-                    "r",
-                    format!("rank {r} of {} is above the configured maximum {max_rank} (raise --max-lora-rank)", module.module_name(layer)),
-                ));
-            }
-            // Finite as a double (checked with the config) is not enough: the kernels scale
-            // in f32, where e.g. alpha 1e300 is infinite and the outputs would not be finite.
-            let scale = scaling(alpha, r, config.use_rslora) as f32;
-            if !scale.is_finite() {
-                return Err(err(
-                    "lora_alpha",
-                    format!(
-                        "{}: the scaling alpha/r = {alpha}/{r} is not a finite 32-bit float",
-                        module.module_name(layer)
-                    ),
-                ));
-            }
-            let decode = |view: &safetensors::tensor::TensorView<'_>, which: char, transpose: bool| {
-                let (rows, cols) = (view.shape()[0], view.shape()[1]);
-                LoraMatrix::decode(view.dtype(), view.data(), rows, cols, transpose).map_err(|m| {
-                    err("adapter_model.safetensors", format!("{}.lora_{which}: {m}", module.module_name(layer)))
-                })
-            };
-            // B is [out][r] in the file; kept as [r][out] so the expand step adds rows.
-            let weights = LoraLayerWeights {
-                rank: r,
-                scale,
-                a: decode(&a, 'A', false)?,
-                b_t: decode(&b, 'B', true)?,
-            };
-            total_bytes += weights.size_in_bytes();
-            max = max.max(r);
-            slots[module.index()] = Some(weights);
-        }
-    }
-    if max == 0 {
-        return Err(err("target_modules", "the adapter targets no projection of this model".into()));
-    }
-    Ok(LoraModel {
-        name: name.to_string(),
-        path: dir.to_path_buf(),
-        layers,
-        max_rank: max,
-        bytes: total_bytes,
-        config: Some(config),
-    })
+    Ok(seen)
 }
 
+/// What reading one projection's pair needs.
+struct ProjectionReader<'a, 'd> {
+    name: &'a str,
+    tensors: &'a safetensors::SafeTensors<'d>,
+    seen: &'a HashSet<(usize, LoraModule, char)>,
+    config: &'a PeftConfig,
+    matcher: &'a TargetMatcher,
+    shapes: &'a ModuleShapes,
+    max_rank: usize,
+}
+
+impl ProjectionReader<'_, '_> {
+    /// The pair of `(layer, module)`, checked against the config and the base; `None` when
+    /// the adapter does not target it.
+    fn read(&self, layer: usize, module: LoraModule) -> Result<Option<LoraLayerWeights>> {
+        let err = |field: &str, msg: String| EngineError::adapter(self.name, field, msg);
+        let module_name = module.module_name(layer);
+        let has_a = self.seen.contains(&(layer, module, 'A'));
+        let has_b = self.seen.contains(&(layer, module, 'B'));
+        let targeted = self.matcher.targets(module, layer);
+        match (has_a || has_b, targeted) {
+            (false, false) => return Ok(None),
+            (false, true) => {
+                return Err(err("target_modules", format!("config targets {module_name} but the weights file has no lora_A/lora_B for it")))
+            }
+            (true, false) => {
+                return Err(err("target_modules", format!("weights for {module_name} are present but the config does not target it")))
+            }
+            (true, true) if !(has_a && has_b) => {
+                return Err(err("adapter_model.safetensors", format!("{module_name} has only one of lora_A / lora_B")))
+            }
+            (true, true) => {}
+        }
+        let (r, alpha) = self.matcher.rank_alpha(self.config, module, layer);
+        let (out_dim, in_dim) = self.shapes.shapes[module.index()];
+        let prefix = format!("base_model.model.{module_name}");
+        let a = tensor(self.tensors, &prefix, 'A').map_err(|m| err("adapter_model.safetensors", m))?;
+        let b = tensor(self.tensors, &prefix, 'B').map_err(|m| err("adapter_model.safetensors", m))?;
+        if a.shape() != [r, in_dim] || b.shape() != [out_dim, r] {
+            return Err(err(
+                "shape",
+                format!(
+                    "{module_name}: lora_A is {:?} and lora_B is {:?}, but this base needs [{r}, {in_dim}] and [{out_dim}, {r}] (rank {r} from the config): an adapter made for another model?",
+                    a.shape(),
+                    b.shape()
+                ),
+            ));
+        }
+        if r > self.max_rank {
+            let max_rank = self.max_rank;
+            return Err(err("r", format!("rank {r} of {module_name} is above the configured maximum {max_rank} (raise --max-lora-rank)")));
+        }
+        // Finite as a double (checked with the config) is not enough: the kernels scale
+        // in f32, where e.g. alpha 1e300 is infinite and the outputs would not be finite.
+        let scale = scaling(alpha, r, self.config.use_rslora) as f32;
+        if !scale.is_finite() {
+            return Err(err("lora_alpha", format!("{module_name}: the scaling alpha/r = {alpha}/{r} is not a finite 32-bit float")));
+        }
+        let decode = |view: &safetensors::tensor::TensorView<'_>, which: char, transpose: bool| {
+            let (rows, cols) = (view.shape()[0], view.shape()[1]);
+            LoraMatrix::decode(view.dtype(), view.data(), rows, cols, transpose)
+                .map_err(|m| err("adapter_model.safetensors", format!("{module_name}.lora_{which}: {m}")))
+        };
+        // B is [out][r] in the file; kept as [r][out] so the expand step adds rows.
+        Ok(Some(LoraLayerWeights { rank: r, scale, a: decode(&a, 'A', false)?, b_t: decode(&b, 'B', true)? }))
+    }
+}
 
 /// `base_model.model.model.layers.{l}.{module}.lora_{A|B}[.default].weight` → parts.
 fn parse_key(key: &str, layers: usize) -> Option<(usize, LoraModule, char)> {

@@ -60,7 +60,8 @@ pub struct PackedMatrix {
 
 impl PackedMatrix {
     /// Repacks a Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 tensor; `None` for other types or shapes
-    /// that do not tile (the caller keeps candle's kernel then).
+    /// that do not tile (the caller keeps candle's kernel then). One match arm per block
+    /// format, each a few lines of bit layout: long, but each arm reads on its own.
     pub fn from_qtensor(q: &QTensor) -> Option<Self> {
         let (n, k) = q.shape().dims2().ok()?;
         if n % TILE != 0 || k % BLOCK != 0 {
