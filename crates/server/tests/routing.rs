@@ -57,10 +57,13 @@ async fn auto_routes_each_domain_to_its_adapter() {
     let srv = TestServer::start(loc, s).await;
 
     // Held-out prompts land on their domain's adapter (chat, through /v1/route).
+    let mut times = Vec::new();
     for task in TASKS {
         let mut hits = 0;
         for p in heldout(task) {
+            let t = std::time::Instant::now();
             let (st, v) = srv.post("/v1/route", &chat("auto", &p)).await;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
             assert_eq!(st, 200, "{v}");
             if v["model"] == task {
                 hits += 1;
@@ -71,6 +74,14 @@ async fn auto_routes_each_domain_to_its_adapter() {
         eprintln!("{task}: {hits}/5 held-out prompts routed to it");
         assert!(hits >= 4, "{task}: {hits}/5 held-out prompts routed to it");
     }
+
+    times.sort_by(|a, b| a.total_cmp(b));
+    eprintln!("/v1/route p50 {:.1} ms, max {:.1} ms", times[times.len() / 2], times[times.len() - 1]);
+    // An exact repeat is answered from the prompt-embedding cache.
+    let t = std::time::Instant::now();
+    let (_, again) = srv.post("/v1/route", &chat("auto", &heldout("json")[0])).await;
+    eprintln!("/v1/route repeat: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    assert_eq!(again["model"], "json");
 
     // Generation with model "auto": served by the adapter, which the answer and header name.
     let prompt = &heldout("sql")[0];
@@ -110,7 +121,7 @@ async fn auto_routes_each_domain_to_its_adapter() {
 
     // Metrics moved.
     assert!(srv.metric("loramux_route_requests_total{adapter=\"sql\"}").await >= 5.0);
-    assert!(srv.metric("loramux_route_seconds_count").await >= 27.0);
+    assert!(srv.metric("loramux_route_seconds_count").await >= 28.0);
     // At the default threshold (0.1) a rare close call falls back (the plain-text completions
     // prompt, rendered unlike the chat examples, is the likeliest).
     assert!(srv.metric("loramux_route_fallbacks_total").await <= 2.0);

@@ -122,6 +122,11 @@ fn load(
 /// `--lora-modules`) that has a routing file, routable without its weights being loaded. A bad
 /// routing file fails startup, naming the file and the field.
 fn make_router(engine: &Engine, settings: &Settings) -> Result<Arc<Router>, ServerError> {
+    if let Some(f) = &settings.router.fallback {
+        if !engine.loras().adapters().iter().any(|a| &a.name == f) {
+            return Err(ServerError::Config(format!("--router-fallback {f}: no adapter of that name in --lora-modules or --lora-dir")));
+        }
+    }
     let mut cfg = RouterConfig::for_layers(engine.model().config().num_hidden_layers);
     cfg.min_confidence = settings.router.min_confidence;
     let router = Arc::new(Router::new(Arc::new(engine.model().base_view()), engine.input().clone(), cfg));
