@@ -179,3 +179,11 @@ def test_invalid_schema_is_a_bad_request(client):
         )
     assert e.value.body["param"] == "response_format"
     assert e.value.body["type"] == "invalid_request_error"
+
+
+def test_auto_without_routable_adapters_is_a_clear_400(client):
+    # Semantic routing (issue #20): the fixture adapters carry no routing.json, so "auto"
+    # has nothing to pick from and says so.
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, "auto")
+    assert "routing" in str(e.value)

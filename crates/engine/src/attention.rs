@@ -14,6 +14,7 @@ pub struct SeqSpan {
 }
 
 /// Precomputed rotary cos/sin per position (Hugging Face's rotate-half convention).
+#[derive(Clone)]
 pub struct Rope {
     cos: Vec<f32>,
     sin: Vec<f32>,

@@ -15,6 +15,7 @@ pub mod model_files;
 pub mod models;
 pub mod prefix_cache;
 pub mod registry;
+pub mod routing;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;

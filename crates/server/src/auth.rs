@@ -49,6 +49,15 @@ pub struct Caller {
     pub default_adapter: Option<String>,
 }
 
+impl Caller {
+    /// Whether this caller may have its requests served by `adapter`: the router offers
+    /// only these as candidates. Today every key may use every adapter; a per-key
+    /// restriction (an allow-list on `ApiKey`) goes here.
+    pub fn may_use(&self, _adapter: &str) -> bool {
+        true
+    }
+}
+
 /// The configured keys.
 #[derive(Clone, Debug, Default)]
 pub struct Auth {

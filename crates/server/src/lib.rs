@@ -83,6 +83,7 @@ impl Server {
             lora_updates: settings.enable_lora_updates,
             max_body: settings.max_request_bytes,
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            routing: settings.router.clone(),
         });
         let bind = format!("{}:{}", settings.host, settings.port);
         let listener = match tokio::net::TcpListener::bind(&bind).await {

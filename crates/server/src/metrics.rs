@@ -95,6 +95,10 @@ pub struct Metrics {
     pub lora_merge_seconds: Histogram,
     pub lora_unmerge_seconds: Histogram,
     pub lora_merged: GaugeVec,
+    /// Routed requests (`model: "auto"`) by the model that served them.
+    pub route_requests: IntCounterVec,
+    pub route_fallbacks: IntCounter,
+    pub route_seconds: Histogram,
     /// Process memory (Prometheus' standard name, and the peak), set at each scrape so a
     /// benchmark can read the memory of a server it did not start. Absent without procfs.
     process_memory: Option<(IntGauge, IntGauge)>,
@@ -174,6 +178,9 @@ impl Metrics {
             lora_merge_seconds: reg(&r, Histogram::with_opts(h("loramux_lora_merge_seconds", "Time to fold an adapter into the base weights (the batch loop waits for it).", MERGE_BUCKETS)).unwrap()),
             lora_unmerge_seconds: reg(&r, Histogram::with_opts(h("loramux_lora_unmerge_seconds", "Time to restore the base weights.", MERGE_BUCKETS)).unwrap()),
             lora_merged: reg(&r, GaugeVec::new(Opts::new("loramux_lora_merged", "1 for the adapter folded into the base weights by --auto-merge, if any."), adapter).unwrap()),
+            route_requests: reg(&r, IntCounterVec::new(Opts::new("loramux_route_requests_total", "Requests routed by the semantic router (model \"auto\" or /v1/route), by the model chosen (the fallback when unsure)."), adapter).unwrap()),
+            route_fallbacks: reg(&r, IntCounter::with_opts(Opts::new("loramux_route_fallbacks_total", "Routed requests sent to --router-fallback because the router was unsure.")).unwrap()),
+            route_seconds: reg(&r, Histogram::with_opts(h("loramux_route_seconds", "Time to route one request (the base-only embedding pass and the scoring).", LOAD_BUCKETS)).unwrap()),
             process_memory: process_memory().map(|_| {
                 (
                     reg(&r, IntGauge::new("process_resident_memory_bytes", "Resident memory size in bytes.").unwrap()),

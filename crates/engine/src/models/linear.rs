@@ -3,6 +3,8 @@
 //! row's adapter to its own output (vLLM's `lora/layers/base_linear.py`: the base kernel,
 //! then the Punica step inside the layer), so model code never mentions LoRA.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
 use crate::backend::{Backend, Projection};
@@ -12,10 +14,12 @@ use crate::weights::{Weight, WeightPath};
 
 /// A projection `y = x · Wᵀ (+ b)` over dense or quantized weights.
 pub struct Linear {
-    kernel: Box<dyn Projection>,
+    /// Shared (`Arc`) so a base-only view of the model ([`Linear::base_view`]) costs no
+    /// copy; a merge replaces it, never writes into it.
+    kernel: Arc<dyn Projection>,
     bias: Option<Tensor>,
     /// The unmerged weight, kept while an adapter is merged in restorably.
-    original: Option<Box<dyn Projection>>,
+    original: Option<Arc<dyn Projection>>,
     out_dim: usize,
     in_dim: usize,
 }
@@ -43,7 +47,7 @@ impl Linear {
                 format!("{}: shape {dims:?}, expected ({out_dim}, {in_dim})", vb.prefix()),
             ));
         }
-        Ok(Self { kernel: backend.projection(weight)?, bias, original: None, out_dim, in_dim })
+        Ok(Self { kernel: backend.projection(weight)?.into(), bias, original: None, out_dim, in_dim })
     }
 
     /// `x` is `[rows, in]`; returns a fresh contiguous `[rows, out]`.
@@ -80,7 +84,7 @@ impl Linear {
                 "merging an adapter needs a float base model; load the GGUF with dequantization (--dequantize)".into(),
             ));
         };
-        let merged = backend.projection(Weight::Dense((w + delta)?))?;
+        let merged: Arc<dyn Projection> = backend.projection(Weight::Dense((w + delta)?))?.into();
         let previous = std::mem::replace(&mut self.kernel, merged);
         if self.original.is_none() {
             self.original = Some(previous);
@@ -89,6 +93,13 @@ impl Linear {
             self.original = None;
         }
         Ok(())
+    }
+
+    /// The same projection over the same (shared, uncopied) weights, without any adapter
+    /// merged in restorably: the base weights.
+    pub(crate) fn base_view(&self) -> Self {
+        let kernel = self.original.clone().unwrap_or_else(|| self.kernel.clone());
+        Self { kernel, bias: self.bias.clone(), original: None, out_dim: self.out_dim, in_dim: self.in_dim }
     }
 
     /// Puts the weight kept by a restorable merge back.
@@ -143,6 +154,11 @@ impl LoraLinear {
     /// The base projection, mutably (merging an adapter in).
     pub(crate) fn base_mut(&mut self) -> &mut Linear {
         &mut self.base
+    }
+
+    /// A base-only view sharing the weights ([`Linear::base_view`]).
+    pub(crate) fn base_view(&self) -> Self {
+        Self { base: self.base.base_view(), layer: self.layer, module: self.module }
     }
 
     /// Which projection of which layer this is.

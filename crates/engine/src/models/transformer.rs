@@ -20,6 +20,7 @@ use crate::lora::{LoraBatch, LoraModel, LoraModule, ModuleShapes};
 use crate::weights::{Weight, WeightPath, WeightSource};
 
 /// RMS norm with a learned weight.
+#[derive(Clone)]
 struct RmsNorm {
     weight: Tensor,
     eps: f32,
@@ -95,6 +96,19 @@ impl Attention {
         self.o_proj.forward(&attn, ctx.lora)
     }
 
+    fn base_view(&self) -> Self {
+        Self {
+            q_proj: self.q_proj.base_view(),
+            k_proj: self.k_proj.base_view(),
+            v_proj: self.v_proj.base_view(),
+            o_proj: self.o_proj.base_view(),
+            q_norm: self.q_norm.clone(),
+            k_norm: self.k_norm.clone(),
+            shape: self.shape,
+            norm_eps: self.norm_eps,
+        }
+    }
+
     fn projections(&self) -> [&LoraLinear; 4] {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
     }
@@ -131,6 +145,10 @@ impl Mlp {
         self.down_proj.forward(&act, ctx.lora)
     }
 
+    fn base_view(&self) -> Self {
+        Self { gate_proj: self.gate_proj.base_view(), up_proj: self.up_proj.base_view(), down_proj: self.down_proj.base_view() }
+    }
+
     fn projections(&self) -> [&LoraLinear; 3] {
         [&self.gate_proj, &self.up_proj, &self.down_proj]
     }
@@ -165,6 +183,15 @@ impl DecoderLayer {
         Ok((&x + self.mlp.forward(&h, ctx)?)?)
     }
 
+    fn base_view(&self) -> Self {
+        Self {
+            input_layernorm: self.input_layernorm.clone(),
+            self_attn: self.self_attn.base_view(),
+            post_attention_layernorm: self.post_attention_layernorm.clone(),
+            mlp: self.mlp.base_view(),
+        }
+    }
+
     /// The seven projections an adapter may target, in [`LoraModule::ALL`] order.
     fn projections(&self) -> impl Iterator<Item = &LoraLinear> {
         self.self_attn.projections().into_iter().chain(self.mlp.projections())
@@ -184,6 +211,7 @@ struct LayerContext<'a, 'c> {
     lora: LoraContext<'a>,
 }
 
+#[derive(Clone)]
 enum Embedding {
     Dense(Tensor),
     Quantized(std::sync::Arc<candle_core::quantized::QTensor>),
@@ -364,6 +392,80 @@ impl Transformer {
         let x = self.norm.forward(&x.contiguous()?)?;
         let logits = self.lm_head.forward(&x)?;
         Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// A second handle on the same weights (shared, not copied: every weight is reference
+    /// counted) without any adapter merged in restorably, for base-only passes off the batch
+    /// loop ([`Transformer::hidden_states`]). A later merge into `self` replaces `self`'s
+    /// weights and leaves the view's alone; an adapter merged for good before the view was
+    /// taken (`--merge-lora`) is part of its weights.
+    pub fn base_view(&self) -> Self {
+        Self {
+            cfg: self.cfg.clone(),
+            embed_tokens: self.embed_tokens.clone(),
+            layers: self.layers.iter().map(DecoderLayer::base_view).collect(),
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.base_view(),
+            rope: self.rope.clone(),
+            device: self.device.clone(),
+            backend: self.backend.clone(),
+            merged: None,
+        }
+    }
+
+    /// The residual stream after the first `layer` decoder layers (`0` = the token
+    /// embeddings, `num_hidden_layers` = the last layer's output, before the final norm),
+    /// one `[tokens, hidden]` tensor per entry of `layers`, for one sequence run with the base
+    /// weights only (no adapter) in a scratch KV cache: nothing of the batch loop is touched.
+    pub fn hidden_states(&self, tokens: &[u32], layers: &[usize]) -> Result<Vec<Tensor>> {
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.hidden_states(tokens, layers));
+        }
+        let n = self.cfg.num_hidden_layers;
+        if let Some(&bad) = layers.iter().find(|&&l| l > n) {
+            return Err(EngineError::InvalidRequest(format!("layer {bad} is past the model's {n} layers")));
+        }
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidRequest("no tokens".into()));
+        }
+        if tokens.len() > self.rope.max_positions() {
+            return Err(EngineError::InvalidRequest(format!(
+                "sequence of {} tokens exceeds the maximum model length {}",
+                tokens.len(),
+                self.rope.max_positions()
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size)));
+        }
+        let deepest = layers.iter().copied().max().unwrap_or(0);
+        let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
+        let mut x = match &self.embed_tokens {
+            Embedding::Dense(t) => t.index_select(&ids, 0)?,
+            Embedding::Quantized(q) => q.embedding(&ids)?,
+        };
+        let mut cache = self.new_cache();
+        cache.reserve(tokens.len());
+        let spans = [SeqSpan { start: 0, len: tokens.len(), pos: 0 }];
+        let mut caches = [&mut cache];
+        let empty = LoraBatch::default();
+        let lora = LoraContext { backend: &*self.backend, lora: &empty };
+        let mut ctx = LayerContext { layer: 0, spans: &spans, caches: &mut caches, rope: &self.rope, lora };
+        let mut out: Vec<Option<Tensor>> = vec![None; layers.len()];
+        let mut keep = |depth: usize, x: &Tensor| {
+            for (o, &l) in out.iter_mut().zip(layers) {
+                if l == depth {
+                    *o = Some(x.clone());
+                }
+            }
+        };
+        keep(0, &x);
+        for (i, layer) in self.layers.iter().enumerate().take(deepest) {
+            ctx.layer = i;
+            x = layer.forward(&x, &mut ctx)?;
+            keep(i + 1, &x);
+        }
+        Ok(out.into_iter().map(|o| o.expect("every layer kept")).collect())
     }
 
     /// Folds one adapter into the float base weights (`W + scale·B·A`); requests then run

@@ -117,6 +117,15 @@ pub struct ServeConfig {
     /// Hysteresis of --auto-merge, so alternating traffic does not fold and unfold at every step.
     #[arg(long, value_name = "SECS", help = format!("How long one adapter must hold every request before --auto-merge folds it [default: {}]", defaults::AUTO_MERGE_AFTER_SECS))]
     pub auto_merge_after_secs: Option<f64>,
+    /// Names of `model` that ask the router to pick the adapter from the prompt.
+    #[arg(long, value_name = "NAME", num_args = 1.., help = format!("Model names that route the request to the adapter whose routing examples it is most like (issue #20) [default: {}]", defaults::ROUTER_ALIAS))]
+    pub router_aliases: Option<Vec<String>>,
+    /// Below this margin between the best and second adapter a routed request goes to --router-fallback.
+    #[arg(long, value_name = "MARGIN", help = format!("Least margin (best minus second cosine score) for the router to trust its pick; below it the request goes to --router-fallback [default: {}]", defaults::ROUTER_MIN_CONFIDENCE))]
+    pub router_min_confidence: Option<f32>,
+    /// Where an unsure routed request goes.
+    #[arg(long, value_name = "MODEL", help = "Model (the base model's name or an adapter) that serves routed requests the router is unsure of [default: the base model]")]
+    pub router_fallback: Option<String>,
     /// Drain time, so a restart does not cut off answers in flight.
     #[arg(long, value_name = "SECS", help = format!("Seconds in-flight requests get to finish on SIGINT/SIGTERM before they are cancelled [default: {}]", defaults::SHUTDOWN_TIMEOUT_SECS))]
     pub shutdown_timeout_secs: Option<f64>,
@@ -211,7 +220,7 @@ impl ServeConfig {
             max_lora_rank, max_lora_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill,
             max_model_len, kv_cache_gib, enable_prefix_caching, prefix_cache_gib, host, port, api_key, admin_api_key, enable_lora_updates, dequantize,
             max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, max_queue_delay_secs, adapter_wait_secs,
-            auto_merge, auto_merge_after_secs,
+            auto_merge, auto_merge_after_secs, router_aliases, router_min_confidence, router_fallback,
             shutdown_timeout_secs, debug_fault
         )
     }

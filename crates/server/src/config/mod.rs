@@ -15,7 +15,7 @@ mod settings;
 mod tests;
 
 pub use flags::{LoraModule, ServeConfig};
-pub use settings::{DebugFaults, Settings};
+pub use settings::{DebugFaults, RouterSettings, Settings};
 
 /// Defaults, one constant each: [`ServeConfig::resolve`] fills them in and the flags' help shows them.
 pub mod defaults {
@@ -41,6 +41,8 @@ pub mod defaults {
     pub const ADAPTER_WAIT_SECS: f64 = scheduler::ADAPTER_WAIT.as_secs_f64();
     pub const AUTO_MERGE_AFTER_SECS: f64 = 2.0;
     pub const MAX_N: usize = 16;
+    pub const ROUTER_ALIAS: &str = "auto";
+    pub const ROUTER_MIN_CONFIDENCE: f32 = loramux_engine::routing::RouterConfig::DEFAULT_MIN_CONFIDENCE;
 }
 
 /// Bytes per GiB, for help texts that show byte defaults in the unit people think in.

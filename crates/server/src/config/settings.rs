@@ -59,8 +59,19 @@ pub struct Settings {
     pub adapter_wait: Duration,
     /// `--auto-merge` with its hysteresis; `None`: off.
     pub auto_merge_after: Option<Duration>,
+    /// Semantic routing (`model: "auto"`).
+    pub router: RouterSettings,
     /// Faults injected on purpose (tests only).
     pub debug_faults: DebugFaults,
+}
+
+/// `--router-*`: which names route, how sure the router must be, where it falls back to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouterSettings {
+    pub aliases: Vec<String>,
+    pub min_confidence: f32,
+    /// `None`: the base model.
+    pub fallback: Option<String>,
 }
 
 impl Settings {
@@ -139,7 +150,9 @@ impl ServeConfig {
         let timeouts = self.timeouts()?;
         let auto_merge_after = self.auto_merge_after()?;
         let served_model_name = self.names(model_spec, &lora_modules)?;
+        let router = self.router(&served_model_name, &lora_modules)?;
         Ok(Settings {
+            router,
             served_model_name,
             lora_modules,
             merge_lora: self.merge_lora,
@@ -169,6 +182,30 @@ impl ServeConfig {
             auto_merge_after,
             debug_faults: DebugFaults::parse(&self.debug_fault.unwrap_or_default())?,
         })
+    }
+
+    /// `--router-aliases`, `--router-min-confidence`, `--router-fallback`.
+    fn router(&mut self, served_model_name: &str, lora_modules: &[(String, PathBuf)]) -> Result<RouterSettings, ServerError> {
+        let aliases = self.router_aliases.take().unwrap_or_else(|| vec![defaults::ROUTER_ALIAS.to_string()]);
+        for a in &aliases {
+            if a.is_empty() {
+                return bad("--router-aliases: an alias is empty".into());
+            }
+            if a == served_model_name || lora_modules.iter().any(|(n, _)| n == a) {
+                return bad(format!("--router-aliases: '{a}' is already the name of the base model or an adapter"));
+            }
+        }
+        let min_confidence = self.router_min_confidence.unwrap_or(defaults::ROUTER_MIN_CONFIDENCE);
+        if !min_confidence.is_finite() {
+            return bad(format!("--router-min-confidence must be a number, got {min_confidence}"));
+        }
+        let fallback = self.router_fallback.take().filter(|f| f != served_model_name);
+        if let Some(f) = &fallback {
+            if aliases.contains(f) {
+                return bad(format!("--router-fallback '{f}' is a router alias"));
+            }
+        }
+        Ok(RouterSettings { aliases, min_confidence, fallback })
     }
 
     /// `--lora-modules` as (name, path) pairs, each name checked.

@@ -105,3 +105,20 @@ fn unknown_keys_and_bad_values_are_refused() {
         LoraModule { name: "x".into(), path: PathBuf::from("/p") }
     );
 }
+
+#[test]
+fn router_flags() {
+    let s = parse(&[]).resolve("m").unwrap();
+    assert_eq!(s.router, RouterSettings { aliases: vec!["auto".into()], min_confidence: defaults::ROUTER_MIN_CONFIDENCE, fallback: None });
+    let s = parse(&["--router-aliases", "auto", "pick", "--router-min-confidence", "0.3", "--router-fallback", "sql"]).resolve("m").unwrap();
+    assert_eq!(s.router.aliases, ["auto", "pick"]);
+    assert_eq!(s.router.min_confidence, 0.3);
+    assert_eq!(s.router.fallback.as_deref(), Some("sql"));
+    // The base model's name as fallback is the default.
+    assert_eq!(parse(&["--router-fallback", "m"]).resolve("m").unwrap().router.fallback, None);
+    let toml = ServeConfig::from_toml("router-aliases = [\"x\"]\nrouter-min-confidence = 0.5\n").unwrap().resolve("m").unwrap();
+    assert_eq!(toml.router.aliases, ["x"]);
+    for bad in [&["--router-aliases", "m"][..], &["--router-fallback", "auto"], &["--router-min-confidence", "NaN"]] {
+        assert!(parse(bad).resolve("m").is_err(), "{bad:?}");
+    }
+}

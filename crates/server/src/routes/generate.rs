@@ -51,7 +51,13 @@ async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api)
     let caller = st.auth.check(headers)?;
     let bytes = st.read_body(headers, body).await?;
     let req = parse(st, &bytes, api)?;
-    let target = resolve_target(st, req.model.as_deref(), &caller);
+    let (target, route_header) = if st.is_router_alias(req.model.as_deref()) {
+        let routed = st.route(&req, api, &caller).await?;
+        let header = routed.header();
+        (Target { lora: routed.lora, model: routed.model }, Some(header))
+    } else {
+        (resolve_target(st, req.model.as_deref(), &caller), None)
+    };
     let jobs = jobs(st, &req, &target, api)?;
     let mut receivers = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -65,11 +71,15 @@ async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api)
         model: target.model,
         prompt_tokens,
     };
-    if req.stream {
-        Ok(stream_response(st.clone(), meta, &req, receivers))
+    let mut resp = if req.stream {
+        stream_response(st.clone(), meta, &req, receivers)
     } else {
-        collect_response(meta, &req, receivers).await
+        collect_response(meta, &req, receivers).await?
+    };
+    if let Some(h) = route_header {
+        resp.headers_mut().insert(super::route::ROUTE_HEADER, h);
     }
+    Ok(resp)
 }
 
 /// The request, parsed and checked against the model (its length, its chat template).

@@ -11,6 +11,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
+use loramux_engine::routing::{parse_routing_value, read_routing_file};
+
 use crate::adapters::{check_adapter_name, resolve_adapter_path};
 use crate::error::ApiError;
 use crate::openai::Fields;
@@ -56,9 +58,27 @@ async fn load_lora_inner(st: &Arc<AppState>, headers: &HeaderMap, body: Body) ->
     let (mut f, name) = admin_request(st, headers, body).await?;
     let path = f.string("lora_path")?.ok_or_else(|| ApiError::invalid_param("lora_path", "'lora_path' is required"))?;
     let replace = f.bool("load_inplace")?.unwrap_or(false);
+    let routing = f.take("routing").filter(|v| !v.is_null());
     f.finish()?;
     check_adapter_name(&name)?;
     let dir = resolve_adapter_path(&st.adapter_roots, &path)?;
+    // Routing data: the request's "routing" object, else a routing file beside the adapter;
+    // checked (and its examples embedded) before anything changes.
+    let spec = match &routing {
+        Some(v) => Some(parse_routing_value(v, "routing").map_err(|e| ApiError::invalid_param("routing", e.to_string()))?),
+        None => read_routing_file(&dir).map_err(|e| ApiError::invalid_param("lora_path", format!("routing file refused: {e}")))?,
+    };
+    let route = match spec {
+        Some(spec) => {
+            let router = st.sched.router.clone();
+            let route = tokio::task::spawn_blocking(move || router.prepare(&spec))
+                .await
+                .map_err(|e| ApiError::internal(format!("the router failed: {e}")))?
+                .map_err(|e| ApiError::invalid_param("routing", format!("cannot embed the routing examples: {e}")))?;
+            Some(route)
+        }
+        None => None,
+    };
     let reader = st.sched.reader.clone();
     let read_name = name.clone();
     let read_dir = dir.clone();
@@ -75,6 +95,12 @@ async fn load_lora_inner(st: &Arc<AppState>, headers: &HeaderMap, body: Body) ->
     };
     st.metrics.adapter_load_latency.observe(seconds);
     let outcome = st.sched.insert_adapter(model, seconds, replace).await?;
+    match route {
+        Some(route) => st.sched.router.insert(&name, route),
+        None => {
+            st.sched.router.remove(&name);
+        }
+    }
     tracing::info!(adapter = %name, path = %dir.display(), ms = format!("{:.1}", seconds * 1e3), ?outcome, "load_lora_adapter");
     Ok(success(match outcome {
         InsertOutcome::Resident => format!("Success: LoRA adapter '{name}' added successfully."),
@@ -89,5 +115,6 @@ async fn unload_lora_inner(st: &Arc<AppState>, headers: &HeaderMap, body: Body) 
     f.ignore(&["lora_int_id"]);
     f.finish()?;
     st.sched.unload_adapter(&name).await?;
+    st.sched.router.remove(&name);
     Ok(success(format!("Success: LoRA adapter '{name}' removed successfully.")))
 }

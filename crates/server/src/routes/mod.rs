@@ -17,6 +17,7 @@
 //! | `lora_adapters.rs` | `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter` |
 //! | `health.rs` | `GET /health`, `GET /ping`, `GET /version` |
 //! | `metrics.rs` | `GET /metrics` (Prometheus text) |
+//! | `route.rs` | `POST /v1/route`, and `model: "auto"` on chat and completions (semantic routing) |
 
 mod choices;
 mod generate;
@@ -24,6 +25,7 @@ mod health;
 mod lora_adapters;
 mod metrics;
 mod models;
+mod route;
 mod tokenize;
 mod sse;
 
@@ -60,6 +62,8 @@ pub struct AppState {
     pub lora_updates: bool,
     pub max_body: usize,
     pub created: u64,
+    /// `--router-aliases`, `--router-fallback` (the router itself is `sched.router`).
+    pub routing: crate::config::RouterSettings,
 }
 
 /// The router over `state`: every endpoint, one line each.
@@ -73,6 +77,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{*id}", get(models::get_model))
         .route("/v1/chat/completions", post(generate::chat))
         .route("/v1/completions", post(generate::completions))
+        .route("/v1/route", post(route::route))
         .route("/v1/load_lora_adapter", post(lora_adapters::load_lora))
         .route("/v1/unload_lora_adapter", post(lora_adapters::unload_lora))
         .route("/tokenize", post(tokenize::tokenize))

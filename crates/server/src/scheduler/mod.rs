@@ -126,6 +126,8 @@ pub struct SchedulerHandle {
     pub input: Arc<InputProcessor>,
     /// Reads adapters for runtime loads on the handler's side, off the loop.
     pub reader: AdapterReader,
+    /// The semantic router (`model: "auto"`), run on the handler's side, off the loop.
+    pub router: Arc<loramux_engine::routing::Router>,
 }
 
 fn loop_stopped() -> ApiError {

@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use loramux_engine::lora::scan_lora_dir;
+use loramux_engine::routing::{read_routing_file, Router, RouterConfig};
 use loramux_engine::{Engine, EngineError, EngineOptions, ModelLocation, Scheduler, SchedulerConfig};
 use tokio::sync::oneshot;
 
@@ -35,14 +36,14 @@ pub(crate) async fn spawn(
     let join = std::thread::Builder::new()
         .name("loramux-batch".into())
         .spawn(move || match load(location, &settings, &lora_dirs) {
-            Ok((engine, scheduler, info)) => {
+            Ok((engine, scheduler, info, router)) => {
                 let gate = scheduler.admission_gate().clone();
                 let input = engine.input().clone();
                 let reader = engine.loras().reader().clone();
                 let mut batch_loop = BatchLoop::new(engine, scheduler, rx, thread_shared, metrics, &settings);
                 // The adapter views are current before the first request or scrape can come.
                 batch_loop.publish_adapters();
-                let _ = ready_tx.send(Ok((info, gate, input, reader)));
+                let _ = ready_tx.send(Ok((info, gate, input, reader, router)));
                 batch_loop.run();
             }
             Err(e) => {
@@ -51,7 +52,9 @@ pub(crate) async fn spawn(
         })
         .map_err(|e| ServerError::io("spawning the batch thread", e))?;
     match ready_rx.await {
-        Ok(Ok((info, gate, input, reader))) => Ok((SchedulerHandle { tx, gate, shared, info: Arc::new(info), input, reader }, join)),
+        Ok(Ok((info, gate, input, reader, router))) => {
+            Ok((SchedulerHandle { tx, gate, shared, info: Arc::new(info), input, reader, router }, join))
+        }
         Ok(Err(e)) => {
             let _ = join.join();
             Err(e)
@@ -64,8 +67,13 @@ pub(crate) async fn spawn(
 }
 
 /// Loads the engine and the startup adapters and makes the scheduler, in order: the model
-/// (with `--merge-lora`), the scheduler, `--lora-dir`s, `--lora-modules`, `--pin-lora`.
-fn load(location: ModelLocation, settings: &Settings, lora_dirs: &[PathBuf]) -> Result<(Engine, Scheduler, EngineInfo), ServerError> {
+/// (with `--merge-lora`), the scheduler, `--lora-dir`s, `--lora-modules`, `--pin-lora`, then
+/// the router over the startup adapters' routing files.
+fn load(
+    location: ModelLocation,
+    settings: &Settings,
+    lora_dirs: &[PathBuf],
+) -> Result<(Engine, Scheduler, EngineInfo, Arc<Router>), ServerError> {
     let (mut engine, load_seconds) = load_engine(&location, settings)?;
     let mut scheduler = Scheduler::new(
         SchedulerConfig {
@@ -105,7 +113,38 @@ fn load(location: ModelLocation, settings: &Settings, lora_dirs: &[PathBuf]) -> 
         known_adapters: engine.loras().adapters().len(),
         merged_lora: settings.merge_lora.clone(),
     };
-    Ok((engine, scheduler, info))
+    let router = make_router(&engine, settings)?;
+    Ok((engine, scheduler, info, router))
+}
+
+/// The semantic router: a base-only view of the model that shares the engine's weights (no
+/// copy; see `loramux_engine::routing`), and every startup adapter (`--lora-dir`,
+/// `--lora-modules`) that has a routing file, routable without its weights being loaded. A bad
+/// routing file fails startup, naming the file and the field.
+fn make_router(engine: &Engine, settings: &Settings) -> Result<Arc<Router>, ServerError> {
+    if let Some(f) = &settings.router.fallback {
+        if !engine.loras().adapters().iter().any(|a| &a.name == f) {
+            return Err(ServerError::Config(format!("--router-fallback {f}: no adapter of that name in --lora-modules or --lora-dir")));
+        }
+    }
+    let mut cfg = RouterConfig::for_layers(engine.model().config().num_hidden_layers);
+    cfg.min_confidence = settings.router.min_confidence;
+    let router = Arc::new(Router::new(Arc::new(engine.model().base_view()), engine.input().clone(), cfg));
+    let t = Instant::now();
+    let mut routable = Vec::new();
+    for (name, path) in engine.loras().adapters().into_iter().map(|a| (a.name, a.path)) {
+        let Some(spec) = read_routing_file(&path).map_err(|e| ServerError::Config(format!("adapter '{name}': routing file refused: {e}")))?
+        else {
+            continue;
+        };
+        let route = router.prepare(&spec).map_err(|e| ServerError::Config(format!("adapter '{name}': embedding its routing examples: {e}")))?;
+        router.insert(&name, route);
+        routable.push(name);
+    }
+    if !routable.is_empty() {
+        tracing::info!(adapters = %routable.join(","), ms = format!("{:.1}", t.elapsed().as_secs_f64() * 1e3), "semantic router: adapters routable");
+    }
+    Ok(router)
 }
 
 /// The model, with the `--merge-lora` adapter folded in; the seconds the model took to load.
