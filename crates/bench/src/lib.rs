@@ -6,6 +6,7 @@
 //! - [`swap`]: adapter load and switch cost, rank sweep, adapter-count sweep.
 //! - [`load`]: open-loop Poisson load with adapter popularity, latency percentiles and goodput.
 //! - [`engine_bench`]: the engine's own speed in-process.
+//! - [`quality`]: task adapters' accuracy and likelihood against their speed, by rank, in-process.
 //!
 //! Every scenario writes a JSON result (raw samples included; schema in [`schema`]), a
 //! Markdown summary and PNG/SVG plots; [`report`] re-renders them from a saved file.
@@ -16,6 +17,7 @@ pub mod engine_bench;
 pub mod launch;
 pub mod load;
 pub mod plot;
+pub mod quality;
 pub mod report;
 pub mod run;
 pub mod schema;

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::deployment::{self, DeploymentResult};
 use crate::load::LoadResult;
+use crate::quality::QualityResult;
 use crate::run::{render_outputs, Report};
 use crate::swap::SwapResult;
 use crate::switch::SwitchResult;
@@ -18,6 +19,7 @@ pub enum AnyResult {
     Deployment(Box<DeploymentResult>),
     Swap(SwapResult),
     Load(LoadResult),
+    Quality(Box<QualityResult>),
 }
 
 impl AnyResult {
@@ -38,9 +40,10 @@ impl AnyResult {
             }
             "swap" => Self::Swap(serde_json::from_value(value).map_err(bad)?),
             "load" => Self::Load(serde_json::from_value(value).map_err(bad)?),
+            "quality" => Self::Quality(Box::new(serde_json::from_value(value).map_err(bad)?)),
             other => {
                 return Err(BenchError::Invalid(format!(
-                    "{}: metadata.scenario is '{other}', not one of switch, deployment, swap, load",
+                    "{}: metadata.scenario is '{other}', not one of switch, deployment, swap, load, quality",
                     path.display()
                 )))
             }
@@ -53,6 +56,7 @@ impl AnyResult {
             Self::Deployment(r) => r.as_ref(),
             Self::Swap(r) => r,
             Self::Load(r) => r,
+            Self::Quality(r) => r.as_ref(),
         }
     }
 }

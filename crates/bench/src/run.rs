@@ -124,7 +124,7 @@ impl Machine {
 /// Recorded with every result: when, where, what, how.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq)]
 pub struct Metadata {
-    /// `switch`, `deployment`, `swap` or `load`.
+    /// `switch`, `deployment`, `swap`, `load` or `quality`.
     pub scenario: String,
     pub schema_version: u32,
     /// RFC 3339 start time.

@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 use crate::deployment::DeploymentResult;
 use crate::load::LoadResult;
+use crate::quality::QualityResult;
 use crate::swap::SwapResult;
 use crate::switch::SwitchResult;
 
@@ -17,5 +18,6 @@ pub fn all() -> Value {
         "deployment": schema_for!(DeploymentResult),
         "swap": schema_for!(SwapResult),
         "load": schema_for!(LoadResult),
+        "quality": schema_for!(QualityResult),
     })
 }

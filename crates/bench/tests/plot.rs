@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use loramux_bench::plot::{bar_chart, box_plot, line_chart, Bar, PlotError, Series};
+use loramux_bench::plot::{bar_chart, box_plot, labeled_scatter, line_chart, Bar, PlotError, Series};
 
 /// Decoded RGB(A) pixels of a PNG, after checking its signature and IHDR size.
 struct Image {
@@ -283,6 +283,25 @@ fn line_chart_linear_and_log_x() {
         svg.contains(&svg_text("1")) && svg.contains(&svg_text("10")),
         "narrow log axis has no ticks"
     );
+}
+
+#[test]
+fn labeled_scatter_writes_each_points_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let stem = dir.path().join("tradeoff");
+    // Points out of x order: each label must stay with its point.
+    let series = [
+        Series { name: "LoRA".into(), points: vec![(380.0, 0.6), (410.0, 0.4), (395.0, 0.55)] },
+        Series { name: "base".into(), points: vec![(420.0, 0.0)] },
+    ];
+    let labels = [vec!["r8".to_string(), "r1".into(), "r4".into()], vec!["base".to_string()]];
+    let paths = labeled_scatter(&stem, "Accuracy against speed", "tokens/s", "exact match", &series, &labels).expect("scatter");
+    let (_, svg) = check_outputs(&paths, &stem, &["Accuracy against speed", "tokens/s", "exact match", "r8", "r1", "r4", "base"]);
+    // Markers only: no series line (a polyline) in the plot.
+    let lines = svg.lines().filter(|l| l.contains("<polyline") && l.contains("#1F77B4") && !l.contains("points=\"\""));
+    assert_eq!(lines.count(), 0, "a scatter draws no line");
+    let nan = [Series { name: "s".into(), points: vec![(f64::NAN, 1.0)] }];
+    assert!(matches!(labeled_scatter(&stem, "t", "x", "y", &nan, &[]).unwrap_err(), PlotError::NonFinite { .. }));
 }
 
 #[test]

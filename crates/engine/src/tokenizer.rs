@@ -144,7 +144,7 @@ impl Tokenizer {
 
     /// Tokens that end a generation whatever the model's own settings say: the declared
     /// end-of-sequence token and the end-of-turn tokens of the common chat formats.
-    pub(crate) fn end_token_ids(&self) -> Vec<u32> {
+    pub fn end_token_ids(&self) -> Vec<u32> {
         let mut ids = Vec::new();
         for id in self.eos_token.as_deref().into_iter().chain(END_OF_TURN_TOKENS).filter_map(|t| self.token_to_id(t)) {
             if !ids.contains(&id) {

@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 use loramux_bench::deployment::{self, DeploymentSettings};
 use loramux_bench::engine_bench::{self, EngineBenchConfig};
 use loramux_bench::load::{self, LoadSettings};
+use loramux_bench::quality::{self, QualitySettings};
 use loramux_bench::run::{self, BenchContext, TargetArgs};
 use loramux_bench::swap::{self, SwapSettings};
 use loramux_bench::switch::{self, SwitchSettings};
@@ -41,6 +42,9 @@ enum Scenario {
     Schema,
     /// Engine speed in-process: roofline, decode/prefill by batch, LoRA cost, adapter loads.
     Engine(EngineArgs),
+    /// Task adapters in-process: exact match and reference log-likelihood against decode speed,
+    /// base vs unmerged vs merged, and by LoRA rank.
+    Quality(ScenarioArgs<QualitySettings>),
 }
 
 /// A scenario's settings plus where to write.
@@ -91,6 +95,7 @@ struct EngineArgs {
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.scenario {
         Scenario::Engine(a) => run_engine(a),
+        Scenario::Quality(a) => run_quality(a),
         Scenario::Report { file } => {
             for p in report::rerender(&file)? {
                 eprintln!("wrote {}", p.display());
@@ -142,27 +147,47 @@ where
     F: FnOnce(BenchContext) -> Fut,
     Fut: std::future::Future<Output = Result<Box<dyn Written>, loramux_bench::BenchError>>,
 {
-    let out_dir = out.unwrap_or_else(|| PathBuf::from("results").join(name));
-    // Absolute, so adapter paths sent to servers mean the same to them.
-    let out_dir = std::path::absolute(&out_dir).with_context(|| format!("resolving {}", out_dir.display()))?;
     let model = match &target.url {
         Some(_) => None,
         None => Some(locate_model(target.model.as_deref().unwrap_or(DEFAULT_MODEL))?),
     };
-    let ctx = BenchContext {
-        exe: std::env::current_exe().context("locating the loramux binary")?,
-        model,
-        out_dir: out_dir.clone(),
-        command: std::env::args().collect(),
-    };
+    let ctx = context(out, name, model)?;
+    let json = ctx.out_dir.join(file);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let result = runtime.block_on(measure(ctx))?;
-    let written = result.write(&out_dir.join(file))?;
+    finish(result.as_ref(), &json)
+}
+
+/// A run's context: the output folder (`out`, by default results/<name>), the model and the command line.
+fn context(out: Option<PathBuf>, name: &str, model: Option<loramux_engine::ModelLocation>) -> Result<BenchContext> {
+    let out_dir = out.unwrap_or_else(|| PathBuf::from("results").join(name));
+    // Absolute, so adapter paths sent to servers mean the same to them.
+    let out_dir = std::path::absolute(&out_dir).with_context(|| format!("resolving {}", out_dir.display()))?;
+    Ok(BenchContext {
+        exe: std::env::current_exe().context("locating the loramux binary")?,
+        model,
+        out_dir,
+        command: std::env::args().collect(),
+    })
+}
+
+/// Writes a result's JSON, Markdown and plots and prints its summary.
+fn finish(result: &dyn Written, json: &std::path::Path) -> Result<()> {
+    let written = result.write(json)?;
     println!("{}", result.markdown());
     for p in written {
         eprintln!("wrote {}", p.display());
     }
     Ok(())
+}
+
+/// `bench quality`: reads the inputs (failing before the model loads), then measures in-process.
+fn run_quality(a: ScenarioArgs<QualitySettings>) -> Result<()> {
+    let inputs = quality::inputs(&a.settings)?;
+    let ctx = context(a.out, "quality", Some(locate_model(&a.settings.model)?))?;
+    let progress = |s: &str| eprintln!("  measuring: {s}");
+    let result = quality::measure(&ctx, &a.settings, inputs, &progress)?;
+    finish(&result, &ctx.out_dir.join(quality::RESULT_FILE))
 }
 
 fn run_engine(a: EngineArgs) -> Result<()> {

@@ -1,5 +1,6 @@
 //! `loramux bench` end to end: every scenario runs with tiny settings against a real
-//! loramux server it starts on loopback (the tiny Llama fixture and its adapters), its
+//! loramux server it starts on loopback (the tiny Llama fixture and its adapters) —
+//! `quality` in-process on SmolLM2-135M and the task adapters of `adapters/tasks` — its
 //! result validates against the committed JSON Schema, `bench report` re-renders it, and
 //! bad arguments end with a clear message and a non-zero exit.
 
@@ -225,4 +226,81 @@ fn bad_arguments_end_with_a_clear_message() {
     let out = loramux(&["bench", "report", "/nonexistent/result.json"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("/nonexistent/result.json"), "{}", stderr(&out));
+}
+
+/// The task adapters of SmolLM2-135M (`adapters/tasks/<task>/`), or `None` with a note when
+/// this checkout does not have them yet.
+fn task_adapters() -> Option<PathBuf> {
+    let dir = repo().join("adapters/tasks");
+    if !dir.join("sql/heldout.jsonl").is_file() {
+        eprintln!("note: {} has no task adapters yet; skipping the quality scenario", dir.display());
+        return None;
+    }
+    Some(dir)
+}
+
+#[test]
+fn quality_scenario_end_to_end_and_report() {
+    let Some(tasks) = task_adapters() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // A sweep of one trained rank (the task adapter itself) and one still training.
+    let sweep = dir.path().join("sweep");
+    std::fs::create_dir_all(sweep.join("sql-r64")).unwrap();
+    std::os::unix::fs::symlink(tasks.join("sql"), sweep.join("sql-r8")).unwrap();
+    let out = loramux(&[
+        "bench", "quality", "--adapters", &tasks.display().to_string(), "--only", "sql", "--limit", "4", "--speed-tokens", "4",
+        "--sweep", &sweep.display().to_string(), "--out", &dir.path().display().to_string(),
+    ]);
+    ok(&out);
+    let r = read_json(&dir.path().join("quality.json"));
+    check_schema("quality", &r);
+    let task = &r["tasks"][0];
+    assert_eq!(task["task"], "sql");
+    let variants: Vec<&str> = task["variants"].as_array().unwrap().iter().map(|v| v["variant"].as_str().unwrap()).collect();
+    assert_eq!(variants, ["base", "unmerged", "unmerged_f32", "merged_f32"]);
+    for v in task["variants"].as_array().unwrap() {
+        let samples = v["quality"]["samples"].as_array().unwrap();
+        assert_eq!(samples.len(), 4);
+        assert!(samples.iter().all(|s| s["answer_logprob"].as_f64().unwrap() < 0.0 && s["answer_tokens"].as_u64().unwrap() > 1));
+        assert!(v["speed"]["batch16_tok_s"].as_f64().unwrap() > 0.0);
+    }
+    let (base, lora) = (&task["variants"][0]["quality"], &task["variants"][1]["quality"]);
+    assert!(lora["mean_answer_logprob"].as_f64().unwrap() > base["mean_answer_logprob"].as_f64().unwrap() + 5.0, "{base} {lora}");
+    assert_eq!(task["merged_agreement"]["share_identical"], 1.0, "{}", task["merged_agreement"]);
+    assert!(task["merged_agreement"]["max_abs_delta_logprob"].as_f64().unwrap() < 1e-2);
+    // The sweep's rank-8 point is the task adapter again: the same answers.
+    let sweep = r["sweep"].as_array().unwrap();
+    assert_eq!(sweep.len(), 1, "{sweep:?}");
+    assert_eq!(sweep[0]["rank"], 8);
+    assert_eq!(sweep[0]["quality"]["exact_match"], task["variants"][1]["quality"]["exact_match"]);
+    assert!(r["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains("sql-r64")), "{}", r["notes"]);
+    let md = std::fs::read_to_string(dir.path().join("quality.md")).unwrap();
+    assert!(md.contains("LoRA vs merged, same answers? 4/4") && md.contains("## Rank sweep: sql"), "{md}");
+    assert_eq!(plots_written(dir.path(), "quality_sql_"), 8, "4 sweep plots, PNG and SVG");
+
+    // `bench report` re-renders it.
+    std::fs::remove_file(dir.path().join("quality.md")).unwrap();
+    ok(&loramux(&["bench", "report", &dir.path().join("quality.json").display().to_string()]));
+    assert!(dir.path().join("quality.md").is_file());
+    assert_eq!(plots_written(dir.path(), "quality_tasks"), 2);
+}
+
+#[test]
+fn quality_scenario_rejects_bad_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = loramux(&["bench", "quality", "--adapters", &empty.display().to_string(), "--no-sweep"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no task adapters"), "{}", stderr(&out));
+
+    let task = dir.path().join("tasks/sql");
+    std::fs::create_dir_all(&task).unwrap();
+    std::fs::write(task.join("adapter_config.json"), "{}").unwrap();
+    std::fs::write(task.join("heldout.jsonl"), "{\"prompt\": \"a\", \"answer\": \"1\"}\n{\"prompt\": \"b\"}\n").unwrap();
+    let out = loramux(&["bench", "quality", "--adapters", &dir.path().join("tasks").display().to_string(), "--no-sweep"]);
+    assert!(!out.status.success());
+    let heldout = format!("{}:2: no \"answer\" field", task.join("heldout.jsonl").display());
+    assert!(stderr(&out).contains(&heldout), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"));
 }

@@ -7,8 +7,11 @@ use plotters::coord::ranged1d::{AsRangedCoord, Ranged, ValueFormatter};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use plotters::style::text_anchor::VPos;
+
 use super::{
-    chart, legend, min_max, padded, render, DrawResult, Figure, Frame, PlotError, XAxis, PALETTE,
+    annotate, chart, legend, min_max, padded, render, DrawResult, Figure, Frame, PlotError, XAxis,
+    PALETTE,
 };
 
 /// One line of a [`line_chart`]: a configuration measured at several x values.
@@ -31,23 +34,64 @@ pub fn line_chart(
     series: &[Series],
     log_x: bool,
 ) -> Result<Vec<PathBuf>, PlotError> {
+    let axes = Axes { title, x_label, y_label };
+    draw_lines(stem, &axes, series, None, log_x)
+}
+
+/// Scatter chart of trade-offs (accuracy against speed, say): each series' points as markers
+/// in its colour, with no connecting line, and `labels[i][j]` written above point `j` of
+/// series `i` (a rank beside its point; a missing label leaves the point bare). Linear axes.
+pub fn labeled_scatter(
+    stem: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    labels: &[Vec<String>],
+) -> Result<Vec<PathBuf>, PlotError> {
+    let axes = Axes { title, x_label, y_label };
+    draw_lines(stem, &axes, series, Some(labels), false)
+}
+
+/// The title and axis descriptions of a chart.
+struct Axes<'a> {
+    title: &'a str,
+    x_label: &'a str,
+    y_label: &'a str,
+}
+
+/// [`line_chart`], or with `labels` [`labeled_scatter`].
+fn draw_lines(
+    stem: &Path,
+    axes: &Axes,
+    series: &[Series],
+    labels: Option<&[Vec<String>]>,
+    log_x: bool,
+) -> Result<Vec<PathBuf>, PlotError> {
     if series.is_empty() {
         return Err(PlotError::Empty("series"));
     }
+    let no_labels = Vec::new();
     let lines = series
         .iter()
-        .map(|s| sorted_points(s, log_x))
+        .enumerate()
+        .map(|(i, s)| {
+            let names = labels.map_or(&no_labels, |l| l.get(i).unwrap_or(&no_labels));
+            sorted_points(s, names, log_x)
+        })
         .collect::<Result<Vec<_>, _>>()?;
-    let all = || lines.iter().flat_map(|(_, p)| p.iter());
+    let all = || lines.iter().flat_map(|l| l.points.iter());
     let (x_min, x_max) = min_max(all().map(|p| p.0));
     let (y_min, y_max) = min_max(all().map(|p| p.1));
-    let y = padded(y_min, y_max, 0.08, 0.08);
+    // Room above the top points for their labels.
+    let y = padded(y_min, y_max, 0.08, if labels.is_some() { 0.16 } else { 0.08 });
     let figure = LineFigure {
-        title,
-        x_label,
-        y_label,
+        title: axes.title,
+        x_label: axes.x_label,
+        y_label: axes.y_label,
         lines,
         y,
+        connect: labels.is_none(),
     };
     if log_x {
         // Whole decades, so that the axis always has labelled ticks (plotters labels only powers
@@ -60,14 +104,24 @@ pub fn line_chart(
         // A little room beyond the outer decades so that markers there are not cut by the frame.
         render(stem, &LogX(&figure, lo / 1.15..hi * 1.15))
     } else {
-        let (lo, hi) = padded(x_min, x_max, 0.03, 0.03);
+        // Labels centred on the outer points need more room at the sides.
+        let pad = if labels.is_some() { 0.08 } else { 0.03 };
+        let (lo, hi) = padded(x_min, x_max, pad, pad);
         render(stem, &LinearX(&figure, lo..hi))
     }
 }
 
-/// The series' name and its points sorted by x, once checked: not empty, all finite, and
-/// every x above zero when `log_x`.
-fn sorted_points(s: &Series, log_x: bool) -> Result<(&str, Vec<(f64, f64)>), PlotError> {
+/// One series ready to draw: its name, its points sorted by x and their labels (in the
+/// same order; empty strings where none).
+struct Line<'a> {
+    name: &'a str,
+    points: Vec<(f64, f64)>,
+    labels: Vec<String>,
+}
+
+/// The series' name, points sorted by x and their labels, once checked: not empty, all
+/// finite, and every x above zero when `log_x`.
+fn sorted_points<'a>(s: &'a Series, labels: &[String], log_x: bool) -> Result<Line<'a>, PlotError> {
     if s.points.is_empty() {
         return Err(PlotError::EmptyGroup {
             kind: "series",
@@ -89,9 +143,13 @@ fn sorted_points(s: &Series, log_x: bool) -> Result<(&str, Vec<(f64, f64)>), Plo
             x,
         });
     }
-    let mut points = s.points.clone();
-    points.sort_by(|a, b| a.0.total_cmp(&b.0));
-    Ok((s.name.as_str(), points))
+    let mut order: Vec<usize> = (0..s.points.len()).collect();
+    order.sort_by(|&a, &b| s.points[a].0.total_cmp(&s.points[b].0));
+    Ok(Line {
+        name: s.name.as_str(),
+        points: order.iter().map(|&i| s.points[i]).collect(),
+        labels: order.iter().map(|&i| labels.get(i).cloned().unwrap_or_default()).collect(),
+    })
 }
 
 /// The validated input of [`line_chart`], less the x axis.
@@ -99,10 +157,12 @@ struct LineFigure<'a> {
     title: &'a str,
     x_label: &'a str,
     y_label: &'a str,
-    /// Series names and points sorted by x.
-    lines: Vec<(&'a str, Vec<(f64, f64)>)>,
+    /// The series, points sorted by x.
+    lines: Vec<Line<'a>>,
     /// y axis range.
     y: (f64, f64),
+    /// Join each series' points with a line (a sweep), or not (a scatter).
+    connect: bool,
 }
 
 /// A line chart with a linear x axis over the range.
@@ -137,19 +197,29 @@ impl LineFigure<'_> {
             x_axis: XAxis::Numbers(self.x_label),
         };
         let mut chart = chart(root, &frame, x_spec, self.y.0..self.y.1)?;
-        for (i, (name, points)) in self.lines.iter().enumerate() {
+        for (i, l) in self.lines.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
             let line = color.stroke_width(2);
+            // A scatter's series are markers only, in the plot and in the legend.
+            let (path, key) = match self.connect {
+                true => (l.points.clone(), vec![(-12, 0), (12, 0)]),
+                false => (Vec::new(), Vec::new()),
+            };
             chart
-                .draw_series([PathElement::new(points.clone(), line)])?
-                .label(*name)
+                .draw_series([PathElement::new(path, line)])?
+                .label(l.name)
                 .legend(move |(x, y)| {
                     EmptyElement::at((x, y))
-                        + PathElement::new([(-12, 0), (12, 0)], line)
+                        + PathElement::new(key.clone(), line)
                         + Circle::new((0, 0), 4, color.filled())
                 });
-            chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+            chart.draw_series(l.points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+            for (&p, text) in l.points.iter().zip(&l.labels).filter(|(_, t)| !t.is_empty()) {
+                annotate(&mut chart, p, text.clone(), -7, VPos::Bottom)?;
+            }
         }
-        legend(&mut chart, SeriesLabelPosition::UpperLeft)
+        // A trade-off scatter's slow-and-poor corner is the one likely empty.
+        let corner = if self.connect { SeriesLabelPosition::UpperLeft } else { SeriesLabelPosition::LowerLeft };
+        legend(&mut chart, corner)
     }
 }

@@ -33,7 +33,7 @@ use plotters::style::{register_font, FontStyle, RGBColor};
 
 pub use bars::{bar_chart, Bar};
 pub use boxes::box_plot;
-pub use lines::{line_chart, Series};
+pub use lines::{labeled_scatter, line_chart, Series};
 
 use glyph::GlyphText;
 
