@@ -78,8 +78,9 @@ pub(super) fn quality(engine: &mut Engine, adapter: Option<&str>, items: &[Item]
     let scores: Vec<Request> =
         scored.iter().map(|s| Request { lora: lora(), prompt: Prompt::Tokens(s.ids.clone()), params: scoring.clone() }).collect();
     let scores = engine.generate(&scores).map_err(engine_error("scoring the references"))?;
-    if let Some((s, c)) = scored.iter().zip(&scores).find(|(s, c)| c.prompt_logprobs.len() + 1 != s.ids.len()) {
-        let n = c.prompt_logprobs.len();
+    let logprobs = |c: &loramux_engine::Completion| c.prompt_logprobs.as_deref().unwrap_or_default().len();
+    if let Some((s, c)) = scored.iter().zip(&scores).find(|(s, c)| logprobs(c) + 1 != s.ids.len()) {
+        let n = logprobs(c);
         return Err(BenchError::Invalid(format!("scoring: {n} prompt log-probabilities for {} tokens", s.ids.len())));
     }
     let samples: Vec<ItemSample> = items
@@ -89,7 +90,7 @@ pub(super) fn quality(engine: &mut Engine, adapter: Option<&str>, items: &[Item]
         .enumerate()
         .map(|(index, ((item, s), (answer, score)))| {
             // Entry i of the prompt log-probabilities is token i + 1's.
-            let answer_logprobs = &score.prompt_logprobs[s.prompt_len - 1..];
+            let answer_logprobs = &score.prompt_logprobs.as_deref().unwrap_or_default()[s.prompt_len - 1..];
             ItemSample {
                 index,
                 output: answer.text.clone(),
