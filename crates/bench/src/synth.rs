@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use loramux_engine::lora::{LoraModule, ModuleShapes};
-use loramux_engine::models::llama::permute_row_bytes;
+use loramux_engine::permute::permute_row_bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::tensor::TensorView;
@@ -131,11 +131,11 @@ pub fn write_gguf_adapter(path: &Path, shapes: &ModuleShapes, spec: &AdapterSpec
         Dtype::F16 => 1,
         _ => 30, // BF16
     };
-    let architecture = shapes.architecture.gguf_name();
+    let architecture = shapes.gguf_architectures[0];
     let mut tensors: Vec<(String, [usize; 2], Vec<u8>)> = Vec::new();
     for p in pairs {
         let (out_dim, in_dim) = shapes.shapes[p.module.index()];
-        let b = match shapes.architecture.llama_cpp_permuted_heads(p.module, shapes.heads, shapes.kv_heads) {
+        let b = match shapes.permuted_heads[p.module.index()] {
             Some(heads) => permute_row_bytes(&p.b, out_dim, heads).map_err(std::io::Error::other)?,
             None => p.b,
         };

@@ -13,7 +13,7 @@ use candle_core::Device;
 
 use crate::attention::SeqSpan;
 use crate::chat::ChatTemplate;
-use crate::config::ModelConfig;
+use crate::models::config::ModelConfig;
 use crate::detokenizer::Detokenizer;
 use crate::error::{EngineError, Result};
 use crate::input::{InputProcessor, ProcessedRequest};
@@ -84,13 +84,13 @@ impl Engine {
                 for k in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
                     eos.extend(md.get(k).and_then(|v| v.to_u32().ok()));
                 }
-                src.prepare_for(&cfg);
+                src.unpermute_qk(qk_permuted_heads(&cfg));
                 (cfg, src, tokenizer, template, eos)
             }
             ModelLocation::HfDir(dir) => {
                 let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
                 let mut src = WeightSource::open_safetensors_dir(dir, &options.device)?;
-                src.prepare_for(&cfg);
+                src.unpermute_qk(qk_permuted_heads(&cfg));
                 let tokenizer = Tokenizer::from_dir(dir)?;
                 let eos = read_eos_ids(dir, &tokenizer);
                 (cfg, src, tokenizer, read_chat_template(dir), eos)
@@ -382,4 +382,10 @@ impl Engine {
     pub fn merged_adapter(&self) -> Option<&str> {
         self.model.merged_adapter().filter(|m| self.permanent_merge.as_deref() != Some(*m))
     }
+}
+
+/// Head counts to undo llama.cpp's q/k row permutation with, for architectures whose GGUF
+/// files carry it.
+fn qk_permuted_heads(cfg: &ModelConfig) -> Option<(usize, usize)> {
+    cfg.architecture.spec().llama_cpp_permutes_qk.then_some((cfg.num_attention_heads, cfg.num_key_value_heads))
 }

@@ -4,7 +4,6 @@
 pub mod attention;
 pub mod backend;
 pub mod chat;
-pub mod config;
 pub mod detokenizer;
 pub mod engine;
 pub mod error;
@@ -13,6 +12,7 @@ pub mod kv;
 pub mod lora;
 pub mod model_files;
 pub mod models;
+pub mod permute;
 pub mod prefix_cache;
 pub mod registry;
 pub mod routing;
@@ -24,7 +24,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate};
-pub use config::ModelConfig;
+pub use models::config::ModelConfig;
 pub use engine::{Engine, EngineOptions};
 pub use error::{panic_message, EngineError, InputField, Result};
 pub use model_files::read_model_config;

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::Device;
 
-use crate::config::ModelConfig;
+use crate::models::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::models::Architecture;
 use crate::registry::ModelLocation;

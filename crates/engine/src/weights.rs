@@ -13,11 +13,8 @@ use candle_core::quantized::{ggml_file::qtensor_from_ggml, gguf_file, GgmlDType,
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{panic_message, EngineError, Result};
-use crate::lora::LoraModule;
-use crate::models::llama::unpermute_row_bytes;
-use crate::models::Architecture;
+use crate::permute::unpermute_row_bytes;
 
 /// A projection weight as stored: dense float32, or quantized blocks kept as they are.
 #[derive(Clone, Debug)]
@@ -52,8 +49,8 @@ pub struct WeightSource {
     /// Dequantize GGUF projections to float32 instead of keeping them quantized.
     dequantize: bool,
     /// GGUF files of some architectures store q/k rows permuted for llama.cpp's rotary:
-    /// the architecture and head counts to undo it with.
-    unpermute_qk: Option<(Architecture, usize, usize)>,
+    /// the query and key/value head counts to undo it with.
+    unpermute_qk: Option<(usize, usize)>,
 }
 
 impl WeightSource {
@@ -131,11 +128,11 @@ impl WeightSource {
         &self.device
     }
 
-    /// Tells the source the architecture and head counts, so GGUF q/k rows that llama.cpp
-    /// permuted can be put back.
-    pub(crate) fn prepare_for(&mut self, cfg: &ModelConfig) {
+    /// Tells a GGUF source that its q/k rows are permuted (the architecture's fact), with
+    /// the query and key/value head counts to put them back with.
+    pub(crate) fn unpermute_qk(&mut self, heads: Option<(usize, usize)>) {
         if matches!(self.backing, Backing::Gguf { .. }) {
-            self.unpermute_qk = Some((cfg.architecture, cfg.num_attention_heads, cfg.num_key_value_heads));
+            self.unpermute_qk = heads;
         }
     }
 
@@ -172,9 +169,7 @@ impl WeightSource {
                     EngineError::model(&self.path, format!("no GGUF name for tensor {hf_name}"))
                 })?;
                 let q = read_gguf_tensor(content, reader, &name, &self.path, &self.device)?;
-                let permuted = self.unpermute_qk.zip(projection_of(hf_name)).and_then(|((arch, heads, kv_heads), module)| {
-                    arch.llama_cpp_permuted_heads(module, heads, kv_heads)
-                });
+                let permuted = self.unpermute_qk.zip(permuted_is_k(hf_name)).map(|((heads, kv_heads), is_k)| if is_k { kv_heads } else { heads });
                 let q = match permuted {
                     Some(heads) => unpermute_rows(&q, heads, &self.device)?,
                     None => q,
@@ -190,12 +185,12 @@ impl WeightSource {
     }
 
     /// GGUF's optional per-frequency rotary divisors (Llama 3.1 files).
-    pub(crate) fn rope_freq_factors(&self) -> Result<Option<RopeScaling>> {
+    pub(crate) fn rope_freq_factors(&self) -> Result<Option<Vec<f32>>> {
         match &self.backing {
             Backing::Gguf { content, reader } if content.tensor_infos.contains_key("rope_freqs.weight") => {
                 let q = read_gguf_tensor(content, reader, "rope_freqs.weight", &self.path, &self.device)?;
                 let v = q.dequantize(&self.device)?.to_vec1::<f32>()?;
-                Ok(Some(RopeScaling::FreqFactors(v)))
+                Ok(Some(v))
             }
             _ => Ok(None),
         }
@@ -291,12 +286,12 @@ fn read_gguf_tensor(
         .map_err(|e| EngineError::model(path, format!("tensor {name}: {e}")))
 }
 
-/// The projection a base weight belongs to, for the q/k row permutation.
-fn projection_of(hf_name: &str) -> Option<LoraModule> {
+/// `Some(is_k)` for the weights whose rows llama.cpp permutes (q and k).
+fn permuted_is_k(hf_name: &str) -> Option<bool> {
     if hf_name.ends_with("self_attn.q_proj.weight") {
-        Some(LoraModule::QProj)
+        Some(false)
     } else if hf_name.ends_with("self_attn.k_proj.weight") {
-        Some(LoraModule::KProj)
+        Some(true)
     } else {
         None
     }

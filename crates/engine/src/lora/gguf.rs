@@ -27,8 +27,7 @@ use safetensors::Dtype;
 
 use super::model::{LoraLayerWeights, LoraMatrix, LoraModel};
 use super::{LoraModule, ModuleShapes};
-use crate::models::llama::unpermute_row_bytes;
-use crate::models::Architecture;
+use crate::permute::unpermute_row_bytes;
 use crate::error::{EngineError, Result};
 
 /// llama.cpp's tensor name for each projection, in [`LoraModule::ALL`] order.
@@ -72,7 +71,7 @@ pub(super) fn load(name: &str, path: &Path, shapes: &ModuleShapes, max_rank: usi
     let err = |field: &str, msg: String| EngineError::adapter(name, field, msg);
     let bytes = std::fs::read(path).map_err(|e| err("path", format!("cannot read {}: {e}", path.display())))?;
     let content = crate::weights::read_gguf_header(&mut Cursor::new(&bytes[..])).map_err(|m| err("gguf", m))?;
-    let alpha = check_metadata(&content.metadata, shapes.architecture).map_err(|(field, m)| err(field, m))?;
+    let alpha = check_metadata(&content.metadata, shapes.gguf_architectures).map_err(|(field, m)| err(field, m))?;
 
     // Every tensor must be a lora_a/lora_b of a projection this base has.
     let mut pairs: HashMap<(usize, LoraModule), [Option<&TensorInfo>; 2]> = HashMap::new();
@@ -164,7 +163,7 @@ pub(super) fn load(name: &str, path: &Path, shapes: &ModuleShapes, max_rank: usi
 /// returns its alpha (`None` when the file has none). Errors name the offending key.
 fn check_metadata(
     metadata: &HashMap<String, gguf_file::Value>,
-    base: Architecture,
+    base: &[&str],
 ) -> std::result::Result<Option<f64>, (&'static str, String)> {
     let string = |key: &'static str| match metadata.get(key) {
         None => Ok(None),
@@ -193,9 +192,9 @@ fn check_metadata(
         ));
     }
     let arch = string("general.architecture")?.ok_or(("general.architecture", "missing".to_string()))?;
-    match Architecture::from_gguf_name(arch) {
-        Some(a) if a == base => {}
-        _ => return Err(("general.architecture", format!("the adapter was converted for '{arch}', but the base model is {base:?}"))),
+    if !base.contains(&arch) {
+        let base = base.first().copied().unwrap_or("unknown");
+        return Err(("general.architecture", format!("the adapter was converted for '{arch}', but the base model is {base}")));
     }
     let alpha = match metadata.get("adapter.lora.alpha") {
         None => None,
@@ -249,7 +248,7 @@ fn tensor_bytes<'f>(file: &'f [u8], data_offset: u64, info: &TensorInfo, rows: u
 /// (query heads) and k (key/value heads) of Llama adapters.
 fn permuted_heads(shapes: &ModuleShapes, module: LoraModule, half: Half) -> Option<usize> {
     match half {
-        Half::B => shapes.architecture.llama_cpp_permuted_heads(module, shapes.heads, shapes.kv_heads),
+        Half::B => shapes.permuted_heads[module.index()],
         Half::A => None,
     }
 }

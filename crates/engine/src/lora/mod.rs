@@ -88,33 +88,18 @@ impl LoraModule {
     }
 }
 
-/// `(out, in)` of every targetable projection, and the layer count: what an adapter's
-/// tensor shapes are checked against.
+/// `(out, in)` of every targetable projection, the layer count, and what reading a GGUF
+/// adapter for this base needs to know of its architecture: what an adapter is checked
+/// against. Built by the model side (`ModuleShapes::from_config` in [`crate::models`]), so
+/// adapters never name an architecture.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModuleShapes {
     pub layers: usize,
     pub shapes: [(usize, usize); 7],
-    /// The base's architecture: a GGUF adapter names the one it was converted for.
-    pub architecture: crate::models::Architecture,
-    /// Query and key/value head counts: llama.cpp's converter permutes the q/k rows of
-    /// Llama adapters head by head, and reading them back needs the counts.
-    pub heads: usize,
-    pub kv_heads: usize,
-}
-
-impl ModuleShapes {
-    /// Shapes of a model with this configuration.
-    pub fn from_config(cfg: &crate::config::ModelConfig) -> Self {
-        let h = cfg.hidden_size;
-        let q = cfg.num_attention_heads * cfg.head_dim;
-        let kv = cfg.num_key_value_heads * cfg.head_dim;
-        let i = cfg.intermediate_size;
-        Self {
-            layers: cfg.num_hidden_layers,
-            shapes: [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)],
-            architecture: cfg.architecture,
-            heads: cfg.num_attention_heads,
-            kv_heads: cfg.num_key_value_heads,
-        }
-    }
+    /// GGUF `general.architecture` names of the base: a GGUF adapter names the one it was
+    /// converted for. The first is what loramux writes.
+    pub gguf_architectures: &'static [&'static str],
+    /// Per projection, the heads whose `lora_b` rows llama.cpp's converter permuted (q and
+    /// k of Llama adapters), to read them back.
+    pub permuted_heads: [Option<usize>; 7],
 }

@@ -11,7 +11,6 @@ use safetensors::Dtype;
 
 use super::config::PeftConfig;
 use super::LoraModule;
-use crate::backend::cpu::kernels::Widen;
 use crate::error::Result;
 
 /// One LoRA matrix in the element type of its file: float32 stays float32, float16 and
@@ -37,13 +36,10 @@ impl LoraMatrix {
 
     /// Every value as f32 (exact).
     pub fn to_f32_vec(&self) -> Vec<f32> {
-        fn widen<E: Widen>(v: &[E]) -> Vec<f32> {
-            v.iter().map(|x| x.widen()).collect()
-        }
         match self {
             Self::F32(v) => v.clone(),
-            Self::F16(v) => widen(v),
-            Self::BF16(v) => widen(v),
+            Self::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Self::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
         }
     }
 

@@ -5,6 +5,7 @@
 //! [`ArchSpec`], a variant to [`Architecture`] and a line to [`Architecture::ALL`]; the
 //! transformer, weight loading, adapters and benchmarks read everything from the spec.
 
+pub mod config;
 pub mod linear;
 pub mod llama;
 pub mod qwen2;
@@ -14,7 +15,8 @@ pub mod transformer;
 pub use linear::{Linear, LoraLinear};
 pub use transformer::{LogitsFor, Transformer};
 
-use crate::lora::LoraModule;
+use crate::lora::{LoraModule, ModuleShapes};
+use config::ModelConfig;
 
 /// A decoder family. Its facts are in its [`ArchSpec`] ([`Architecture::spec`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +89,23 @@ impl Architecture {
             LoraModule::QProj => Some(heads),
             LoraModule::KProj => Some(kv_heads),
             _ => None,
+        }
+    }
+}
+
+impl ModuleShapes {
+    /// Shapes of a model with this configuration, and its architecture's GGUF facts.
+    pub fn from_config(cfg: &ModelConfig) -> Self {
+        let h = cfg.hidden_size;
+        let q = cfg.num_attention_heads * cfg.head_dim;
+        let kv = cfg.num_key_value_heads * cfg.head_dim;
+        let i = cfg.intermediate_size;
+        let arch = cfg.architecture;
+        Self {
+            layers: cfg.num_hidden_layers,
+            shapes: [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)],
+            gguf_architectures: arch.spec().gguf_names,
+            permuted_heads: LoraModule::ALL.map(|m| arch.llama_cpp_permuted_heads(m, cfg.num_attention_heads, cfg.num_key_value_heads)),
         }
     }
 }

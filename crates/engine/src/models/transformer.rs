@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use super::linear::{Linear, LoraContext, LoraLinear};
 use crate::attention::{HeadShape, QkNorm, Rope, SeqSpan};
 use crate::backend::{self, AttentionLayer, Backend};
-use crate::config::{rope_inv_freq, ModelConfig};
+use super::config::{rope_inv_freq, ModelConfig, RopeScaling};
 use crate::error::{EngineError, Result};
 use crate::kv::{KvCache, LayerKv};
 use crate::lora::{LoraBatch, LoraModel, LoraModule, ModuleShapes};
@@ -270,7 +270,7 @@ impl Transformer {
             .collect::<Result<Vec<_>>>()?;
         let mut cfg = cfg.clone();
         if let Some(factors) = src.rope_freq_factors()? {
-            cfg.rope_scaling = Some(factors);
+            cfg.rope_scaling = Some(RopeScaling::FreqFactors(factors));
         }
         let rope = Rope::new(&rope_inv_freq(&cfg), max_positions);
         Ok(Self {

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{EngineError, Result};
-use crate::models::Architecture;
+use super::Architecture;
 
 /// How rotary frequencies are rescaled for long contexts.
 #[derive(Clone, Debug, PartialEq)]
