@@ -3,9 +3,9 @@
 #   1. reference venv (outside the repo), 2. real models into the cache,
 #   3. tiny random-model fixtures, 4. SentencePiece GGUF tokenizer fixture,
 #   5. example adapters (trained), 6. GGUF LoRA adapters (llama.cpp's converter),
-#   7. real-model fixtures, 8. task adapters with exact answers + rank sweep (trained, ~40 min).
+#   7. real-model fixtures, 7b. all-MiniLM-L6-v2 router embeddings, 8. task adapters with exact answers + rank sweep (trained, ~40 min).
 # Environment: LORAMUX_CACHE (default ~/.cache/loramux). Steps can be skipped with
-#   SKIP_TINY=1 SKIP_SPM=1 SKIP_TRAIN=1 SKIP_GGUF_LORA=1 SKIP_REAL=1 SKIP_TASKS=1 ./scripts/reference/make-all.sh
+#   SKIP_TINY=1 SKIP_SPM=1 SKIP_TRAIN=1 SKIP_GGUF_LORA=1 SKIP_REAL=1 SKIP_MINILM=1 SKIP_TASKS=1 ./scripts/reference/make-all.sh
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -35,6 +35,11 @@ fi
 if [ "${SKIP_REAL:-0}" != 1 ]; then
   echo "== real-model fixtures" >&2
   "$PY" "$HERE/make_real_fixtures.py" --out "$REPO/fixtures/real" --adapters "$REPO/adapters"
+fi
+if [ "${SKIP_MINILM:-0}" != 1 ]; then
+  echo "== sentence-embedding router reference (all-MiniLM-L6-v2)" >&2
+  MINILM="$(cargo run --release -q -p loramux -- models pull all-minilm-l6-v2 --quiet)"
+  "$PY" "$HERE/make_minilm_fixture.py" --model "$MINILM" --out "$REPO/fixtures/real/all-minilm-l6-v2.json"
 fi
 if [ "${SKIP_TASKS:-0}" != 1 ]; then
   echo "== task adapters (exact answers) and rank sweep" >&2

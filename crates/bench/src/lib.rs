@@ -19,6 +19,7 @@ pub mod load;
 pub mod plot;
 pub mod quality;
 pub mod report;
+pub mod route;
 pub mod run;
 pub mod schema;
 pub mod stats;

@@ -8,6 +8,7 @@ use serde_json::Value;
 use crate::deployment::{self, DeploymentResult};
 use crate::load::LoadResult;
 use crate::quality::QualityResult;
+use crate::route::RouteResult;
 use crate::run::{render_outputs, Report};
 use crate::swap::SwapResult;
 use crate::switch::SwitchResult;
@@ -20,6 +21,7 @@ pub enum AnyResult {
     Swap(SwapResult),
     Load(LoadResult),
     Quality(Box<QualityResult>),
+    Route(Box<RouteResult>),
 }
 
 impl AnyResult {
@@ -41,9 +43,10 @@ impl AnyResult {
             "swap" => Self::Swap(serde_json::from_value(value).map_err(bad)?),
             "load" => Self::Load(serde_json::from_value(value).map_err(bad)?),
             "quality" => Self::Quality(Box::new(serde_json::from_value(value).map_err(bad)?)),
+            "route" => Self::Route(Box::new(serde_json::from_value(value).map_err(bad)?)),
             other => {
                 return Err(BenchError::Invalid(format!(
-                    "{}: metadata.scenario is '{other}', not one of switch, deployment, swap, load, quality",
+                    "{}: metadata.scenario is '{other}', not one of switch, deployment, swap, load, quality, route",
                     path.display()
                 )))
             }
@@ -57,6 +60,7 @@ impl AnyResult {
             Self::Swap(r) => r,
             Self::Load(r) => r,
             Self::Quality(r) => r.as_ref(),
+            Self::Route(r) => r.as_ref(),
         }
     }
 }

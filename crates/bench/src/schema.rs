@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use crate::deployment::DeploymentResult;
 use crate::load::LoadResult;
 use crate::quality::QualityResult;
+use crate::route::RouteResult;
 use crate::swap::SwapResult;
 use crate::switch::SwitchResult;
 
@@ -19,5 +20,6 @@ pub fn all() -> Value {
         "swap": schema_for!(SwapResult),
         "load": schema_for!(LoadResult),
         "quality": schema_for!(QualityResult),
+        "route": schema_for!(RouteResult),
     })
 }

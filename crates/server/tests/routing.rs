@@ -209,3 +209,41 @@ async fn bad_routing_file_fails_startup() {
     let err = Server::start(loc, s).await.err().expect("startup refused").to_string();
     assert!(err.contains("routing.json") && err.contains("examples[1]") && err.contains("2001 characters"), "{err}");
 }
+
+/// `--router-model all-minilm-l6-v2`: the sentence-embedding router, over HTTP, lands each
+/// domain on its adapter too and says nothing else changed for the client. Skipped when the
+/// model is not pulled (scripts/test.sh pulls it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentence_model_router() {
+    let Some(loc) = model() else { return };
+    if loramux_engine::registry::resolve_folder_model("all-minilm-l6-v2").is_err() {
+        eprintln!("skipped: all-minilm-l6-v2 is not pulled");
+        return;
+    }
+    let mut s = settings();
+    s.lora_dirs = vec![repo().join("adapters/tasks")];
+    s.router.model = Some("all-minilm-l6-v2".into());
+    let srv = TestServer::start(loc, s).await;
+    for task in TASKS {
+        let hits = {
+            let mut hits = 0;
+            for p in heldout(task) {
+                let (st, v) = srv.post("/v1/route", &chat("auto", &p)).await;
+                assert_eq!(st, 200, "{v}");
+                hits += usize::from(v["model"] == task);
+            }
+            hits
+        };
+        assert!(hits >= 4, "{task}: {hits}/5 held-out prompts routed to it by MiniLM");
+    }
+    let (st, h, v) = post_with_headers(&srv, "/v1/chat/completions", &chat("auto", &heldout("sentiment")[2])).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["model"], "sentiment");
+    assert!(h.unwrap().starts_with("adapter=sentiment;"));
+    // It reads text: a token-id prompt is a clear 400, and the server keeps serving.
+    let (st, v) = srv.post("/v1/route", &json!({"model": "auto", "prompt": [1, 2, 3]})).await;
+    assert_error(st, &v, 400, "token ids to the sentence router");
+    let (st, _) = srv.post("/v1/route", &chat("auto", &heldout("sql")[1])).await;
+    assert_eq!(st, 200);
+    srv.shutdown().await;
+}

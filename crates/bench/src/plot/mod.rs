@@ -1,5 +1,5 @@
 //! Plots for benchmark reports: box plots of sample sets, bar charts of one number per
-//! configuration, and line charts of sweeps.
+//! configuration, line charts of sweeps, and confusion matrices.
 //!
 //! Every function writes the same figure twice, `<stem>.png` (for Markdown reports and quick
 //! looks) and `<stem>.svg` (scalable, text kept as text), 1000×600, and returns both paths.
@@ -11,11 +11,12 @@
 //!
 //! This file holds what every figure shares: the style, the two-file rendering (`render`),
 //! the frame of title, axes and grid (`chart`), the legend and the labels inside the plot.
-//! Each figure kind has its own file: `boxes.rs`, `bars.rs`, `lines.rs`.
+//! Each figure kind has its own file: `boxes.rs`, `bars.rs`, `lines.rs`, `heatmap.rs`.
 
 mod bars;
 mod boxes;
 mod glyph;
+mod heatmap;
 mod lines;
 
 use std::fs;
@@ -33,6 +34,7 @@ use plotters::style::{register_font, FontStyle, RGBColor};
 
 pub use bars::{bar_chart, Bar};
 pub use boxes::box_plot;
+pub use heatmap::confusion_matrix;
 pub use lines::{labeled_scatter, line_chart, Series};
 
 use glyph::GlyphText;
@@ -104,6 +106,12 @@ pub enum PlotError {
         series: String,
         /// The rejected x.
         x: f64,
+    },
+    /// A confusion matrix that is not square over its labels.
+    #[error("a confusion matrix over {labels} classes must have {labels} rows of {labels} counts")]
+    NotSquare {
+        /// How many class labels were given.
+        labels: usize,
     },
     /// The embedded font did not parse (a corrupt build).
     #[error("the embedded font could not be loaded")]

@@ -9,6 +9,7 @@
 //! This file holds the settings, the result types and [`measure`]; `inputs.rs` reads the
 //! adapters and held-out sets, `eval.rs` runs the engine, `report.rs` writes Markdown and plots.
 
+pub mod auto;
 mod eval;
 pub mod inputs;
 mod report;
@@ -54,9 +55,8 @@ pub struct QualitySettings {
     pub speed_tokens: usize,
 }
 
-/// How a configuration runs a task. `auto` — semantic routing choosing the adapter per
-/// request (#19) — will be one more variant once routing exists; until then it is not
-/// measured, and no row or column stands in for it.
+/// How a configuration runs a task. `auto` (the semantic router choosing among every
+/// task's adapters) is measured across tasks, in [`auto::AutoResult`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Variant {
@@ -227,6 +227,9 @@ pub struct QualityResult {
     pub sweep_dir: Option<String>,
     pub tasks: Vec<TaskResult>,
     pub sweep: Vec<SweepPoint>,
+    /// Every item sent to `model: "auto"`; `None` when a task has no routing.json.
+    #[serde(default)]
+    pub auto: Option<auto::AutoResult>,
     /// What was left out, and why.
     pub notes: Vec<String>,
 }
@@ -342,6 +345,13 @@ pub fn measure(ctx: &BenchContext, s: &QualitySettings, inputs: Inputs, progress
     for ((task, _), job) in inputs.tasks.iter().zip(&jobs) {
         tasks.push(measure_task(&mut engines, task, job, progress)?);
     }
+    progress("auto: every item routed among all the tasks' adapters");
+    let budgets: Vec<usize> = jobs.iter().map(|j| j.max_tokens).collect();
+    let auto = auto::measure(&mut engines.shipped, &inputs.tasks, &tasks, &budgets)?;
+    let mut notes = inputs.notes;
+    if auto.is_none() {
+        notes.push("auto not measured: a task has no routing.json".into());
+    }
     let mut sweep = Vec::new();
     for a in &inputs.sweep {
         let job = inputs.tasks.iter().zip(&jobs).find(|((t, _), _)| t.name == a.task).map(|(_, j)| j).expect("sweep tasks are measured");
@@ -359,6 +369,7 @@ pub fn measure(ctx: &BenchContext, s: &QualitySettings, inputs: Inputs, progress
         sweep_dir: inputs.sweep_dir.map(|d| d.display().to_string()),
         tasks,
         sweep,
-        notes: inputs.notes,
+        auto,
+        notes,
     })
 }

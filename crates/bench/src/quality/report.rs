@@ -64,6 +64,32 @@ impl QualityResult {
         }
     }
 
+    fn auto_table(&self, out: &mut String) {
+        let Some(a) = &self.auto else { return };
+        let _ = writeln!(
+            out,
+            "\n## auto: the router picks the adapter ({}, fallback to the base under a margin of {})\n\n\
+             | Task | Items | Routed right | Fell back | EM auto | EM oracle (adapter named) | EM base |\n|---|---:|---:|---:|---:|---:|---:|",
+            a.router, a.min_confidence
+        );
+        for t in &a.tasks {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} |",
+                t.task, t.items, t.routed_right, t.fell_back, t.exact_match_auto, t.exact_match_oracle, t.exact_match_base
+            );
+        }
+        let _ = writeln!(
+            out,
+            "| all | {} | {:.1} % | | {:.3} | {:.3} | {:.3} |",
+            a.tasks.iter().map(|t| t.items).sum::<usize>(),
+            a.routed_right_share * 100.0,
+            a.exact_match_auto,
+            a.exact_match_oracle,
+            a.exact_match_base
+        );
+    }
+
     fn task_table(t: &TaskResult, out: &mut String) {
         let _ = writeln!(out, "\n## {} ({} items, answers cut at {} tokens)\n", t.task, t.merged_agreement.items, t.max_tokens);
         let _ = writeln!(out, "| Configuration {COLUMNS}\n|---|{ALIGN}");
@@ -106,10 +132,11 @@ impl Report for QualityResult {
              summed per item and averaged over items (/ item), and per token. \
              tok/s: decode tokens/s (batch size over the median of {} decode steps), every row of the batch on the configuration; \
              vs base: over the base model's measured just before on the same engine (as shipped, or float32 for the f32 rows). \
-             `auto` (semantic routing choosing the adapter): not measured, routing is not built yet.\n\n",
+             `auto`: each item sent as `model: \"auto\"`, the router picking among all the tasks' adapters (table below).\n\n",
             m.timestamp, m.machine.hostname, m.machine.cpu_model, m.machine.logical_cores, m.base_model, s.speed_tokens
         );
         self.summary_table(&mut out);
+        self.auto_table(&mut out);
         for t in &self.tasks {
             Self::task_table(t, &mut out);
         }

@@ -291,6 +291,11 @@ impl Transformer {
         &self.cfg
     }
 
+    /// Where the weights live (a second model, the router's, goes on the same device).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// Bytes of all weights.
     pub fn size_in_bytes(&self) -> usize {
         let emb = match &self.embed_tokens {

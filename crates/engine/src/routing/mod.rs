@@ -1,38 +1,30 @@
-//! Semantic routing (`model: "auto"`): which adapter a prompt is for, judged by the base
-//! model itself. A prompt's embedding is the pooled residual stream of one middle layer of
-//! a base-only pass ([`Transformer::hidden_states`], on a [`Transformer::base_view`] that
-//! shares the batch loop's weights, so it runs on the caller's thread without touching the
-//! loop); each adapter is represented by the embeddings of its routing examples
-//! ([`spec`]), each rendered as a one-user-message chat, as a request would be. A prompt
-//! scores each adapter by cosine similarity (to the nearest example, or to the examples'
-//! centroid), after subtracting the mean of every example embedding (which removes what all
-//! rendered prompts share: the chat template, the system prompt); the confidence is the
-//! margin between the best and the second-best adapter.
+//! Semantic routing (`model: "auto"`): which adapter a prompt is for. An [`Embedder`] maps
+//! a prompt to a vector: by default the base model itself ([`BaseEmbedder`]: a middle
+//! layer's pooled hidden states of a base-only pass, no second model), or a dedicated
+//! sentence-embedding model ([`SentenceEmbedder`], `--router-model`). Each adapter is
+//! represented by the embeddings of its routing examples ([`spec`]), each presented as a
+//! request would carry it, computed once and kept in memory and on disk ([`store`]). A
+//! prompt scores each adapter by cosine similarity (to the nearest example, or to the
+//! examples' centroid), after subtracting the mean of every example embedding (which
+//! removes what all prompts share: the chat template, the system prompt); the confidence
+//! is the margin between the best and the second-best adapter.
 
+pub mod embedder;
+pub mod sentence;
 pub mod spec;
+pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, RwLock};
 
-use candle_core::{DType, Tensor};
-
+pub use embedder::{pool, BaseEmbedder, Embedder, Pooling};
+pub use sentence::SentenceEmbedder;
 pub use spec::{parse_routing, parse_routing_value, read_routing_file, routing_file_for, RoutingError, RoutingSpec};
+pub use store::EmbeddingStore;
 
-use crate::chat::ChatMessage;
 use crate::error::{EngineError, Result};
-use crate::input::{InputProcessor, Prompt};
-use crate::models::Transformer;
-
-/// How a layer's `[tokens, hidden]` states become one vector.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pooling {
-    Mean,
-    /// The mean without the first token, whose state (the attention sink's massive
-    /// activations) dominates every plain mean alike.
-    MeanSkipFirst,
-    LastToken,
-}
+use crate::input::Prompt;
 
 /// How a prompt scores against an adapter's examples.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,9 +38,6 @@ pub enum Scoring {
 /// The router's choices (the defaults are what measured best; see the README).
 #[derive(Clone, Debug)]
 pub struct RouterConfig {
-    /// Decoder layers run before pooling.
-    pub layer: usize,
-    pub pooling: Pooling,
     pub scoring: Scoring,
     /// Subtract the mean example embedding before comparing.
     pub center: bool,
@@ -63,19 +52,12 @@ impl RouterConfig {
     /// `crates/engine/README.md`): correct picks had a margin of 0.235 or more in 90 % of
     /// held-out prompts (median 0.52); 0.1 keeps nearly all of them.
     pub const DEFAULT_MIN_CONFIDENCE: f32 = 0.1;
+}
 
-    /// Defaults for a model of `num_layers` layers: the middle layer, mean pooling without
-    /// the first token, nearest example, centered (100 % held-out accuracy on the task
-    /// adapters at layer 15 of 30, against 98-99.5 % for the other layers from 12 to 30).
-    pub fn for_layers(num_layers: usize) -> Self {
-        Self {
-            layer: num_layers / 2,
-            pooling: Pooling::MeanSkipFirst,
-            scoring: Scoring::Nearest,
-            center: true,
-            min_confidence: Self::DEFAULT_MIN_CONFIDENCE,
-            cache_entries: 1024,
-        }
+impl Default for RouterConfig {
+    /// Nearest example, centered (what measured best with both embedders).
+    fn default() -> Self {
+        Self { scoring: Scoring::Nearest, center: true, min_confidence: Self::DEFAULT_MIN_CONFIDENCE, cache_entries: 1024 }
     }
 }
 
@@ -102,20 +84,6 @@ impl RouteDecision {
     pub fn best(&self) -> Option<&(String, f32)> {
         self.candidates.first()
     }
-}
-
-/// Pools `[tokens, hidden]` into one vector.
-pub fn pool(hidden: &Tensor, pooling: Pooling) -> Result<Vec<f32>> {
-    let hidden = hidden.to_dtype(DType::F32)?;
-    let v = match pooling {
-        Pooling::Mean => hidden.mean(0)?,
-        Pooling::MeanSkipFirst => match hidden.dim(0)? {
-            n if n > 1 => hidden.narrow(0, 1, n - 1)?.mean(0)?,
-            _ => hidden.mean(0)?,
-        },
-        Pooling::LastToken => hidden.get(hidden.dim(0)? - 1)?,
-    };
-    Ok(v.to_vec1::<f32>()?)
 }
 
 /// Cosine similarity of `a - c` and `b - c` (no centering when `c` is empty).
@@ -189,35 +157,41 @@ impl PromptCache {
     }
 }
 
-/// Routable adapters and the base-only embedding pass. Shared (`Arc`) by every handler;
-/// each call runs on the caller's thread, holding a lock only to read or swap the table.
+/// Routable adapters and the embedder. Shared (`Arc`) by every handler; each call runs on
+/// the caller's thread, holding a lock only to read or swap the table or the cache.
 pub struct Router {
-    model: Arc<Transformer>,
-    input: Arc<InputProcessor>,
+    embedder: Arc<dyn Embedder>,
+    store: Option<EmbeddingStore>,
     cfg: RouterConfig,
     routes: RwLock<BTreeMap<String, Arc<AdapterRoute>>>,
     cache: Mutex<PromptCache>,
 }
 
 impl Router {
-    /// A router over a base-only model view (share the batch loop's weights with
-    /// [`Transformer::base_view`]).
-    pub fn new(model: Arc<Transformer>, input: Arc<InputProcessor>, cfg: RouterConfig) -> Self {
+    /// A router over `embedder`; with `store_root`, example embeddings are also kept on disk
+    /// there (keyed by the embedder's fingerprint and the token ids).
+    pub fn new(embedder: Arc<dyn Embedder>, cfg: RouterConfig, store_root: Option<&std::path::Path>) -> Self {
         let cache = PromptCache { capacity: cfg.cache_entries, tick: 0, entries: HashMap::new() };
-        Self { model, input, cfg, routes: RwLock::new(BTreeMap::new()), cache: Mutex::new(cache) }
+        let store = store_root.map(|r| EmbeddingStore::new(r, embedder.fingerprint()));
+        Self { embedder, store, cfg, routes: RwLock::new(BTreeMap::new()), cache: Mutex::new(cache) }
     }
 
     pub fn config(&self) -> &RouterConfig {
         &self.cfg
     }
 
-    /// The input processor (rendering and tokenizing prompts as generation would).
-    pub fn input(&self) -> &Arc<InputProcessor> {
-        &self.input
+    /// The model that embeds prompts.
+    pub fn embedder(&self) -> &Arc<dyn Embedder> {
+        &self.embedder
     }
 
-    /// The embedding of a tokenized prompt (cached for exact repeats).
-    pub fn embed_ids(&self, ids: &[u32]) -> Result<Arc<Vec<f32>>> {
+    /// The embedding of a prompt (cached in memory for exact repeats).
+    pub fn embed(&self, prompt: &Prompt) -> Result<Arc<Vec<f32>>> {
+        let ids = self.embedder.tokenize(prompt)?;
+        self.embed_ids(&ids)
+    }
+
+    fn embed_ids(&self, ids: &[u32]) -> Result<Arc<Vec<f32>>> {
         if ids.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
@@ -227,32 +201,28 @@ impl Router {
         if let Some(v) = self.cache.lock().ok().and_then(|mut c| c.get(key)) {
             return Ok(v);
         }
-        let hidden = self.model.hidden_states(ids, &[self.cfg.layer])?;
-        let v = Arc::new(pool(&hidden[0], self.cfg.pooling)?);
+        let v = Arc::new(self.embedder.embed(ids)?);
         if let Ok(mut c) = self.cache.lock() {
             c.put(key, v.clone());
         }
         Ok(v)
     }
 
-    /// An example as a request would render it: one user message through the chat
-    /// template (plain text for a model without one).
-    pub fn example_prompt(&self, text: &str) -> Prompt {
-        if self.input.chat_template().is_some() {
-            Prompt::Chat(vec![ChatMessage::user(text)])
-        } else {
-            Prompt::Text(text.to_string())
-        }
-    }
-
-    /// Embeds an adapter's examples (the slow part of making it routable: run it off any
-    /// loop, then [`Router::insert`]).
+    /// Embeds an adapter's examples, from the disk store where they are there (the slow
+    /// part of making it routable: run it off any loop, then [`Router::insert`]).
     pub fn prepare(&self, spec: &RoutingSpec) -> Result<AdapterRoute> {
         let mut examples = Vec::with_capacity(spec.examples.len());
         for e in &spec.examples {
-            let mut ids = self.input.tokenize(&self.example_prompt(e))?;
-            ids.truncate(self.input.max_model_len().saturating_sub(1).max(1));
-            examples.push(self.embed_ids(&ids)?.as_ref().clone());
+            let ids = self.embedder.tokenize(&self.embedder.example_prompt(e))?;
+            if let Some(v) = self.store.as_ref().and_then(|s| s.get(&ids)) {
+                examples.push(v);
+                continue;
+            }
+            let v = self.embed_ids(&ids)?.as_ref().clone();
+            if let Some(s) = &self.store {
+                s.put(&ids, &v);
+            }
+            examples.push(v);
         }
         Ok(AdapterRoute { description: spec.description.clone(), examples })
     }
@@ -278,9 +248,9 @@ impl Router {
         self.routes.read().map(|r| r.contains_key(name)).unwrap_or(false)
     }
 
-    /// Ranks the routable adapters `allowed` admits for a tokenized prompt. No candidate
-    /// is an `Ok` with empty `candidates` (the caller says why).
-    pub fn route(&self, ids: &[u32], allowed: &dyn Fn(&str) -> bool) -> Result<RouteDecision> {
+    /// Ranks the routable adapters `allowed` admits for a prompt. No candidate is an `Ok`
+    /// with empty `candidates` (the caller says why).
+    pub fn route(&self, prompt: &Prompt, allowed: &dyn Fn(&str) -> bool) -> Result<RouteDecision> {
         let routes: Vec<(String, Arc<AdapterRoute>)> = self
             .routes
             .read()
@@ -289,7 +259,7 @@ impl Router {
         if routes.is_empty() {
             return Ok(RouteDecision { candidates: Vec::new(), confidence: 0.0, fallback: true });
         }
-        let q = self.embed_ids(ids)?;
+        let q = self.embed(prompt)?;
         let refs: Vec<&AdapterRoute> = routes.iter().map(|(_, a)| a.as_ref()).collect();
         let scores = score_all(&q, &refs, self.cfg.scoring, self.cfg.center);
         let mut candidates: Vec<(String, f32)> = routes.into_iter().map(|(n, _)| n).zip(scores).collect();
@@ -300,5 +270,72 @@ impl Router {
             [] => 0.0,
         };
         Ok(RouteDecision { candidates, confidence, fallback: confidence < self.cfg.min_confidence })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Embeds text as its byte histogram over 4 buckets, counting the passes it runs.
+    struct CountingEmbedder {
+        passes: AtomicUsize,
+    }
+
+    impl Embedder for CountingEmbedder {
+        fn fingerprint(&self) -> &str {
+            "counting"
+        }
+        fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+            match prompt {
+                Prompt::Text(t) => Ok(t.bytes().map(u32::from).collect()),
+                _ => Err(EngineError::InvalidRequest("text only".into())),
+            }
+        }
+        fn example_prompt(&self, text: &str) -> Prompt {
+            Prompt::Text(text.into())
+        }
+        fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+            self.passes.fetch_add(1, Ordering::Relaxed);
+            let mut v = vec![0f32; 4];
+            for id in ids {
+                v[(*id % 4) as usize] += 1.0;
+            }
+            Ok(v)
+        }
+    }
+
+    fn spec(examples: &[&str]) -> RoutingSpec {
+        RoutingSpec { description: None, examples: examples.iter().map(|e| e.to_string()).collect() }
+    }
+
+    #[test]
+    fn examples_come_from_disk_after_a_restart_and_repeats_from_memory() {
+        let root = std::env::temp_dir().join(format!("loramux-router-{}", std::process::id()));
+        let embedder = Arc::new(CountingEmbedder { passes: AtomicUsize::new(0) });
+        let router = Router::new(embedder.clone(), RouterConfig::default(), Some(&root));
+        router.insert("a", router.prepare(&spec(&["aaaa", "abab"])).unwrap());
+        router.insert("b", router.prepare(&spec(&["dddd"])).unwrap());
+        assert_eq!(embedder.passes.load(Ordering::Relaxed), 3);
+        // A new router (a restart) over the same store runs no pass for the same examples.
+        let again = Arc::new(CountingEmbedder { passes: AtomicUsize::new(0) });
+        let restarted = Router::new(again.clone(), RouterConfig::default(), Some(&root));
+        let a = restarted.prepare(&spec(&["aaaa", "abab"])).unwrap();
+        assert_eq!(again.passes.load(Ordering::Relaxed), 0);
+        assert_eq!(a.examples, router.prepare(&spec(&["aaaa", "abab"])).unwrap().examples);
+        restarted.insert("a", a);
+        restarted.insert("b", restarted.prepare(&spec(&["dddd"])).unwrap());
+        // Routing: the prompt's own domain wins; a repeat runs no second pass.
+        let d = restarted.route(&Prompt::Text("aaab".into()), &|_| true).unwrap();
+        assert_eq!(d.best().unwrap().0, "a");
+        restarted.route(&Prompt::Text("aaab".into()), &|_| true).unwrap();
+        assert_eq!(again.passes.load(Ordering::Relaxed), 1);
+        // Candidates are only what the caller may use.
+        let d = restarted.route(&Prompt::Text("aaab".into()), &|n| n == "b").unwrap();
+        assert_eq!(d.candidates.len(), 1);
+        assert_eq!(d.best().unwrap().0, "b");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

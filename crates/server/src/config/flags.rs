@@ -126,6 +126,12 @@ pub struct ServeConfig {
     /// Where an unsure routed request goes.
     #[arg(long, value_name = "MODEL", help = "Model (the base model's name or an adapter) that serves routed requests the router is unsure of [default: the base model]")]
     pub router_fallback: Option<String>,
+    /// A dedicated sentence-embedding model for the router instead of the base model's own states.
+    #[arg(long, value_name = "MODEL", help = "Route with a sentence-embedding model (a folder, `all-minilm-l6-v2` after `loramux models pull all-minilm-l6-v2`, or a hub id in the local HF cache) instead of the base model's hidden states [default: the base model]")]
+    pub router_model: Option<String>,
+    /// Which decoder layer of the base model the router pools.
+    #[arg(long, value_name = "LAYER", help = format!("Decoder layer of the base model whose states the router pools: deeper is slower and, on the task adapters, 100 % instead of 97.5 % right at layer 15 (BENCHMARKS.md) [default: {}]", loramux_engine::routing::BaseEmbedder::DEFAULT_LAYER))]
+    pub router_layer: Option<usize>,
     /// Drain time, so a restart does not cut off answers in flight.
     #[arg(long, value_name = "SECS", help = format!("Seconds in-flight requests get to finish on SIGINT/SIGTERM before they are cancelled [default: {}]", defaults::SHUTDOWN_TIMEOUT_SECS))]
     pub shutdown_timeout_secs: Option<f64>,
@@ -220,7 +226,7 @@ impl ServeConfig {
             max_lora_rank, max_lora_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill,
             max_model_len, kv_cache_gib, enable_prefix_caching, prefix_cache_gib, host, port, api_key, admin_api_key, enable_lora_updates, dequantize,
             max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, max_queue_delay_secs, adapter_wait_secs,
-            auto_merge, auto_merge_after_secs, router_aliases, router_min_confidence, router_fallback,
+            auto_merge, auto_merge_after_secs, router_aliases, router_min_confidence, router_fallback, router_model, router_layer,
             shutdown_timeout_secs, debug_fault
         )
     }

@@ -72,6 +72,10 @@ pub struct RouterSettings {
     pub min_confidence: f32,
     /// `None`: the base model.
     pub fallback: Option<String>,
+    /// `--router-model`; `None`: the base model embeds.
+    pub model: Option<String>,
+    /// `--router-layer`: the base model's layer pooled.
+    pub layer: usize,
 }
 
 impl Settings {
@@ -184,7 +188,7 @@ impl ServeConfig {
         })
     }
 
-    /// `--router-aliases`, `--router-min-confidence`, `--router-fallback`.
+    /// `--router-aliases`, `--router-min-confidence`, `--router-fallback`, `--router-model`, `--router-layer`.
     fn router(&mut self, served_model_name: &str, lora_modules: &[(String, PathBuf)]) -> Result<RouterSettings, ServerError> {
         let aliases = self.router_aliases.take().unwrap_or_else(|| vec![defaults::ROUTER_ALIAS.to_string()]);
         for a in &aliases {
@@ -205,7 +209,12 @@ impl ServeConfig {
                 return bad(format!("--router-fallback '{f}' is a router alias"));
             }
         }
-        Ok(RouterSettings { aliases, min_confidence, fallback })
+        let model = self.router_model.take();
+        let layer = self.router_layer.unwrap_or(loramux_engine::routing::BaseEmbedder::DEFAULT_LAYER);
+        if model.is_some() && self.router_layer.is_some() {
+            return bad("--router-layer picks the base model's layer; it does not apply with --router-model".into());
+        }
+        Ok(RouterSettings { aliases, min_confidence, fallback, model, layer })
     }
 
     /// `--lora-modules` as (name, path) pairs, each name checked.

@@ -109,7 +109,7 @@ fn unknown_keys_and_bad_values_are_refused() {
 #[test]
 fn router_flags() {
     let s = parse(&[]).resolve("m").unwrap();
-    assert_eq!(s.router, RouterSettings { aliases: vec!["auto".into()], min_confidence: defaults::ROUTER_MIN_CONFIDENCE, fallback: None });
+    assert_eq!(s.router, RouterSettings { aliases: vec!["auto".into()], min_confidence: defaults::ROUTER_MIN_CONFIDENCE, fallback: None, model: None, layer: loramux_engine::routing::BaseEmbedder::DEFAULT_LAYER });
     let s = parse(&["--router-aliases", "auto", "pick", "--router-min-confidence", "0.3", "--router-fallback", "sql"]).resolve("m").unwrap();
     assert_eq!(s.router.aliases, ["auto", "pick"]);
     assert_eq!(s.router.min_confidence, 0.3);

@@ -61,7 +61,7 @@ impl AppState {
         // The checks generation makes (empty, over the context), before any model work.
         let mut params = req.params.clone();
         params.max_tokens = params.max_tokens.map(|m| m.min(input.max_model_len().saturating_sub(ids.len().min(input.max_model_len()))));
-        input.process_tokens(None, ids.clone(), prompt, params).map_err(|e| ApiError::from_input(&e, prompt_param))?;
+        input.process_tokens(None, ids, prompt, params).map_err(|e| ApiError::from_input(&e, prompt_param))?;
         let allowed = caller.clone();
         if !router.routable().iter().any(|n| allowed.may_use(n)) {
             return Err(ApiError::invalid_param(
@@ -72,7 +72,8 @@ impl AppState {
                 ),
             ));
         }
-        let decision = tokio::task::spawn_blocking(move || router.route(&ids, &|n: &str| allowed.may_use(n)))
+        let prompt = prompt.clone();
+        let decision = tokio::task::spawn_blocking(move || router.route(&prompt, &|n: &str| allowed.may_use(n)))
             .await
             .map_err(|e| ApiError::internal(format!("the router failed: {e}")))?
             .map_err(|e| ApiError::from_input(&e, prompt_param))?;

@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use loramux_engine::lora::scan_lora_dir;
-use loramux_engine::routing::{read_routing_file, Router, RouterConfig};
+use loramux_engine::registry::{cache_dir, resolve_folder_model};
+use loramux_engine::routing::{read_routing_file, BaseEmbedder, Embedder, Pooling, Router, RouterConfig, SentenceEmbedder};
 use loramux_engine::{Engine, EngineError, EngineOptions, ModelLocation, Scheduler, SchedulerConfig};
 use tokio::sync::oneshot;
 
@@ -113,23 +114,40 @@ fn load(
         known_adapters: engine.loras().adapters().len(),
         merged_lora: settings.merge_lora.clone(),
     };
-    let router = make_router(&engine, settings)?;
+    let router = make_router(&engine, &info.location, settings)?;
     Ok((engine, scheduler, info, router))
 }
 
-/// The semantic router: a base-only view of the model that shares the engine's weights (no
-/// copy; see `loramux_engine::routing`), and every startup adapter (`--lora-dir`,
-/// `--lora-modules`) that has a routing file, routable without its weights being loaded. A bad
-/// routing file fails startup, naming the file and the field.
-fn make_router(engine: &Engine, settings: &Settings) -> Result<Arc<Router>, ServerError> {
+/// The semantic router: by default a base-only view of the model that shares the engine's
+/// weights (no copy; see `loramux_engine::routing`), or the `--router-model` sentence model;
+/// example embeddings cached on disk under `<cache>/routing`; and every startup adapter
+/// (`--lora-dir`, `--lora-modules`) that has a routing file, routable without its weights
+/// being loaded. A bad routing file fails startup, naming the file and the field.
+fn make_router(engine: &Engine, location: &ModelLocation, settings: &Settings) -> Result<Arc<Router>, ServerError> {
     if let Some(f) = &settings.router.fallback {
         if !engine.loras().adapters().iter().any(|a| &a.name == f) {
             return Err(ServerError::Config(format!("--router-fallback {f}: no adapter of that name in --lora-modules or --lora-dir")));
         }
     }
-    let mut cfg = RouterConfig::for_layers(engine.model().config().num_hidden_layers);
-    cfg.min_confidence = settings.router.min_confidence;
-    let router = Arc::new(Router::new(Arc::new(engine.model().base_view()), engine.input().clone(), cfg));
+    let embedder: Arc<dyn Embedder> = match &settings.router.model {
+        Some(spec) => {
+            let dir = resolve_folder_model(spec).map_err(|e| ServerError::Config(format!("--router-model: {e}")))?;
+            Arc::new(SentenceEmbedder::load(&dir, engine.model().device()).map_err(|e| ServerError::Config(format!("--router-model {spec}: {e}")))?)
+        }
+        None => {
+            let path = location.path();
+            let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            let id = format!("{}-{bytes}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+            let layers = engine.model().config().num_hidden_layers;
+            if settings.router.layer > layers {
+                return Err(ServerError::Config(format!("--router-layer {}: the model has {layers} layers", settings.router.layer)));
+            }
+            let view = Arc::new(engine.model().base_view());
+            Arc::new(BaseEmbedder::with_layer(view, engine.input().clone(), &id, settings.router.layer, Pooling::MeanSkipFirst))
+        }
+    };
+    let cfg = RouterConfig { min_confidence: settings.router.min_confidence, ..RouterConfig::default() };
+    let router = Arc::new(Router::new(embedder, cfg, Some(&cache_dir().join("routing"))));
     let t = Instant::now();
     let mut routable = Vec::new();
     for (name, path) in engine.loras().adapters().into_iter().map(|a| (a.name, a.path)) {
