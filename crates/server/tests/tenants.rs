@@ -126,7 +126,12 @@ async fn keys_are_bound_to_their_tenants_adapters() {
         assert_eq!(st, 401, "{key:?}: {body}");
         assert!(body.contains("invalid_api_key"), "{body}");
     }
+    for key in [None, Some("nope")] {
+        let (st, _, body) = call(&srv, "/v1/route", &chat("auto"), key).await;
+        assert_eq!(st, 401, "{key:?}: {body}");
+    }
     assert_eq!(get(&srv, "/v1/models", "nope").await.0, 401);
+    assert_eq!(srv.get("/v1/models").await.0, 401, "no key");
 
     // Plain and sha256 keys both work; the base model is every tenant's.
     for key in ["alpha-plain", "alpha-hashed"] {
