@@ -256,11 +256,41 @@ def openai_seeds():
         put("openai_request", name, json.dumps(body))
 
 
+def tenants_seeds():
+    digest = "sha256:" + "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+    put("tenants_file", "full", f"""[[tenants]]
+name = "acme"
+api_keys = ["{digest}", "plain-key"]
+adapters = ["sql", "acme/*", "?ql"]
+default_adapter = "sql"
+weight = 1.5
+max_concurrency = 4
+requests_per_minute = 60
+tokens_per_minute = 20000
+max_uploads = 10
+max_upload_rank = 64
+
+[[tenants]]
+name = "b.team_2"
+api_keys = []
+adapters = ["*"]
+""")
+    put("tenants_file", "refused", """[[tenants]]
+name = "x"
+api_keys = ["k", "k"]
+adapters = ["a"]
+default_adapter = "b"
+weight = -1.0
+""")
+    put("tenants_file", "empty", "")
+
+
 def main():
     gguf_seeds()
     adapter_seeds()
     chat_seeds()
     openai_seeds()
+    tenants_seeds()
     total = 0
     for dirpath, _, files in os.walk(CORPUS):
         total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)

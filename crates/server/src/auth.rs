@@ -1,9 +1,13 @@
-//! Who may call what: `--api-key KEY[:ADAPTER]` keys (a key may carry its user's default
-//! adapter) for every `/v1` call, and a separate admin key for loading and unloading adapters.
+//! Who may call what: a key of a tenant (`--tenants FILE`, or the `--api-key KEY[:ADAPTER]`
+//! shorthand: a one-key tenant that may use every adapter) for every `/v1` call, and a separate
+//! admin key for loading and unloading adapters. A tenant's key may use only its adapters.
+
+use std::sync::Arc;
 
 use axum::http::HeaderMap;
 
 use crate::error::ApiError;
+use crate::tenants::{ct_eq, Tenant, TenantStore};
 
 /// One accepted API key.
 #[derive(Clone, PartialEq, Eq)]
@@ -41,36 +45,44 @@ impl ApiKey {
 }
 
 /// What an authenticated caller may do.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Caller {
     /// Presented the admin key.
     pub admin: bool,
     /// The key's default adapter.
     pub default_adapter: Option<String>,
+    /// The tenant the key belongs to; `None` for the admin key and on an open server.
+    pub tenant: Option<Arc<Tenant>>,
 }
+
+/// The tenant metrics label of requests made with the admin key.
+pub const ADMIN_LABEL: &str = "(admin)";
+/// The tenant metrics label of requests on a server without keys.
+pub const OPEN_LABEL: &str = "(none)";
 
 impl Caller {
-    /// Whether this caller may have its requests served by `adapter`: the router offers
-    /// only these as candidates. Today every key may use every adapter; a per-key
-    /// restriction (an allow-list on `ApiKey`) goes here.
-    pub fn may_use(&self, _adapter: &str) -> bool {
-        true
+    /// Whether this caller may have its requests served by `adapter`: a tenant's key only by
+    /// the tenant's adapters, the admin key and an open server by every one. The router offers
+    /// only these as candidates. The base model is not an adapter: every caller may use it.
+    pub fn may_use(&self, adapter: &str) -> bool {
+        self.tenant.as_ref().is_none_or(|t| t.may_use(adapter))
+    }
+
+    /// The tenant metrics label: the tenant's name, [`ADMIN_LABEL`] or [`OPEN_LABEL`]
+    /// (neither a possible tenant name, so the label set stays the configured names plus two).
+    pub fn label(&self) -> &str {
+        match (&self.tenant, self.admin) {
+            (Some(t), _) => &t.name,
+            (None, true) => ADMIN_LABEL,
+            (None, false) => OPEN_LABEL,
+        }
     }
 }
 
-/// The configured keys.
-#[derive(Clone, Debug, Default)]
+/// The tenants' keys and the admin key.
 pub struct Auth {
-    keys: Vec<ApiKey>,
+    tenants: Arc<TenantStore>,
     admin: Option<String>,
-}
-
-/// Compares without an early exit on the first differing byte.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -80,16 +92,21 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 impl Auth {
-    pub fn new(keys: Vec<ApiKey>, admin: Option<String>) -> Self {
-        Self { keys, admin }
+    pub fn new(tenants: Arc<TenantStore>, admin: Option<String>) -> Self {
+        Self { tenants, admin }
+    }
+
+    /// The tenants in force (admission counts requests against their limits).
+    pub fn tenants(&self) -> &TenantStore {
+        &self.tenants
     }
 
     /// Whether `/v1` calls need a key.
     pub fn enabled(&self) -> bool {
-        !self.keys.is_empty()
+        self.tenants.required()
     }
 
-    /// Checks a `/v1` call: with keys configured a valid key (or the admin key) is required.
+    /// Checks a `/v1` call: with keys configured a tenant's key (or the admin key) is required.
     pub fn check(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
         let token = bearer(headers);
         let admin = match (token, &self.admin) {
@@ -97,9 +114,9 @@ impl Auth {
             _ => false,
         };
         if admin {
-            return Ok(Caller { admin: true, default_adapter: None });
+            return Ok(Caller { admin: true, default_adapter: None, tenant: None });
         }
-        if self.keys.is_empty() {
+        if !self.tenants.required() {
             return Ok(Caller::default());
         }
         let Some(token) = token else {
@@ -107,20 +124,13 @@ impl Auth {
                 "Missing API key: send it as the header `Authorization: Bearer YOUR_KEY`.",
             ));
         };
-        // Check every key so timing does not tell which prefix matched.
-        let mut found = None;
-        for k in &self.keys {
-            if ct_eq(token.as_bytes(), k.key.as_bytes()) && found.is_none() {
-                found = Some(k);
-            }
-        }
-        match found {
-            Some(k) => Ok(Caller { admin: false, default_adapter: k.adapter.clone() }),
+        match self.tenants.current().find(token) {
+            Some(t) => Ok(Caller { admin: false, default_adapter: t.default_adapter.clone(), tenant: Some(t) }),
             None => Err(ApiError::unauthorized("Incorrect API key provided.")),
         }
     }
 
-    /// Checks an admin call (adapter load/unload).
+/// Checks an admin call (adapter load/unload).
     pub fn check_admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let caller = self.check(headers)?;
         if caller.admin {
@@ -143,13 +153,17 @@ mod tests {
         h
     }
 
+    fn auth(keys: &[&str], admin: Option<&str>) -> Auth {
+        let keys: Vec<ApiKey> = keys.iter().map(|k| ApiKey::parse(k).unwrap()).collect();
+        Auth::new(Arc::new(TenantStore::new(&keys, None).unwrap()), admin.map(str::to_string))
+    }
+
     #[test]
     fn keys_adapters_and_admin() {
-        let auth = Auth::new(
-            vec![ApiKey::parse("k1").unwrap(), ApiKey::parse("k2:pirate").unwrap()],
-            Some("root".into()),
-        );
-        assert_eq!(auth.check(&headers("Bearer k1")).unwrap(), Caller::default());
+        let auth = auth(&["k1", "k2:pirate"], Some("root"));
+        let k1 = auth.check(&headers("Bearer k1")).unwrap();
+        assert_eq!((k1.admin, k1.default_adapter.as_deref(), k1.label()), (false, None, "key-1"));
+        assert!(k1.may_use("anything"));
         assert_eq!(auth.check(&headers("bearer k2")).unwrap().default_adapter.as_deref(), Some("pirate"));
         assert!(auth.check(&headers("Bearer root")).unwrap().admin);
         assert_eq!(auth.check(&headers("Bearer nope")).unwrap_err().status, 401);
@@ -162,8 +176,9 @@ mod tests {
 
     #[test]
     fn open_server_still_guards_admin() {
-        let auth = Auth::new(vec![], Some("root".into()));
-        assert!(auth.check(&HeaderMap::new()).is_ok());
+        let auth = auth(&[], Some("root"));
+        assert_eq!(auth.check(&HeaderMap::new()).unwrap().label(), OPEN_LABEL);
+        assert_eq!(auth.check(&headers("Bearer root")).unwrap().label(), ADMIN_LABEL);
         assert_eq!(auth.check_admin(&HeaderMap::new()).unwrap_err().status, 401);
     }
 }

@@ -125,6 +125,15 @@ impl ApiError {
         e
     }
 
+    /// 429 a tenant's limit (`code` says which): retry after `retry_after`, rounded up to
+    /// whole seconds (at least 1).
+    pub fn tenant_limit(message: impl Into<String>, code: &'static str, retry_after: std::time::Duration) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).with_code(code);
+        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        e.retry_after = Some(secs.max(1));
+        e
+    }
+
     /// 504 the request's deadline (`--request-timeout-secs`) passed while it waited or ran.
     pub fn timeout(message: impl Into<String>) -> Self {
         Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", message).with_code("request_timeout")

@@ -9,6 +9,7 @@
 //!   endpoint group, and [`routes::router`] lists them all: **an endpoint is added there**.
 //! - [`openai`]: request parsing; [`protocol`]: the typed responses, stream chunks,
 //!   logprobs and model cards; [`error`]: OpenAI-style errors.
+//! - [`tenants`]: keys bound to adapters, per-tenant limits, reload of `--tenants FILE`.
 //! - [`auth`], [`adapters`] (adapter roots and `--lora-dir`), [`metrics`], [`config`].
 //!
 //! [`Server::start`] binds and serves; [`Server::shutdown`] drains gracefully. The server
@@ -25,6 +26,7 @@ pub mod openai;
 pub mod protocol;
 pub mod routes;
 pub mod scheduler;
+pub mod tenants;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +44,10 @@ pub use scheduler::EngineInfo;
 use crate::auth::Auth;
 use crate::metrics::Metrics;
 use crate::routes::AppState;
+use crate::tenants::TenantStore;
+
+/// How often the tenants file's modification time and length are checked.
+const TENANTS_POLL: Duration = Duration::from_secs(1);
 
 /// A running server.
 pub struct Server {
@@ -50,6 +56,8 @@ pub struct Server {
     stop: watch::Sender<bool>,
     http: JoinHandle<std::io::Result<()>>,
     batch_thread: Option<std::thread::JoinHandle<()>>,
+    /// Re-reads the tenants file (on SIGHUP and when it changes), if there is one.
+    tenants_reloader: Option<JoinHandle<()>>,
     shutdown_timeout: Duration,
 }
 
@@ -65,6 +73,9 @@ impl Server {
         // quantized base too, later).
         check_merge_lora(&location, &settings)?;
         let metrics = Arc::new(Metrics::new(&settings.served_model_name, settings.lora.max_loras));
+        let tenant_store = Arc::new(
+            TenantStore::new(&settings.api_keys, settings.tenants_file.clone()).map_err(|e| ServerError::Config(e.to_string()))?,
+        );
         let (lora_dirs, roots) = adapter_dirs(&settings)?;
 
         let t = Instant::now();
@@ -74,7 +85,7 @@ impl Server {
 
         let state = Arc::new(AppState {
             sched,
-            auth: Auth::new(settings.api_keys.clone(), settings.admin_api_key.clone()),
+            auth: Auth::new(tenant_store.clone(), settings.admin_api_key.clone()),
             metrics,
             base_name: settings.served_model_name.clone(),
             adapter_roots: roots,
@@ -106,10 +117,20 @@ impl Server {
             );
         }
         if state.auth.enabled() {
-            tracing::info!(keys = settings.api_keys.len(), "API keys required on /v1");
+            let file = settings.tenants_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            tracing::info!(tenants = tenant_store.current().len(), file = %file, "API keys required on /v1");
         }
+        let tenants_reloader = tenants::spawn_reloader(tenant_store, TENANTS_POLL);
         tracing::info!("serving {} at http://{addr}/v1 (OpenAI API; /health, /metrics)", settings.served_model_name);
-        Ok(Self { addr, state, stop, http, batch_thread: Some(batch_thread), shutdown_timeout: settings.shutdown_timeout })
+        Ok(Self {
+            addr,
+            state,
+            stop,
+            http,
+            batch_thread: Some(batch_thread),
+            tenants_reloader,
+            shutdown_timeout: settings.shutdown_timeout,
+        })
     }
 
     /// The bound address.
@@ -130,6 +151,9 @@ impl Server {
     /// Stops accepting connections, lets in-flight requests finish for up to the shutdown
     /// timeout, cancels what is left, and waits for the batch loop to end.
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        if let Some(r) = self.tenants_reloader.take() {
+            r.abort();
+        }
         let deadline = Instant::now() + self.shutdown_timeout;
         self.state.sched.drain(deadline);
         let _ = self.stop.send(true);

@@ -4,8 +4,8 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::{
-    Counter, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Counter, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 const TTFT_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
@@ -99,6 +99,14 @@ pub struct Metrics {
     pub route_requests: IntCounterVec,
     pub route_fallbacks: IntCounter,
     pub route_seconds: Histogram,
+    /// Per tenant (label `tenant`: a configured tenant's name, `(admin)` or `(none)`).
+    pub tenant_requests: IntCounterVec,
+    pub tenant_prompt_tokens: IntCounterVec,
+    pub tenant_generation_tokens: IntCounterVec,
+    /// Label `reason`: rate_limit, token_limit, concurrency, adapter_not_allowed.
+    pub tenant_refusals: IntCounterVec,
+    pub tenant_queue_seconds: HistogramVec,
+    pub tenant_in_flight: IntGaugeVec,
     /// Process memory (Prometheus' standard name, and the peak), set at each scrape so a
     /// benchmark can read the memory of a server it did not start. Absent without procfs.
     process_memory: Option<(IntGauge, IntGauge)>,
@@ -119,6 +127,7 @@ impl Metrics {
         };
         let h = |name: &str, help: &str, b: &[f64]| HistogramOpts::new(name, help).buckets(b.to_vec());
         let adapter = &["adapter"];
+        let tenant = &["tenant"];
         let m = Self {
             vllm_running: reg(&r, Gauge::with_opts(v("vllm:num_requests_running", "Number of requests in model execution batches.")).unwrap()),
             vllm_waiting: reg(&r, Gauge::with_opts(v("vllm:num_requests_waiting", "Number of requests waiting to be processed.")).unwrap()),
@@ -181,6 +190,12 @@ impl Metrics {
             route_requests: reg(&r, IntCounterVec::new(Opts::new("loramux_route_requests_total", "Requests routed by the semantic router (model \"auto\" or /v1/route), by the model chosen (the fallback when unsure)."), adapter).unwrap()),
             route_fallbacks: reg(&r, IntCounter::with_opts(Opts::new("loramux_route_fallbacks_total", "Routed requests sent to --router-fallback because the router was unsure.")).unwrap()),
             route_seconds: reg(&r, Histogram::with_opts(h("loramux_route_seconds", "Time to route one request (the base-only embedding pass and the scoring).", LOAD_BUCKETS)).unwrap()),
+            tenant_requests: reg(&r, IntCounterVec::new(Opts::new("loramux_tenant_requests_total", "Generation requests admitted, by tenant."), tenant).unwrap()),
+            tenant_prompt_tokens: reg(&r, IntCounterVec::new(Opts::new("loramux_tenant_prompt_tokens_total", "Prompt tokens of requests that joined the batch, by tenant."), tenant).unwrap()),
+            tenant_generation_tokens: reg(&r, IntCounterVec::new(Opts::new("loramux_tenant_generation_tokens_total", "Generated tokens, by tenant."), tenant).unwrap()),
+            tenant_refusals: reg(&r, IntCounterVec::new(Opts::new("loramux_tenant_refusals_total", "Requests refused by a tenant limit or for an adapter the tenant may not use, by tenant and reason."), &["tenant", "reason"]).unwrap()),
+            tenant_queue_seconds: reg(&r, HistogramVec::new(h("loramux_tenant_queue_seconds", "Time from arrival to joining the running batch, by tenant.", TTFT_BUCKETS), tenant).unwrap()),
+            tenant_in_flight: reg(&r, IntGaugeVec::new(Opts::new("loramux_tenant_in_flight", "Generation requests in flight (streams until their last byte), by tenant."), tenant).unwrap()),
             process_memory: process_memory().map(|_| {
                 (
                     reg(&r, IntGauge::new("process_resident_memory_bytes", "Resident memory size in bytes.").unwrap()),

@@ -84,6 +84,9 @@ pub struct ServeConfig {
     /// Key every /v1 call must present as `Authorization: Bearer KEY`; KEY:ADAPTER gives the key's user that adapter by default. Repeatable.
     #[arg(long, value_name = "KEY[:ADAPTER]")]
     pub api_key: Option<Vec<String>>,
+    /// Tenants: keys bound to adapters, with rate limits (TOML; re-read on SIGHUP and when it changes).
+    #[arg(long, value_name = "FILE", help = "TOML file of [[tenants]]: each with api_keys (sha256:<hex> or plain), the adapters it may use (names or globs), optional default_adapter and limits (requests_per_minute, tokens_per_minute, max_concurrency); re-read on SIGHUP and when it changes")]
+    pub tenants: Option<PathBuf>,
     /// Key for /v1/load_lora_adapter and /v1/unload_lora_adapter.
     #[arg(long, value_name = "KEY", env = "LORAMUX_ADMIN_API_KEY", hide_env_values = true)]
     pub admin_api_key: Option<String>,
@@ -224,7 +227,7 @@ impl ServeConfig {
         pick!(
             config, model, served_model_name, lora_modules, merge_lora, lora_dir, allowed_lora_root, pin_lora, max_loras,
             max_lora_rank, max_lora_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill,
-            max_model_len, kv_cache_gib, enable_prefix_caching, prefix_cache_gib, host, port, api_key, admin_api_key, enable_lora_updates, dequantize,
+            max_model_len, kv_cache_gib, enable_prefix_caching, prefix_cache_gib, host, port, api_key, tenants, admin_api_key, enable_lora_updates, dequantize,
             max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, max_queue_delay_secs, adapter_wait_secs,
             auto_merge, auto_merge_after_secs, router_aliases, router_min_confidence, router_fallback, router_model, router_layer,
             shutdown_timeout_secs, debug_fault

@@ -42,6 +42,8 @@ pub struct Settings {
     pub host: String,
     pub port: u16,
     pub api_keys: Vec<ApiKey>,
+    /// `--tenants`: the tenants file, read at startup and on reload.
+    pub tenants_file: Option<PathBuf>,
     pub admin_api_key: Option<String>,
     pub enable_lora_updates: bool,
     pub dequantize: bool,
@@ -173,6 +175,7 @@ impl ServeConfig {
             host: self.host.unwrap_or_else(|| defaults::HOST.to_string()),
             port: self.port.unwrap_or(defaults::PORT),
             api_keys,
+            tenants_file: self.tenants.take().filter(|p| !p.as_os_str().is_empty()),
             admin_api_key,
             enable_lora_updates,
             dequantize: self.dequantize.unwrap_or(false),

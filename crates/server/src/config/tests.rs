@@ -122,3 +122,14 @@ fn router_flags() {
         assert!(parse(bad).resolve("m").is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn tenants_file_from_toml_or_flag() {
+    let file = ServeConfig::from_toml("tenants = \"/etc/loramux/tenants.toml\"\n").unwrap();
+    assert_eq!(file.clone().resolve("m").unwrap().tenants_file, Some(PathBuf::from("/etc/loramux/tenants.toml")));
+    let flags = parse(&["--tenants", "/tmp/t.toml", "--api-key", "k"]);
+    let s = file.overridden_by(flags).resolve("m").unwrap();
+    assert_eq!(s.tenants_file, Some(PathBuf::from("/tmp/t.toml")));
+    assert_eq!(s.api_keys.len(), 1, "--api-key and --tenants together");
+    assert_eq!(ServeConfig::default().resolve("m").unwrap().tenants_file, None);
+}

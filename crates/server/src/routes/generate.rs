@@ -9,7 +9,8 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use loramux_engine::{FinishReason, LoraRequest, Prompt};
+use futures_util::stream::StreamExt;
+use loramux_engine::{FinishReason, LoraRequest, ProcessedRequest, Prompt};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::choices::{Echo, Meta, Piece};
@@ -20,6 +21,7 @@ use crate::error::ApiError;
 use crate::openai::{self, Api, GenRequest};
 use crate::protocol::{PromptLogprobs, TokenLogprob, Usage};
 use crate::scheduler::{Event, Job};
+use crate::tenants::{Admission, Cost};
 
 pub(super) async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let r = generate(&st, &headers, body, Api::Chat).await;
@@ -58,9 +60,17 @@ async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api)
     } else {
         (resolve_target(st, req.model.as_deref(), &caller), None)
     };
-    let jobs = jobs(st, &req, &target, api)?;
-    let mut receivers = Vec::with_capacity(jobs.len());
-    for job in jobs {
+    let requests = processed(st, &req, &target, api)?;
+    let admission = st.auth.tenants().admit(&caller, cost(&requests, req.n), &st.metrics)?;
+    // After the same checks and admission as a name nobody knows, and answered the same.
+    if target.lora.is_some() && !caller.may_use(&target.model) {
+        st.metrics.tenant_refusals.with_label_values(&[caller.label(), "adapter_not_allowed"]).inc();
+        return Err(ApiError::model_not_found(&target.model));
+    }
+    let deadline = st.request_timeout.map(|t| Instant::now() + t);
+    let mut receivers = Vec::with_capacity(requests.len());
+    for request in requests {
+        let job = Job { request, label: target.model.clone(), tenant: admission.tenant.clone(), deadline };
         receivers.push(st.sched.submit(job)?);
     }
     let prompt_tokens = accepted(&mut receivers, req.n).await?;
@@ -72,7 +82,7 @@ async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api)
         prompt_tokens,
     };
     let mut resp = if req.stream {
-        stream_response(st.clone(), meta, &req, receivers)
+        held_until_sent(stream_response(st.clone(), meta, &req, receivers), admission)
     } else {
         collect_response(meta, &req, receivers).await?
     };
@@ -80,6 +90,26 @@ async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api)
         resp.headers_mut().insert(super::route::ROUTE_HEADER, h);
     }
     Ok(resp)
+}
+
+/// A streamed answer that holds the tenant's admission until its last byte is sent or the
+/// client leaves (the body is dropped either way).
+fn held_until_sent(resp: Response, admission: Admission) -> Response {
+    resp.map(|body| {
+        Body::from_stream(body.into_data_stream().map(move |chunk| {
+            let _held = &admission;
+            chunk
+        }))
+    })
+}
+
+/// What a request costs against its tenant's token limit: each prompt once (choices `n` at a
+/// time share it), and every choice's `max_tokens`.
+fn cost(requests: &[ProcessedRequest], n: usize) -> Cost {
+    Cost {
+        prompt: requests.iter().step_by(n.max(1)).map(|r| r.prompt_ids().len() as u64).sum(),
+        completion: requests.iter().map(|r| r.max_tokens() as u64).sum(),
+    }
 }
 
 /// The request, parsed and checked against the model (its length, its chat template).
@@ -95,13 +125,12 @@ fn parse(st: &AppState, bytes: &[u8], api: Api) -> Result<GenRequest, ApiError> 
     Ok(req)
 }
 
-/// One job per choice (`n` per prompt, seeds counted up), tokenized and checked here, on the
-/// handler's thread: the batch loop only schedules.
-fn jobs(st: &AppState, req: &GenRequest, target: &Target, api: Api) -> Result<Vec<Job>, ApiError> {
+/// One request per choice (`n` per prompt, seeds counted up), tokenized and checked here, on
+/// the handler's thread: the batch loop only schedules.
+fn processed(st: &AppState, req: &GenRequest, target: &Target, api: Api) -> Result<Vec<ProcessedRequest>, ApiError> {
     let input = &st.sched.input;
     let prompt_param = if api == Api::Chat { "messages" } else { "prompt" };
-    let deadline = st.request_timeout.map(|t| Instant::now() + t);
-    let mut jobs = Vec::with_capacity(req.prompts.len() * req.n);
+    let mut requests = Vec::with_capacity(req.prompts.len() * req.n);
     for prompt in &req.prompts {
         let ids = input.tokenize(prompt).map_err(|e| ApiError::from_input(&e, prompt_param))?;
         for j in 0..req.n {
@@ -110,10 +139,10 @@ fn jobs(st: &AppState, req: &GenRequest, target: &Target, api: Api) -> Result<Ve
             let request = input
                 .process_tokens(target.lora.clone(), ids.clone(), prompt, params)
                 .map_err(|e| ApiError::from_input(&e, prompt_param))?;
-            jobs.push(Job { request, label: target.model.clone(), deadline });
+            requests.push(request);
         }
     }
-    Ok(jobs)
+    Ok(requests)
 }
 
 /// Waits until the batch loop accepted every choice (so errors still get a status) and

@@ -1,4 +1,5 @@
-//! `GET /v1/models` and `GET /v1/models/{id}`: the base model and every known adapter.
+//! `GET /v1/models` and `GET /v1/models/{id}`: the base model and every known adapter the
+//! caller may use (a tenant's key sees only its adapters; another's is answered as unknown).
 
 use std::sync::Arc;
 
@@ -7,6 +8,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 
 use super::{json_response, AppState};
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::protocol::{ModelCard, ModelList};
 
@@ -23,22 +25,22 @@ fn model_card(st: &AppState, id: &str, parent: Option<&str>) -> ModelCard {
     }
 }
 
-fn model_cards(st: &AppState) -> Vec<ModelCard> {
+fn model_cards(st: &AppState, caller: &Caller) -> Vec<ModelCard> {
     let mut data = vec![model_card(st, &st.base_name, None)];
-    for a in st.sched.shared.adapters() {
+    for a in st.sched.shared.adapters().into_iter().filter(|a| caller.may_use(&a.name)) {
         data.push(model_card(st, &a.name, Some(&st.base_name)));
     }
     data
 }
 
 pub(super) async fn list_models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let r = st.auth.check(&headers).map(|_| json_response(&ModelList { data: model_cards(&st) }));
+    let r = st.auth.check(&headers).map(|caller| json_response(&ModelList { data: model_cards(&st, &caller) }));
     st.respond(r)
 }
 
 pub(super) async fn get_model(State(st): State<Arc<AppState>>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Response {
-    let r = st.auth.check(&headers).and_then(|_| {
-        model_cards(&st)
+    let r = st.auth.check(&headers).and_then(|caller| {
+        model_cards(&st, &caller)
             .into_iter()
             .find(|c| c.id == id)
             .map(|c| json_response(&c))

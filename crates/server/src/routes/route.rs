@@ -80,7 +80,8 @@ impl AppState {
         let best = decision.best().map(|b| b.0.clone());
         let (model, fallback) = match best {
             Some(b) if !decision.fallback => (b, false),
-            _ => (self.routing.fallback.clone().unwrap_or_else(|| self.base_name.clone()), true),
+            // A fallback adapter the caller may not use is not offered: the base model serves.
+            _ => (self.routing.fallback.clone().filter(|f| caller.may_use(f)).unwrap_or_else(|| self.base_name.clone()), true),
         };
         let lora = (model != self.base_name).then(|| LoraRequest::new(model.clone()));
         self.metrics.route_seconds.observe(t.elapsed().as_secs_f64());

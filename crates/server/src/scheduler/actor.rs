@@ -149,7 +149,7 @@ impl BatchLoop {
             let _ = events.send(Event::Error(ApiError::unavailable("the server is shutting down")));
             return;
         }
-        let id = self.emitter.register(events, job.label, arrival);
+        let id = self.emitter.register(events, job.label, job.tenant, arrival);
         if let Err(e) = self.scheduler.add_request(&mut self.engine, ticket, id, job.request, job.deadline) {
             self.emitter.reject(id, ApiError::from_engine(&e));
         }

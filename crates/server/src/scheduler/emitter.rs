@@ -16,11 +16,13 @@ use super::Event;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::protocol::{PromptLogprobs, PromptTokenLogprob, TokenLogprob};
+use crate::tenants::RequestTenant;
 
 /// One request's stream and timings.
 struct Stream {
     events: tmpsc::UnboundedSender<Event>,
     label: String,
+    tenant: Arc<RequestTenant>,
     arrival: Instant,
     first_token: Option<Instant>,
     last_token: Instant,
@@ -56,9 +58,9 @@ impl Emitter {
     }
 
     /// A new request's stream; returns the id the scheduler knows it by.
-    pub fn register(&mut self, events: tmpsc::UnboundedSender<Event>, label: String, arrival: Instant) -> RequestId {
+    pub fn register(&mut self, events: tmpsc::UnboundedSender<Event>, label: String, tenant: Arc<RequestTenant>, arrival: Instant) -> RequestId {
         self.next_id += 1;
-        self.streams.insert(self.next_id, Stream { events, label, arrival, first_token: None, last_token: arrival });
+        self.streams.insert(self.next_id, Stream { events, label, tenant, arrival, first_token: None, last_token: arrival });
         self.next_id
     }
 
@@ -145,8 +147,11 @@ impl Emitter {
             match out.event {
                 RequestEvent::Started { prompt_tokens } => {
                     let Some(s) = self.streams.get(&out.id) else { continue };
-                    m.queue_time.with_label_values(&[&s.label]).observe(now.duration_since(s.arrival).as_secs_f64());
+                    let queued = now.duration_since(s.arrival).as_secs_f64();
+                    m.queue_time.with_label_values(&[&s.label]).observe(queued);
+                    m.tenant_queue_seconds.with_label_values(&[&s.tenant.label]).observe(queued);
                     m.prompt_tokens.with_label_values(&[&s.label]).inc_by(prompt_tokens as u64);
+                    m.tenant_prompt_tokens.with_label_values(&[&s.tenant.label]).inc_by(prompt_tokens as u64);
                     m.vllm_prompt_tokens.inc_by(prompt_tokens as u64);
                     let _ = s.events.send(Event::Accepted { prompt_tokens });
                 }
@@ -170,6 +175,8 @@ impl Emitter {
                         }
                         s.last_token = now;
                         m.generation_tokens.with_label_values(&label).inc_by(new_tokens as u64);
+                        m.tenant_generation_tokens.with_label_values(&[&s.tenant.label]).inc_by(new_tokens as u64);
+                        s.tenant.add_generated(new_tokens);
                         m.vllm_generation_tokens.inc_by(new_tokens as u64);
                     }
                     if !text.is_empty() || !logprobs.is_empty() {

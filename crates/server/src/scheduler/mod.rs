@@ -46,6 +46,8 @@ pub struct Job {
     pub request: ProcessedRequest,
     /// Metrics label: the adapter's name or the base model's.
     pub label: String,
+    /// The tenant it runs for: its metrics label and the tokens generated for it.
+    pub tenant: Arc<crate::tenants::RequestTenant>,
     /// When the request must be done by (queue plus generation), if it has a deadline.
     pub deadline: Option<Instant>,
 }
