@@ -59,6 +59,17 @@ pub struct LoadSettings {
     pub slo_tpot_ms: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Prompts from task adapters' held-out sets (<DIR>/<task>/heldout.jsonl) instead of random
+    /// words, each request addressed to its task's adapter (start the server with those
+    /// adapters, e.g. --server-arg=--lora-dir=adapters/tasks).
+    #[arg(long, value_name = "DIR")]
+    #[serde(default)]
+    pub task_prompts: Option<PathBuf>,
+    /// With --task-prompts: send every request as `model: "auto"` (the semantic router picks),
+    /// the same prompts, arrivals and lengths as without it.
+    #[arg(long, requires = "task_prompts")]
+    #[serde(default)]
+    pub auto: bool,
 }
 
 /// One rate's measurements.
@@ -122,8 +133,19 @@ pub async fn measure(ctx: &BenchContext, s: &LoadSettings) -> Result<LoadResult,
     }
     let words = parse_range(&s.prompt_words, "--prompt-words")?;
     let outputs = parse_range(&s.output_tokens, "--output-tokens")?;
+    let tasks = match &s.task_prompts {
+        Some(dir) => crate::quality::inputs::find_tasks(dir, &s.adapters)?
+            .into_iter()
+            .map(|t| Ok((t.name.clone(), crate::quality::inputs::read_heldout(&t.heldout, None)?)))
+            .collect::<Result<Vec<_>, BenchError>>()?,
+        None => Vec::new(),
+    };
     let conn = run::connect(ctx, &s.target, "load", &[]).await?;
-    let models = if s.adapters.is_empty() {
+    let models = if !tasks.is_empty() {
+        let names: Vec<String> = tasks.iter().map(|t| t.0.clone()).collect();
+        conn.endpoint.require_models(&names.iter().map(String::as_str).collect::<Vec<_>>()).await?;
+        names
+    } else if s.adapters.is_empty() {
         let all = conn.endpoint.models().await?;
         let adapters: Vec<String> = all.iter().filter(|m| **m != conn.base_model).cloned().collect();
         if adapters.is_empty() { vec![conn.base_model.clone()] } else { adapters }
@@ -160,6 +182,12 @@ pub async fn measure(ctx: &BenchContext, s: &LoadSettings) -> Result<LoadResult,
         let picks = run::popularity(plan.len(), models.len(), alpha, rng.random());
         for ((_, req), pick) in plan.iter_mut().zip(picks) {
             req.model = models[pick].clone();
+            if let Some((_, items)) = tasks.get(pick) {
+                req.prompt = items[rng.random_range(0..items.len())].prompt.clone();
+                if s.auto {
+                    req.model = "auto".into();
+                }
+            }
         }
         let start = Instant::now();
         let mut tasks = Vec::with_capacity(plan.len());
@@ -220,14 +248,19 @@ impl Report for LoadResult {
         let st = &self.settings;
         let mut out = format!(
             "# Open-loop load\n\n{} · {} · {} ({} cores) · model {} · server {}\n\n\
-             Poisson arrivals for {} s per rate over {} ({:?} popularity{}), prompts of {} words, {} output tokens; \
+             Poisson arrivals for {} s per rate over {} ({:?} popularity{}), {}, {} output tokens; \
              SLO: TTFT ≤ {} ms and TPOT ≤ {} ms.\n\n\
              | Rate (req/s) | Requests | Errors | Throughput (req/s) | Tokens/s | Goodput (req/s) | SLO met | TTFT p50/p99 (ms) | TPOT p50/p99 (ms) | ITL p99 (ms) | E2E p50/p99 (ms) |\n\
              |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             m.timestamp, m.machine.hostname, m.machine.cpu_model, m.machine.logical_cores, m.base_model, m.server,
             st.duration, self.models.join(", "), st.popularity,
             if st.popularity == Popularity::Zipf { format!(", alpha {}", st.zipf_alpha) } else { String::new() },
-            st.prompt_words, st.output_tokens, st.slo_ttft_ms, st.slo_tpot_ms,
+            match (&st.task_prompts, st.auto) {
+                (Some(d), true) => format!("held-out prompts of the tasks in {}, each sent as model \"auto\" (the router picks)", d.display()),
+                (Some(d), false) => format!("held-out prompts of the tasks in {}, each sent to its task's adapter by name", d.display()),
+                (None, _) => format!("prompts of {} words", st.prompt_words),
+            },
+            st.output_tokens, st.slo_ttft_ms, st.slo_tpot_ms,
         );
         let pair = |s: &Option<Summary>| s.as_ref().map_or("n/a".into(), |s| format!("{:.0} / {:.0}", s.p50, s.p99));
         for p in &self.points {
