@@ -41,6 +41,16 @@ pub struct ProcessedRequest {
     lora: Option<LoraRequest>,
     prompt_ids: Vec<u32>,
     params: SamplingParams,
+    share: Option<FairShare>,
+}
+
+/// Whose request it is, for the scheduler's fair share between clients (tenants): the
+/// client's name and its weight (a client of weight 2 is owed twice the service of one of
+/// weight 1 while both wait).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FairShare {
+    pub client: std::sync::Arc<str>,
+    pub weight: f64,
 }
 
 impl ProcessedRequest {
@@ -57,6 +67,17 @@ impl ProcessedRequest {
     /// Sampling parameters, `max_tokens` resolved.
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// The client the request is served for (`None`: no fair share, one common queue).
+    pub fn share(&self) -> Option<&FairShare> {
+        self.share.as_ref()
+    }
+
+    /// Marks the request as `share`'s.
+    pub fn with_share(mut self, share: FairShare) -> Self {
+        self.share = Some(share);
+        self
     }
 
     /// Most tokens the completion can have.
@@ -184,6 +205,6 @@ impl InputProcessor {
             })?;
             compiler.compile(&params.response_format)?
         };
-        Ok(ProcessedRequest { lora, prompt_ids, params })
+        Ok(ProcessedRequest { lora, prompt_ids, params, share: None })
     }
 }

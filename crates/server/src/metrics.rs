@@ -107,6 +107,8 @@ pub struct Metrics {
     pub tenant_refusals: IntCounterVec,
     pub tenant_queue_seconds: HistogramVec,
     pub tenant_in_flight: IntGaugeVec,
+    /// The scheduler's virtual token counter per tenant (fair share: weighted service so far).
+    pub tenant_service: GaugeVec,
     /// Process memory (Prometheus' standard name, and the peak), set at each scrape so a
     /// benchmark can read the memory of a server it did not start. Absent without procfs.
     process_memory: Option<(IntGauge, IntGauge)>,
@@ -196,6 +198,7 @@ impl Metrics {
             tenant_refusals: reg(&r, IntCounterVec::new(Opts::new("loramux_tenant_refusals_total", "Requests refused by a tenant limit or for an adapter the tenant may not use, by tenant and reason."), &["tenant", "reason"]).unwrap()),
             tenant_queue_seconds: reg(&r, HistogramVec::new(h("loramux_tenant_queue_seconds", "Time from arrival to joining the running batch, by tenant.", TTFT_BUCKETS), tenant).unwrap()),
             tenant_in_flight: reg(&r, IntGaugeVec::new(Opts::new("loramux_tenant_in_flight", "Generation requests in flight (streams until their last byte), by tenant."), tenant).unwrap()),
+            tenant_service: reg(&r, GaugeVec::new(Opts::new("loramux_tenant_virtual_tokens", "The fair-share scheduler's virtual token counter, by tenant: (prompt tokens + 2 x generated tokens) / weight served so far (VTC, OSDI '24); admission goes to the waiting tenant with the least."), tenant).unwrap()),
             process_memory: process_memory().map(|_| {
                 (
                     reg(&r, IntGauge::new("process_resident_memory_bytes", "Resident memory size in bytes.").unwrap()),

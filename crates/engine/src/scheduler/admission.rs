@@ -1,6 +1,7 @@
 //! Admission: which waiting requests join the running batch this step. Preempted
-//! sequences come back first, oldest first; then waiting requests first come first served
-//! while there are sequence slots and KV blocks, each only once its adapter is resident
+//! sequences come back first, oldest first; then waiting requests in fair-share order
+//! (the client with the least weighted service first, [`super::fair`]; first come, first
+//! served without clients) while there are sequence slots and KV blocks, each only once its adapter is resident
 //! (the adapter manager reads it off the loop meanwhile, and later requests on resident
 //! adapters go ahead). A request blocked on adapter capacity longer than `adapter_wait`
 //! stops later adapter requests from pinning more slots, so it cannot starve.
@@ -8,7 +9,7 @@
 use std::time::Instant;
 
 use super::budget::blocks;
-use super::{failed, RequestEvent, RequestOutput, Running, Scheduler};
+use super::{failed, RequestEvent, RequestId, RequestOutput, Running, Scheduler, SchedulingPolicy};
 use crate::engine::Engine;
 use crate::lora::Readiness;
 
@@ -33,8 +34,10 @@ impl Scheduler {
 
         let now = Instant::now();
         let mut starving = false;
-        let mut i = 0;
-        while i < self.waiting.len() && self.running.len() < self.cfg.max_num_seqs {
+        // Requests passed over this step (adapter loading or blocked), by id.
+        let mut passed: Vec<RequestId> = Vec::new();
+        while self.running.len() < self.cfg.max_num_seqs {
+            let Some(i) = self.next_candidate(&passed) else { break };
             let adapter = self.waiting[i].request.lora().map(|l| l.lora_name.clone());
             if let (Some(a), Some(p)) = (&adapter, &self.panic_on_admit) {
                 if a == p {
@@ -52,7 +55,7 @@ impl Scheduler {
                     continue;
                 }
                 Ok(Readiness::Loading) => {
-                    i += 1;
+                    passed.push(self.waiting[i].id);
                     continue;
                 }
                 Ok(Readiness::Blocked) => {
@@ -60,29 +63,51 @@ impl Scheduler {
                     if now.duration_since(since) >= self.cfg.adapter_wait {
                         starving = true;
                     }
-                    i += 1;
+                    passed.push(self.waiting[i].id);
                     continue;
                 }
                 Ok(Readiness::Resident) if starving && adapter.is_some() => {
-                    i += 1;
+                    passed.push(self.waiting[i].id);
                     continue;
                 }
                 Ok(Readiness::Resident) => {}
             }
             let need = blocks(self.waiting[i].request.prompt_ids().len() + 1);
             if committed + need > budget {
-                break; // first come, first served on memory
+                break; // memory goes to the request whose turn it is
             }
             let w = self.waiting.remove(i).expect("index in range");
             let prompt_tokens = w.request.prompt_ids().len();
+            let share = w.request.share().cloned();
             match engine.start_sequence(w.request) {
                 Ok(seq) => {
                     committed += need;
+                    self.fair.admitted(share.as_ref(), prompt_tokens);
                     outputs.push(RequestOutput { id: w.id, event: RequestEvent::Started { prompt_tokens } });
-                    self.running.push(Running { id: w.id, seq, deadline: w.deadline, sent_tokens: 0, sent_logprobs: 0, preempted: false });
+                    self.running.push(Running { id: w.id, seq, share, deadline: w.deadline, sent_tokens: 0, sent_logprobs: 0, preempted: false });
                 }
                 Err(e) => outputs.push(failed(w.id, e)),
             }
         }
+    }
+
+    /// The waiting request whose turn it is: the oldest not `passed` of the client with the
+    /// smallest virtual counter ([`super::fair`]); ties go to the older request, so without
+    /// clients this is first come, first served.
+    fn next_candidate(&self, passed: &[RequestId]) -> Option<usize> {
+        let mut best: Option<(f64, usize)> = None;
+        for (i, w) in self.waiting.iter().enumerate() {
+            if passed.contains(&w.id) {
+                continue;
+            }
+            let c = match self.cfg.policy {
+                SchedulingPolicy::Fair => self.fair.counter(w.request.share()),
+                SchedulingPolicy::Fcfs => 0.0,
+            };
+            if best.is_none_or(|(bc, _)| c < bc) {
+                best = Some((c, i));
+            }
+        }
+        best.map(|(_, i)| i)
     }
 }

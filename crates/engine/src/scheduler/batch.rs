@@ -87,6 +87,7 @@ impl Scheduler {
         while i < self.running.len() {
             let r = &mut self.running[i];
             let new_tokens = r.seq.output_ids.len() - r.sent_tokens;
+            self.fair.generated(r.share.as_ref(), new_tokens);
             if new_tokens > 0 || r.seq.finish.is_some() {
                 let logprobs = r.seq.logprobs[r.sent_logprobs..].to_vec();
                 r.sent_tokens = r.seq.output_ids.len();

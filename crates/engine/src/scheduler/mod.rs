@@ -4,7 +4,8 @@
 //!
 //! Requests flow one way: [`Scheduler::add_request`] puts a processed request in the
 //! bounded waiting queue; each [`Scheduler::step`] expires deadlines, admits waiting
-//! requests first come first served within the limits ([`admission`]: sequences, KV-cache
+//! requests in fair-share order ([`fair`]: first come first served without clients) within
+//! the limits ([`admission`]: sequences, KV-cache
 //! blocks, adapter readiness from the [`crate::lora::LoraManager`]), plans the pass under
 //! the token budget with decode rows first and prefill chunks after, preempting the newest
 //! sequence while the KV budget would overflow ([`budget`]), runs it with failures isolated
@@ -14,10 +15,12 @@
 mod admission;
 mod batch;
 mod budget;
+pub mod fair;
 mod gate;
 mod merge;
 mod offline;
 
+pub use fair::SchedulingPolicy;
 pub use gate::{AdmissionGate, AdmissionTicket};
 
 use std::collections::{HashMap, VecDeque};
@@ -58,6 +61,8 @@ pub struct SchedulerConfig {
     /// Fold an adapter into the (float) base weights once it has held every request this
     /// long, and unfold it when another request arrives ([`merge`]); `None`: never.
     pub auto_merge_after: Option<Duration>,
+    /// Who is admitted next: arrival order, or fair share between clients ([`fair`]).
+    pub policy: SchedulingPolicy,
 }
 
 /// Default limits of a server on this engine (`loramux serve` shows them in its help).
@@ -86,6 +91,7 @@ impl Default for SchedulerConfig {
             max_queue_delay: Some(defaults::MAX_QUEUE_DELAY),
             adapter_wait: defaults::ADAPTER_WAIT,
             auto_merge_after: None,
+            policy: SchedulingPolicy::default(),
         }
     }
 }
@@ -102,6 +108,7 @@ impl SchedulerConfig {
             max_queue_delay: None,
             adapter_wait: Duration::ZERO,
             auto_merge_after: None,
+            policy: SchedulingPolicy::default(),
         }
     }
 }
@@ -169,6 +176,8 @@ struct Waiting {
 struct Running {
     id: RequestId,
     seq: Sequence,
+    /// The client it is served for (charged for each token generated).
+    share: Option<crate::input::FairShare>,
     deadline: Option<Instant>,
     /// Output tokens and logprobs already reported.
     sent_tokens: usize,
@@ -191,6 +200,8 @@ pub struct Scheduler {
     /// Fault injection for tests: an adapter name whose admission panics.
     panic_on_admit: Option<String>,
     merge: merge::MergeState,
+    /// Weighted service per client: who is admitted next.
+    fair: fair::VirtualCounters,
 }
 
 /// Requests started since `since`, and whether some request waited all along (the window
@@ -246,6 +257,7 @@ impl Scheduler {
             pending: Vec::new(),
             panic_on_admit: None,
             merge: merge::MergeState::default(),
+            fair: fair::VirtualCounters::default(),
         })
     }
 
@@ -278,6 +290,7 @@ impl Scheduler {
         if let Some(l) = request.lora() {
             engine.loras_mut().resolve(&l.lora_name)?;
         }
+        self.fair.arrive(request.share(), self.waiting.iter().map(|w| w.request.share()));
         self.waiting.push_back(Waiting { _ticket: ticket, id, request, deadline, blocked_since: None });
         Ok(())
     }
@@ -337,6 +350,11 @@ impl Scheduler {
     /// counts them, so gateways read the same thing from either).
     pub fn num_waiting(&self) -> usize {
         self.waiting.len() + self.running.iter().filter(|r| r.preempted).count()
+    }
+
+    /// Each client's weighted service so far ([`fair`]), by name ("" for requests without one).
+    pub fn fair_counters(&self) -> Vec<(String, f64)> {
+        self.fair.snapshot()
     }
 
     /// Requests in the running batch (preempted ones excluded).

@@ -57,6 +57,9 @@ pub struct ServeConfig {
     /// Bounds the running batch.
     #[arg(long, value_name = "N", help = format!("Sequences in the running batch at once [default: {}]", defaults::MAX_NUM_SEQS))]
     pub max_num_seqs: Option<usize>,
+    /// Who is admitted next when the batch has room.
+    #[arg(long, value_name = "POLICY", help = "Admission order: `fair` (each tenant's weighted share of tokens, VTC; arrival order among requests without a tenant) or `fcfs` (arrival order, whoever sent it) [default: fair]")]
+    pub scheduling_policy: Option<String>,
     /// Token budget of one forward pass, which bounds a step's latency.
     #[arg(long, value_name = "N", help = format!("Tokens per forward pass: decode tokens plus prefill chunks [default: {}]", defaults::MAX_NUM_BATCHED_TOKENS))]
     pub max_num_batched_tokens: Option<usize>,
@@ -226,7 +229,7 @@ impl ServeConfig {
         }
         pick!(
             config, model, served_model_name, lora_modules, merge_lora, lora_dir, allowed_lora_root, pin_lora, max_loras,
-            max_lora_rank, max_lora_bytes, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill,
+            max_lora_rank, max_lora_bytes, max_num_seqs, scheduling_policy, max_num_batched_tokens, enable_chunked_prefill,
             max_model_len, kv_cache_gib, enable_prefix_caching, prefix_cache_gib, host, port, api_key, tenants, admin_api_key, enable_lora_updates, dequantize,
             max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, max_queue_delay_secs, adapter_wait_secs,
             auto_merge, auto_merge_after_secs, router_aliases, router_min_confidence, router_fallback, router_model, router_layer,

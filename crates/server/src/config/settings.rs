@@ -28,6 +28,8 @@ pub struct Settings {
     pub pinned_loras: Vec<String>,
     pub lora: LoraLimits,
     pub max_num_seqs: usize,
+    /// `--scheduling-policy`.
+    pub scheduling_policy: loramux_engine::SchedulingPolicy,
     /// Token budget of one forward pass (chunked prefill).
     pub max_num_batched_tokens: usize,
     /// Whether a prompt's prefill may be split across steps (`--enable-chunked-prefill`). When
@@ -167,6 +169,10 @@ impl ServeConfig {
             pinned_loras: self.pin_lora.unwrap_or_default(),
             lora,
             max_num_seqs,
+            scheduling_policy: match self.scheduling_policy.as_deref() {
+                None => loramux_engine::SchedulingPolicy::default(),
+                Some(p) => p.parse().map_err(|e: String| ServerError::Config(format!("--scheduling-policy: {e}")))?,
+            },
             max_num_batched_tokens,
             enable_chunked_prefill: self.enable_chunked_prefill.unwrap_or(defaults::ENABLE_CHUNKED_PREFILL),
             max_model_len: self.max_model_len,

@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::stream::StreamExt;
-use loramux_engine::{FinishReason, LoraRequest, ProcessedRequest, Prompt};
+use loramux_engine::{FairShare, FinishReason, LoraRequest, ProcessedRequest, Prompt};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::choices::{Echo, Meta, Piece};
@@ -69,7 +69,12 @@ async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api)
     }
     let deadline = st.request_timeout.map(|t| Instant::now() + t);
     let mut receivers = Vec::with_capacity(requests.len());
+    let share = caller.tenant.as_ref().map(|t| FairShare { client: Arc::from(t.name.as_str()), weight: t.weight });
     for request in requests {
+        let request = match &share {
+            Some(s) => request.with_share(s.clone()),
+            None => request,
+        };
         let job = Job { request, label: target.model.clone(), tenant: admission.tenant.clone(), deadline };
         receivers.push(st.sched.submit(job)?);
     }

@@ -253,6 +253,12 @@ impl Emitter {
         m.adapter_load_seconds.inc_by((stats.load_seconds - self.last_stats.load_seconds).max(0.0));
         self.last_stats = stats.clone();
         m.set_queue(scheduler.num_running(), scheduler.num_waiting());
+        for (client, units) in scheduler.fair_counters() {
+            // Requests without a tenant share the counter named "" (one queue, first come first served).
+            if !client.is_empty() {
+                m.tenant_service.with_label_values(&[&client]).set(units);
+            }
+        }
         let (used, capacity) = scheduler.kv_usage_bytes();
         m.set_kv(used, capacity);
         let running = scheduler.running_adapters().join(",");

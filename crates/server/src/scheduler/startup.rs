@@ -86,6 +86,7 @@ fn load(
             max_queue_delay: settings.max_queue_delay,
             adapter_wait: settings.adapter_wait,
             auto_merge_after: settings.auto_merge_after,
+            policy: settings.scheduling_policy,
         },
         &engine,
     )

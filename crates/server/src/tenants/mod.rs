@@ -40,7 +40,7 @@ pub struct Tenant {
     adapters: Vec<Glob>,
     /// Adapter used when a request names the base model or no model.
     pub default_adapter: Option<String>,
-    /// Fair share, for the scheduler that will weigh tenants (stored, not used yet).
+    /// Fair share: the scheduler's weight for this tenant (`loramux_engine::scheduler::fair`).
     pub weight: f64,
     pub limits: TenantLimits,
     /// Adapters the tenant may upload, for the upload endpoint to come (stored, not used yet).
