@@ -14,6 +14,7 @@
 pub mod client;
 pub mod deployment;
 pub mod engine_bench;
+pub mod fairness;
 pub mod launch;
 pub mod load;
 pub mod plot;

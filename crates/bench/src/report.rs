@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::deployment::{self, DeploymentResult};
+use crate::fairness::FairnessResult;
 use crate::load::LoadResult;
 use crate::quality::QualityResult;
 use crate::route::RouteResult;
@@ -22,6 +23,7 @@ pub enum AnyResult {
     Load(LoadResult),
     Quality(Box<QualityResult>),
     Route(Box<RouteResult>),
+    Fairness(Box<FairnessResult>),
 }
 
 impl AnyResult {
@@ -44,9 +46,10 @@ impl AnyResult {
             "load" => Self::Load(serde_json::from_value(value).map_err(bad)?),
             "quality" => Self::Quality(Box::new(serde_json::from_value(value).map_err(bad)?)),
             "route" => Self::Route(Box::new(serde_json::from_value(value).map_err(bad)?)),
+            "fairness" => Self::Fairness(Box::new(serde_json::from_value(value).map_err(bad)?)),
             other => {
                 return Err(BenchError::Invalid(format!(
-                    "{}: metadata.scenario is '{other}', not one of switch, deployment, swap, load, quality, route",
+                    "{}: metadata.scenario is '{other}', not one of switch, deployment, swap, load, quality, route, fairness",
                     path.display()
                 )))
             }
@@ -61,6 +64,7 @@ impl AnyResult {
             Self::Load(r) => r,
             Self::Quality(r) => r.as_ref(),
             Self::Route(r) => r.as_ref(),
+            Self::Fairness(r) => r.as_ref(),
         }
     }
 }

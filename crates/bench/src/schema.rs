@@ -6,6 +6,7 @@ use schemars::schema_for;
 use serde_json::{json, Value};
 
 use crate::deployment::DeploymentResult;
+use crate::fairness::FairnessResult;
 use crate::load::LoadResult;
 use crate::quality::QualityResult;
 use crate::route::RouteResult;
@@ -21,5 +22,6 @@ pub fn all() -> Value {
         "load": schema_for!(LoadResult),
         "quality": schema_for!(QualityResult),
         "route": schema_for!(RouteResult),
+        "fairness": schema_for!(FairnessResult),
     })
 }

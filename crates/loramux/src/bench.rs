@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use loramux_bench::deployment::{self, DeploymentSettings};
 use loramux_bench::engine_bench::{self, EngineBenchConfig};
+use loramux_bench::fairness::{self, FairnessSettings};
 use loramux_bench::load::{self, LoadSettings};
 use loramux_bench::quality::{self, QualitySettings};
 use loramux_bench::route::{self, RouteSettings};
@@ -49,6 +50,9 @@ enum Scenario {
     /// Semantic routing in-process: accuracy, confusion matrix, routing time and its share of
     /// TTFT, for the base-model router by layer and the sentence-embedding model side by side.
     Route(ScenarioArgs<RouteSettings>),
+    /// Two tenants past saturation, heavy and light: served share, TTFT against alone, and
+    /// the service difference over time, by scheduling policy (fcfs vs fair).
+    Fairness(ScenarioArgs<FairnessSettings>),
 }
 
 /// A scenario's settings plus where to write.
@@ -101,6 +105,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Scenario::Engine(a) => run_engine(a),
         Scenario::Quality(a) => run_quality(a),
         Scenario::Route(a) => run_route(a),
+        Scenario::Fairness(a) => {
+            let ctx = context(a.out, "fairness", Some(locate_model(&a.settings.model)?))?;
+            let json = ctx.out_dir.join("fairness.json");
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+            let result = runtime.block_on(fairness::measure(&ctx, &a.settings))?;
+            finish(&result, &json)
+        }
         Scenario::Report { file } => {
             for p in report::rerender(&file)? {
                 eprintln!("wrote {}", p.display());
