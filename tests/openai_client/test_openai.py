@@ -206,3 +206,15 @@ def test_auto_without_routable_adapters_is_a_clear_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, "auto")
     assert "routing" in str(e.value)
+
+
+def test_embeddings(client):
+    r = client.embeddings.create(model="tiny", input=["The quick brown fox", "a lazy dog"])
+    assert [d.index for d in r.data] == [0, 1] and len(r.data[0].embedding) == 64
+    assert abs(sum(x * x for x in r.data[0].embedding) - 1.0) < 1e-4
+    assert r.usage.prompt_tokens > 0
+    floats = client.embeddings.create(model="tiny", input="The quick brown fox", encoding_format="float")
+    assert all(abs(x - y) < 1e-6 for x, y in zip(floats.data[0].embedding, r.data[0].embedding))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="a", input="x")
+    assert e.value.body["param"] == "model"
