@@ -24,6 +24,10 @@ if [ "${SKIP_SPM:-0}" != 1 ]; then
   echo "== SentencePiece GGUF fixture" >&2
   "$PY" "$HERE/make_spm_fixture.py" --out "$REPO/fixtures/tiny/spm"
 fi
+if [ "${SKIP_SAMPLER:-0}" != 1 ]; then
+  echo "== logits controls (transformers' logits processors)" >&2
+  "$PY" "$HERE/make_sampler_fixture.py"
+fi
 if [ "${SKIP_TRAIN:-0}" != 1 ]; then
   echo "== example adapters" >&2
   "$PY" "$HERE/train_example_adapters.py" --out "$REPO/adapters"

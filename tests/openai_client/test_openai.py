@@ -101,12 +101,31 @@ def test_errors_are_openai_errors(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=0)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="tiny", messages=MESSAGES, frequency_penalty=1.0)
+        client.chat.completions.create(model="tiny", messages=MESSAGES, frequency_penalty=3.0)
     bad = OpenAI(base_url=URL, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
     # Still serving.
     assert chat(client, "tiny").choices[0].message.content
+
+
+def test_sampling_controls(client):
+    """The client's own sampling fields and vLLM's (through extra_body) change the output."""
+    greedy = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=10, temperature=0).choices[0].text
+    root = URL.removesuffix("/").removesuffix("/v1")
+    dog = client.post(f"{root}/tokenize", body={"prompt": "dog", "add_special_tokens": False}, cast_to=object)["tokens"][0]
+    forced = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=4, temperature=0, logit_bias={str(dog): 100})
+    assert forced.choices[0].text == client.post(f"{root}/detokenize", body={"tokens": [dog] * 4}, cast_to=object)["prompt"]
+    penalized = client.completions.create(
+        model="tiny", prompt="The quick brown fox", max_tokens=10, temperature=0, frequency_penalty=1.5, presence_penalty=0.5,
+        extra_body={"repetition_penalty": 1.5, "min_p": 0.1, "min_tokens": 10},
+    )
+    assert penalized.choices[0].text != greedy and penalized.usage.completion_tokens == 10
+    best = client.completions.create(model="tiny", prompt="Once", max_tokens=5, temperature=1.0, seed=1, n=2, best_of=4)
+    assert [c.index for c in best.choices] == [0, 1]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, presence_penalty=-2.5)
+    assert e.value.body["param"] == "presence_penalty"
 
 
 # Structured output. Every string, number and list is bounded, and no extra keys are allowed
@@ -187,3 +206,15 @@ def test_auto_without_routable_adapters_is_a_clear_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, "auto")
     assert "routing" in str(e.value)
+
+
+def test_embeddings(client):
+    r = client.embeddings.create(model="tiny", input=["The quick brown fox", "a lazy dog"])
+    assert [d.index for d in r.data] == [0, 1] and len(r.data[0].embedding) == 64
+    assert abs(sum(x * x for x in r.data[0].embedding) - 1.0) < 1e-4
+    assert r.usage.prompt_tokens > 0
+    floats = client.embeddings.create(model="tiny", input="The quick brown fox", encoding_format="float")
+    assert all(abs(x - y) < 1e-6 for x, y in zip(floats.data[0].embedding, r.data[0].embedding))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="a", input="x")
+    assert e.value.body["param"] == "model"

@@ -200,6 +200,8 @@ impl Engine {
         let max_len = (prompt_ids.len() + max_tokens).min(self.max_model_len());
         let prefix_root =
             PrefixCache::root(lora.as_ref().map(|l| (l.lora_name.as_str(), self.loras.generation(&l.lora_name))));
+        let detokenizer = Detokenizer::new(&params.stop);
+        let sampler = Sampler::for_sequence(params, &prompt_ids, &self.eos_ids);
         let mut seq = Sequence {
             id: self.next_id,
             lora,
@@ -209,8 +211,8 @@ impl Engine {
             logprobs: Vec::new(),
             prompt_logprobs: Vec::new(),
             cache: self.model.new_cache(),
-            detokenizer: Detokenizer::new(&params.stop),
-            sampler: Sampler::new(params),
+            detokenizer,
+            sampler,
             finish: None,
             max_len,
             prefix_root,
@@ -304,7 +306,7 @@ impl Engine {
                 continue;
             }
             let last = if seq.params().prompt_logprobs.is_some() { first + span.len - 1 } else { first };
-            let t = seq.sampler.sample(row(last));
+            let t = seq.sampler.sample(row(last), &seq.output_ids);
             self.append_token(seq, t)?;
         }
         Ok(rows)
@@ -321,7 +323,9 @@ impl Engine {
         if is_eos || params.stop_token_ids.contains(&id) {
             seq.finish = Some(FinishReason::Stop);
         }
-        if seq.detokenizer.push(self.input.tokenizer(), &seq.output_ids, &params.stop)? {
+        // Stop strings are looked for only once `min_tokens` are out (text before is never cut).
+        let stop: &[String] = if seq.output_ids.len() >= params.min_tokens { &params.stop } else { &[] };
+        if seq.detokenizer.push(self.input.tokenizer(), &seq.output_ids, stop)? {
             seq.finish = Some(FinishReason::Stop);
         }
         let max_tokens = params.max_tokens.unwrap_or(usize::MAX);

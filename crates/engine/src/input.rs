@@ -196,6 +196,7 @@ impl InputProcessor {
             None => params.max_tokens = Some(max_len - n),
         }
         params.validate()?;
+        self.check_controls(&mut params)?;
         params.grammar = if params.response_format == ResponseFormat::Text {
             None
         } else {
@@ -206,5 +207,35 @@ impl InputProcessor {
             compiler.compile(&params.response_format)?
         };
         Ok(ProcessedRequest { lora, prompt_ids, params, share: None })
+    }
+}
+
+impl InputProcessor {
+    /// Token ids of `logit_bias` and `allowed_token_ids` inside the vocabulary, and
+    /// `bad_words` tokenized as vLLM does: each word alone and after a space.
+    fn check_controls(&self, params: &mut SamplingParams) -> Result<()> {
+        let vocab = self.vocab_size;
+        let outside = |field: &'static str, id: u32| EngineError::InvalidInput {
+            field: InputField::Sampling(field),
+            message: format!("token id {id} in '{field}' is outside the vocabulary (size {vocab})"),
+            context_length_exceeded: false,
+        };
+        if let Some(&(id, _)) = params.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+            return Err(outside("logit_bias", id));
+        }
+        if let Some(&id) = params.allowed_token_ids.iter().flatten().find(|&&id| id as usize >= vocab) {
+            return Err(outside("allowed_token_ids", id));
+        }
+        let mut ids = Vec::with_capacity(params.bad_words.len() * 2);
+        for word in &params.bad_words {
+            for text in [word.clone(), format!(" {word}")] {
+                let w = self.tokenizer.encode(&text, false)?;
+                if !w.is_empty() && !ids.contains(&w) {
+                    ids.push(w);
+                }
+            }
+        }
+        params.bad_words_ids = ids;
+        Ok(())
     }
 }

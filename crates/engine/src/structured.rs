@@ -370,7 +370,7 @@ mod tests {
             let mut ids = Vec::new();
             for step in 0..12u64 {
                 let logits: Vec<f32> = (0..tok.vocab_size() as u64).map(|i| ((i * 7919 + step * 104_729 + seed) % 97) as f32 / 10.0).collect();
-                let id = sampler.sample(&logits).id;
+                let id = sampler.sample(&logits, &[]).id;
                 if eos.contains(&id) {
                     break;
                 }

@@ -1,5 +1,6 @@
 //! The fields both request kinds share, read in named steps: model, streaming options,
-//! `n`, sampling, stop conditions, `max_tokens`, `response_format`, and the known
+//! `n`, sampling (the controls in `controls.rs`), stop conditions, `max_tokens`,
+//! `response_format`, and the known
 //! parameters this server accepts only at their neutral value. The steps run in a fixed
 //! order, so a request with several faults is always refused for the same one.
 
@@ -7,7 +8,8 @@ use loramux_engine::sampling::MAX_LOGPROBS;
 use loramux_engine::{ResponseFormat, SamplingParams};
 use serde_json::{json, Value};
 
-use super::fields::{is_empty_collection, is_zero, token_list, wrong_type, Fields};
+use super::controls::controls;
+use super::fields::{token_list, wrong_type, Fields};
 use super::{Api, GenRequest};
 use crate::config::defaults::MAX_N;
 use crate::error::ApiError;
@@ -37,7 +39,7 @@ pub(super) fn common(f: &mut Fields, api: Api, max_model_len: usize) -> Result<G
     };
     // Accepted and without effect on generation.
     f.ignore(&["user", "metadata", "store", "service_tier", "request_id", "priority", "spaces_between_special_tokens"]);
-    Ok(GenRequest {
+    let mut req = GenRequest {
         model,
         stream,
         include_usage,
@@ -56,12 +58,15 @@ pub(super) fn common(f: &mut Fields, api: Api, max_model_len: usize) -> Result<G
             logprobs: None,
             prompt_logprobs: prompt_logprobs(f)?,
             response_format,
-            grammar: None,
+            ..SamplingParams::default()
         },
         logprobs: None,
         echo: false,
         prompt_logprobs: false,
-    })
+        best_of: n,
+    };
+    controls(f, &mut req.params)?;
+    Ok(req)
 }
 
 /// `stream_options` (streamed requests only): `include_usage` and vLLM's
@@ -185,13 +190,6 @@ fn prompt_logprobs(f: &mut Fields) -> Result<Option<usize>, ApiError> {
 
 /// Known parameters this server does not implement: accepted only at their neutral value.
 fn refuse_unimplemented(f: &mut Fields) -> Result<(), ApiError> {
-    f.unsupported_unless("presence_penalty", is_zero, "penalties are not implemented")?;
-    f.unsupported_unless("frequency_penalty", is_zero, "penalties are not implemented")?;
-    f.unsupported_unless("repetition_penalty", |v| v.as_f64() == Some(1.0), "penalties are not implemented")?;
-    f.unsupported_unless("logit_bias", is_empty_collection, "logit_bias is not implemented")?;
-    f.unsupported_unless("min_p", is_zero, "min_p sampling is not implemented")?;
-    f.unsupported_unless("min_tokens", is_zero, "min_tokens is not implemented")?;
-    f.unsupported_unless("best_of", |v| v.as_f64() == Some(1.0), "best_of is not implemented (use n)")?;
     f.unsupported_unless("use_beam_search", |v| v == &Value::Bool(false), "beam search is not implemented")?;
     f.unsupported_unless("skip_special_tokens", |v| v == &Value::Bool(true), "special tokens are always skipped")?;
     f.unsupported_unless("include_stop_str_in_output", |v| v == &Value::Bool(false), "stop strings are never included")?;

@@ -100,10 +100,6 @@ impl Fields {
     }
 }
 
-pub(super) fn is_zero(v: &Value) -> bool {
-    v.as_f64() == Some(0.0)
-}
-
 pub(super) fn is_empty_collection(v: &Value) -> bool {
     match v {
         Value::Array(a) => a.is_empty(),

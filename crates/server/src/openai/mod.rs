@@ -5,10 +5,12 @@
 //! - this file: [`parse_chat`] and [`parse_completion`], each kind's own fields;
 //! - `common.rs`: the fields both kinds share (sampling, stop, `max_tokens`,
 //!   `response_format`, streaming options), in named steps;
+//! - `controls.rs`: penalties, `logit_bias`, `min_p`, `min_tokens`, bad and allowed tokens;
 //! - `messages.rs`: chat `messages`;
 //! - `fields.rs`: `Fields`, typed field-by-field reading with precise errors.
 
 mod common;
+mod controls;
 mod fields;
 pub(crate) mod messages;
 
@@ -49,6 +51,9 @@ pub struct GenRequest {
     pub echo: bool,
     /// The request set vLLM's `prompt_logprobs`: answered in each choice's field of that name.
     pub prompt_logprobs: bool,
+    /// Completions' `best_of`: choices generated per prompt, of which the `n` with the highest
+    /// cumulative log-probability are returned (`n` when not given).
+    pub best_of: usize,
 }
 
 /// Parses a `/v1/chat/completions` body.
@@ -73,6 +78,7 @@ pub fn parse_chat(body: &[u8], max_model_len: usize) -> Result<GenRequest, ApiEr
     f.unsupported_unless("functions", is_empty_collection, "function calling is not implemented")?;
     f.unsupported_unless("tool_choice", |v| v.as_str() == Some("none") || v.as_str() == Some("auto"), "tool calling is not implemented")?;
     f.unsupported_unless("function_call", |v| v.as_str() == Some("none") || v.as_str() == Some("auto"), "function calling is not implemented")?;
+    f.unsupported_unless("best_of", |v| v.as_f64() == Some(req.n as f64), "best_of other than n is for /v1/completions")?;
     f.unsupported_unless("audio", |_| false, "audio output is not supported")?;
     f.unsupported_unless("prediction", |_| false, "predicted outputs are not supported")?;
     f.unsupported_unless("web_search_options", |_| false, "web search is not supported")?;
@@ -105,6 +111,26 @@ fn echo(f: &mut Fields, req: &GenRequest) -> Result<bool, ApiError> {
         return Err(ApiError::invalid_param("max_tokens", "'max_tokens' must be at least 1, got 0 (0 only scores the prompt, with 'echo': true)"));
     }
     Ok(echo)
+}
+
+/// Completions' `best_of`: at least `n`, not streamed, not echoed (OpenAI's rules), and at
+/// most [`MAX_N`] choices generated in all.
+fn best_of(f: &mut Fields, req: &GenRequest, prompts: usize) -> Result<usize, ApiError> {
+    let Some(b) = f.int("best_of")? else { return Ok(req.n) };
+    let invalid = |m: String| Err(ApiError::invalid_param("best_of", m));
+    if b < req.n as i64 {
+        return invalid(format!("'best_of' ({b}) must be at least 'n' ({})", req.n));
+    }
+    if b as u64 * prompts as u64 > MAX_N as u64 {
+        return invalid(format!("at most {MAX_N} choices are generated per request (prompts × best_of), got {}", b as u64 * prompts as u64));
+    }
+    if b as usize > req.n && req.stream {
+        return invalid("'best_of' greater than 'n' cannot be streamed".into());
+    }
+    if b as usize > req.n && req.echo {
+        return invalid("'best_of' greater than 'n' cannot be combined with 'echo'".into());
+    }
+    Ok(b as usize)
 }
 
 /// Parses a `/v1/completions` body.
@@ -140,11 +166,18 @@ pub fn parse_completion(body: &[u8], max_model_len: usize) -> Result<GenRequest,
         Some(l) => Some(l as usize),
     };
     req.echo = echo(&mut f, &req)?;
+    req.best_of = best_of(&mut f, &req, prompts.len())?;
+    if req.best_of > req.n {
+        // Choices are ranked by cumulative log-probability, which needs each token's.
+        req.params.logprobs = Some(req.logprobs.unwrap_or(0));
+    }
     req.prompt_logprobs = req.params.prompt_logprobs.is_some();
     f.unsupported_unless("suffix", |v| v.as_str() == Some(""), "suffix (insertion) is not implemented")?;
     f.finish()?;
     req.prompts = prompts;
-    req.params.logprobs = req.logprobs;
+    if req.best_of == req.n {
+        req.params.logprobs = req.logprobs;
+    }
     if req.echo && req.params.prompt_logprobs.is_none() {
         // The echoed prompt's log-probabilities come from the same prefill.
         req.params.prompt_logprobs = req.logprobs.or(Some(0));
@@ -188,7 +221,9 @@ mod tests {
         assert_eq!(err(parse_chat(with(r#""temperature":"hot""#).as_bytes(), 100)).param.as_deref(), Some("temperature"));
         assert_eq!(err(parse_chat(with(r#""top_p":0"#).as_bytes(), 100)).param.as_deref(), Some("top_p"));
         assert_eq!(err(parse_chat(with(r#""n":0"#).as_bytes(), 100)).param.as_deref(), Some("n"));
-        assert_eq!(err(parse_chat(with(r#""frequency_penalty":0.5"#).as_bytes(), 100)).code, Some("unsupported_parameter"));
+        assert_eq!(parse_chat(with(r#""frequency_penalty":0.5"#).as_bytes(), 100).unwrap().params.frequency_penalty, 0.5);
+        assert_eq!(err(parse_chat(with(r#""frequency_penalty":2.5"#).as_bytes(), 100)).param.as_deref(), Some("frequency_penalty"));
+        assert_eq!(err(parse_chat(with(r#""best_of":2"#).as_bytes(), 100)).param.as_deref(), Some("best_of"));
         assert_eq!(err(parse_chat(with(r#""tools":[{"type":"function"}]"#).as_bytes(), 100)).param.as_deref(), Some("tools"));
         assert_eq!(err(parse_chat(with(r#""bogus":1"#).as_bytes(), 100)).code, Some("unknown_parameter"));
         assert_eq!(err(parse_chat(with(r#""stream_options":{"include_usage":true}"#).as_bytes(), 100)).param.as_deref(), Some("stream_options"));
@@ -233,5 +268,10 @@ mod tests {
         let scoring = parse_completion(br#"{"prompt":"x","echo":true,"max_tokens":0,"logprobs":1}"#, 100).unwrap();
         assert!(scoring.echo && scoring.params.prompt_logprobs == Some(1) && scoring.params.max_tokens == Some(0));
         assert_eq!(err(parse_completion(br#"{"prompt":"x","logprobs":21}"#, 100)).param.as_deref(), Some("logprobs"));
+        let best = parse_completion(br#"{"prompt":"x","n":2,"best_of":4,"temperature":1}"#, 100).unwrap();
+        assert_eq!((best.n, best.best_of, best.params.logprobs), (2, 4, Some(0)));
+        for bad in [r#"{"prompt":"x","n":2,"best_of":1}"#, r#"{"prompt":"x","best_of":3,"stream":true}"#, r#"{"prompt":["a","b"],"best_of":9}"#] {
+            assert_eq!(err(parse_completion(bad.as_bytes(), 100)).param.as_deref(), Some("best_of"), "{bad}");
+        }
     }
 }

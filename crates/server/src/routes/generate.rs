@@ -61,7 +61,7 @@ async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api)
         (resolve_target(st, req.model.as_deref(), &caller), None)
     };
     let requests = processed(st, &req, &target, api)?;
-    let admission = st.auth.tenants().admit(&caller, cost(&requests, req.n), &st.metrics)?;
+    let admission = st.auth.tenants().admit(&caller, cost(&requests, req.best_of), &st.metrics)?;
     // After the same checks and admission as a name nobody knows, and answered the same.
     if target.lora.is_some() && !caller.may_use(&target.model) {
         st.metrics.tenant_refusals.with_label_values(&[caller.label(), "adapter_not_allowed"]).inc();
@@ -78,7 +78,7 @@ async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api)
         let job = Job { request, label: target.model.clone(), tenant: admission.tenant.clone(), deadline };
         receivers.push(st.sched.submit(job)?);
     }
-    let prompt_tokens = accepted(&mut receivers, req.n).await?;
+    let prompt_tokens = accepted(&mut receivers, req.best_of).await?;
     let meta = Meta {
         api,
         id: random_id(if api == Api::Chat { "chatcmpl" } else { "cmpl" }),
@@ -130,15 +130,15 @@ fn parse(st: &AppState, bytes: &[u8], api: Api) -> Result<GenRequest, ApiError> 
     Ok(req)
 }
 
-/// One request per choice (`n` per prompt, seeds counted up), tokenized and checked here, on
+/// One request per choice (`best_of`, else `n`, per prompt, seeds counted up), tokenized and checked here, on
 /// the handler's thread: the batch loop only schedules.
 fn processed(st: &AppState, req: &GenRequest, target: &Target, api: Api) -> Result<Vec<ProcessedRequest>, ApiError> {
     let input = &st.sched.input;
     let prompt_param = if api == Api::Chat { "messages" } else { "prompt" };
-    let mut requests = Vec::with_capacity(req.prompts.len() * req.n);
+    let mut requests = Vec::with_capacity(req.prompts.len() * req.best_of);
     for prompt in &req.prompts {
         let ids = input.tokenize(prompt).map_err(|e| ApiError::from_input(&e, prompt_param))?;
-        for j in 0..req.n {
+        for j in 0..req.best_of {
             let mut params = req.params.clone();
             params.seed = params.seed.map(|s| s.wrapping_add(j as u64));
             let request = input
@@ -199,13 +199,32 @@ async fn collect_choice(rx: &mut UnboundedReceiver<Event>) -> Result<ChoiceAcc, 
     }
 }
 
+/// Of each prompt's `best_of` choices, the `n` with the highest cumulative log-probability,
+/// best first (all of them, in order, without `best_of`).
+fn best_of(choices: Vec<ChoiceAcc>, req: &GenRequest) -> Vec<ChoiceAcc> {
+    if req.best_of == req.n {
+        return choices;
+    }
+    let score = |c: &ChoiceAcc| c.logprobs.iter().map(|t| f64::from(t.logprob)).sum::<f64>();
+    let mut out = Vec::with_capacity(req.prompts.len() * req.n);
+    let mut choices = choices.into_iter().peekable();
+    while choices.peek().is_some() {
+        let mut group: Vec<ChoiceAcc> = choices.by_ref().take(req.best_of).collect();
+        group.sort_by(|a, b| score(b).total_cmp(&score(a)));
+        out.extend(group.into_iter().take(req.n));
+    }
+    out
+}
+
 /// The whole answer, once every choice is done.
 async fn collect_response(meta: Meta, req: &GenRequest, receivers: Vec<UnboundedReceiver<Event>>) -> Result<Response, ApiError> {
     let mut choices = Vec::with_capacity(receivers.len());
     for mut rx in receivers {
         choices.push(collect_choice(&mut rx).await?);
     }
+    // Every generated choice is counted, the ones `best_of` leaves out too (as OpenAI bills).
     let usage = Usage::new(meta.prompt_tokens, choices.iter().map(|c| c.completion_tokens).sum());
+    let choices = best_of(choices, req);
     let want_logprobs = req.logprobs.is_some();
     let pieces = choices
         .into_iter()

@@ -20,6 +20,7 @@
 //! | `route.rs` | `POST /v1/route`, and `model: "auto"` on chat and completions (semantic routing) |
 
 mod choices;
+mod embeddings;
 mod generate;
 mod health;
 mod lora_adapters;
@@ -78,6 +79,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(generate::chat))
         .route("/v1/completions", post(generate::completions))
         .route("/v1/route", post(route::route))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/load_lora_adapter", post(lora_adapters::load_lora))
         .route("/v1/unload_lora_adapter", post(lora_adapters::unload_lora))
         .route("/tokenize", post(tokenize::tokenize))

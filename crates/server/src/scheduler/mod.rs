@@ -130,6 +130,8 @@ pub struct SchedulerHandle {
     pub reader: AdapterReader,
     /// The semantic router (`model: "auto"`), run on the handler's side, off the loop.
     pub router: Arc<loramux_engine::routing::Router>,
+    /// `/v1/embeddings`' pass (the base model's last layer), run on the handler's side.
+    pub embedder: Arc<loramux_engine::routing::BaseEmbedder>,
 }
 
 fn loop_stopped() -> ApiError {

@@ -1,6 +1,9 @@
-//! Choosing the next token from logits: greedy, temperature, top-k, top-p, with a per-
-//! request seed for reproducibility, the log-probabilities OpenAI clients ask for, and a
-//! grammar that masks the tokens a structured output cannot take next.
+//! Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p, with a per-
+//! request seed for reproducibility, the log-probabilities OpenAI clients ask for, a grammar
+//! that masks the tokens a structured output cannot take next, and the logits controls
+//! (penalties, `logit_bias`, `min_tokens`, ...) of `processors.rs`.
+
+pub mod processors;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -10,6 +13,8 @@ use crate::detokenizer::MAX_STOP_STRING_BYTES;
 use crate::error::{EngineError, InputField, Result};
 use crate::backend::cpu::kernels::argmax;
 use crate::structured::{Constraint, Grammar, ResponseFormat};
+
+use self::processors::{retain_min_p, Processors};
 
 /// Temperatures below this sample greedily (vLLM's `_SAMPLING_EPS`): dividing logits by a
 /// tinier one overflows to infinities whose softmax is NaN.
@@ -50,6 +55,27 @@ pub struct SamplingParams {
     /// replaces whatever a caller put here.
     #[serde(skip)]
     pub grammar: Option<Grammar>,
+    /// OpenAI's presence penalty (-2 to 2): subtracted once from every token generated before.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty (-2 to 2): subtracted per time a token was generated before.
+    pub frequency_penalty: f32,
+    /// vLLM/HF repetition penalty (0 to 2, 1 off) over prompt and generated tokens: a positive
+    /// logit is divided by it, a negative one multiplied.
+    pub repetition_penalty: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one (0 off).
+    pub min_p: f32,
+    /// End-of-sequence, stop tokens and stop strings are held back until this many tokens.
+    pub min_tokens: usize,
+    /// Added to a token's logit (token id, -100 to 100), at most 300 entries.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Only these tokens may be generated (vLLM's `allowed_token_ids`).
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// Words never generated (vLLM's `bad_words`), as given.
+    pub bad_words: Vec<String>,
+    /// `bad_words` tokenized (with and without a leading space): set by
+    /// [`crate::InputProcessor`], which replaces whatever a caller put here.
+    #[serde(skip)]
+    pub bad_words_ids: Vec<Vec<u32>>,
 }
 
 impl Default for SamplingParams {
@@ -67,6 +93,15 @@ impl Default for SamplingParams {
             prompt_logprobs: None,
             response_format: ResponseFormat::Text,
             grammar: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            min_p: 0.0,
+            min_tokens: 0,
+            logit_bias: Vec::new(),
+            allowed_token_ids: None,
+            bad_words: Vec::new(),
+            bad_words_ids: Vec::new(),
         }
     }
 }
@@ -107,7 +142,7 @@ impl SamplingParams {
         if self.prompt_logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
             return invalid("prompt_logprobs", format!("prompt_logprobs must be at most {MAX_LOGPROBS}"));
         }
-        Ok(())
+        processors::validate(self)
     }
 }
 
@@ -143,19 +178,29 @@ pub struct Sampler {
     candidates: Vec<(u32, f32)>,
     /// The output grammar as it advances, for a structured output.
     constraint: Option<Constraint>,
-    /// Scratch: a step's logits with the tokens the grammar forbids at `-inf`; reused.
+    /// Scratch: a step's logits after the grammar's mask and the logits controls; reused.
     masked: Vec<f32>,
+    /// The logits controls and their token history, when the request sets any.
+    processors: Option<Processors>,
 }
 
 impl Sampler {
-    /// A sampler seeded from the request seed, or from the OS if none.
+    /// A sampler seeded from the request seed, or from the OS if none, for an empty prompt
+    /// and no end-of-sequence tokens (see [`Sampler::for_sequence`]).
     pub fn new(params: SamplingParams) -> Self {
+        Self::for_sequence(params, &[], &[])
+    }
+
+    /// A sampler for a sequence with this prompt (the repetition penalty counts it) on a
+    /// model with these end-of-sequence tokens (`min_tokens` holds them back).
+    pub fn for_sequence(params: SamplingParams, prompt: &[u32], eos: &[u32]) -> Self {
         let rng = match params.seed {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
         };
         Self {
             constraint: params.grammar.as_ref().map(Constraint::new),
+            processors: processors::any_active(&params).then(|| Processors::new(&params, prompt, eos)),
             params,
             rng,
             candidates: Vec::new(),
@@ -168,20 +213,31 @@ impl Sampler {
         &self.params
     }
 
-    /// Picks the next token from one row of logits, among those the output grammar allows
-    /// when there is one. Log-probabilities are the model's own, before the grammar's mask
-    /// (vLLM's default `raw_logprobs`).
-    pub fn sample(&mut self, logits: &[f32]) -> SampledToken {
-        let id = match self.constraint.as_mut() {
-            None => self.pick(logits),
-            Some(c) => {
-                let mut masked = std::mem::take(&mut self.masked);
-                c.mask(logits, &mut masked);
-                let id = self.pick(&masked);
-                self.masked = masked;
-                self.constraint.as_mut().expect("constrained").consume(id);
-                id
+    /// Picks the next token from one row of logits after `output` (the tokens generated so
+    /// far), among those the output grammar allows when there is one, after the logits
+    /// controls. Log-probabilities are the model's own, before the grammar's mask and the
+    /// controls (vLLM's default `raw_logprobs`).
+    pub fn sample(&mut self, logits: &[f32], output: &[u32]) -> SampledToken {
+        let id = if self.constraint.is_none() && self.processors.is_none() {
+            self.pick(logits)
+        } else {
+            let mut masked = std::mem::take(&mut self.masked);
+            match self.constraint.as_mut() {
+                Some(c) => c.mask(logits, &mut masked),
+                None => {
+                    masked.clear();
+                    masked.extend_from_slice(logits);
+                }
             }
+            if let Some(p) = self.processors.as_mut() {
+                p.apply(&self.params, &mut masked, output, self.constraint.is_some());
+            }
+            let id = self.pick(&masked);
+            self.masked = masked;
+            if let Some(c) = self.constraint.as_mut() {
+                c.consume(id);
+            }
+            id
         };
         let (logprob, top) = match self.params.logprobs {
             None => (0.0, Vec::new()),
@@ -205,6 +261,9 @@ impl Sampler {
         let c = &mut self.candidates;
         c.clear();
         c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
+        if p.min_p > 0.0 {
+            retain_min_p(c, p.min_p);
+        }
         if p.top_k > 0 && p.top_k < c.len() {
             c.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
             c.truncate(p.top_k);
@@ -270,7 +329,7 @@ mod tests {
     #[test]
     fn greedy_takes_argmax_and_logprobs_normalise() {
         let mut s = Sampler::new(SamplingParams { logprobs: Some(2), ..SamplingParams::greedy(4) });
-        let t = s.sample(&[0.0, 2.0, 1.0]);
+        let t = s.sample(&[0.0, 2.0, 1.0], &[]);
         assert_eq!(t.id, 1);
         assert_eq!(t.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);
         let total: f32 = [0.0f32, 2.0, 1.0].iter().map(|l| (l - 2.0f32).exp()).sum();
@@ -283,8 +342,8 @@ mod tests {
         let params = SamplingParams { temperature: 1.0, top_k: 3, seed: Some(7), ..Default::default() };
         let mut a = Sampler::new(params.clone());
         let mut b = Sampler::new(params);
-        let xs: Vec<u32> = (0..20).map(|_| a.sample(&logits).id).collect();
-        let ys: Vec<u32> = (0..20).map(|_| b.sample(&logits).id).collect();
+        let xs: Vec<u32> = (0..20).map(|_| a.sample(&logits, &[]).id).collect();
+        let ys: Vec<u32> = (0..20).map(|_| b.sample(&logits, &[]).id).collect();
         assert_eq!(xs, ys);
         // The three largest logits are at i % 7 == 6: 6, 13, 20, ... ties broken by select;
         // every sample must be one of the maximal-value tokens.
@@ -296,12 +355,12 @@ mod tests {
         let logits = [0.5f32, 3.0, -1.0, 2.9];
         for t in [1e-30f32, 1e-12, 1e-6] {
             let mut s = Sampler::new(SamplingParams { temperature: t, seed: Some(3), logprobs: Some(1), ..Default::default() });
-            let tok = s.sample(&logits);
+            let tok = s.sample(&logits, &[]);
             assert_eq!(tok.id, 1, "temperature {t}");
             assert!(tok.logprob.is_finite());
         }
         let mut s = Sampler::new(SamplingParams { temperature: 1e-4, seed: Some(3), ..Default::default() });
-        assert_eq!(s.sample(&[f32::INFINITY, 0.0, f32::NAN]).id, 0, "non-finite logits fall back to argmax");
+        assert_eq!(s.sample(&[f32::INFINITY, 0.0, f32::NAN], &[]).id, 0, "non-finite logits fall back to argmax");
     }
 
     #[test]
@@ -319,6 +378,6 @@ mod tests {
         let mut logits = vec![-10.0f32; 10];
         logits[3] = 10.0;
         let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.5, seed: Some(1), ..Default::default() });
-        assert!((0..50).all(|_| s.sample(&logits).id == 3));
+        assert!((0..50).all(|_| s.sample(&logits, &[]).id == 3));
     }
 }
