@@ -30,11 +30,17 @@ fi
 PORT=$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
 LOG=$(mktemp "${TMPDIR:-/tmp}/loramux-openai-XXXXXX.log")
 FIX=$ROOT/fixtures/tiny/llama
+# Two routable adapters for model "auto": copies of the fixture adapters with routing examples.
+ROUTED=$(mktemp -d "${TMPDIR:-/tmp}/loramux-openai-routed-XXXXXX")
+cp -r "$FIX/adapters/a" "$ROUTED/weather" && cp -r "$FIX/adapters/b" "$ROUTED/cooking"
+echo '{"description": "weather", "examples": ["Will it rain in Paris this weekend?", "What is the forecast for tomorrow?"]}' >"$ROUTED/weather/routing.json"
+echo '{"description": "cooking", "examples": ["How do I make fluffy pancakes?", "A recipe for tomato soup, please."]}' >"$ROUTED/cooking/routing.json"
 "$BIN" serve --model "$FIX" --served-model-name tiny \
-    --lora-modules a="$FIX/adapters/a" b="$FIX/adapters/b" \
+    --lora-modules a="$FIX/adapters/a" b="$FIX/adapters/b" --lora-dir "$ROUTED" \
     --host 127.0.0.1 --port "$PORT" --api-key test-key >"$LOG" 2>&1 &
 SERVER=$!
 stop() {
+    rm -rf "$ROUTED"
     if kill -0 "$SERVER" 2>/dev/null; then
         kill -TERM "$SERVER" 2>/dev/null || true
         wait "$SERVER" 2>/dev/null || true

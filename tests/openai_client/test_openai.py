@@ -200,12 +200,25 @@ def test_invalid_schema_is_a_bad_request(client):
     assert e.value.body["type"] == "invalid_request_error"
 
 
-def test_auto_without_routable_adapters_is_a_clear_400(client):
-    # Semantic routing (issue #20): the fixture adapters carry no routing.json, so "auto"
-    # has nothing to pick from and says so.
-    with pytest.raises(openai.BadRequestError) as e:
-        chat(client, "auto")
-    assert "routing" in str(e.value)
+def test_auto_routes_by_content(client):
+    # Semantic routing (issue #20): run.sh serves copies of the fixture adapters as `weather`
+    # and `cooking`, each with a routing.json; "auto" picks by the prompt, and the answer's
+    # model and the x-loramux-route header say which. A prompt that is one of an adapter's
+    # examples is that adapter's for any embedding (cosine 1 to its own example).
+    def ask(text, **kw):
+        return client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": text}], max_tokens=4, temperature=0, **kw
+        )
+
+    raw = ask("Will it rain in Paris this weekend?")
+    assert raw.parse().model == "weather"
+    assert raw.headers["x-loramux-route"].startswith("adapter=weather;")
+    assert ask("How do I make fluffy pancakes?").parse().model == "cooking"
+    chunks = list(ask("How do I make fluffy pancakes?", stream=True).parse())
+    assert chunks and all(c.model == "cooking" for c in chunks)
+    # /v1/route answers the ranking without generating (no client method: a plain POST).
+    ranked = client.post("/route", body={"model": "auto", "messages": [{"role": "user", "content": "Will it rain in Paris this weekend?"}]}, cast_to=object)
+    assert [c["model"] for c in ranked["candidates"]] == ["weather", "cooking"] and ranked["fallback"] is False
 
 
 def test_embeddings(client):
