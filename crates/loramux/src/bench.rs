@@ -92,8 +92,8 @@ struct EngineArgs {
     /// Shared system prompt length in the prefix-cache section (section `prefix`).
     #[arg(long, default_value_t = 1000)]
     prefix_tokens: usize,
-    /// Sections to run: throughput, lora, load, mix, prefix, automerge, pin, structured.
-    #[arg(long, value_delimiter = ',', default_value = "throughput,lora,load,mix,prefix,automerge,pin,structured")]
+    /// Sections to run: throughput, lora, load, mix, prefix, automerge, pin, structured, sampler.
+    #[arg(long, value_delimiter = ',', default_value = "throughput,lora,load,mix,prefix,automerge,pin,structured,sampler")]
     sections: Vec<String>,
     /// Where to write the JSON result.
     #[arg(long, default_value = "results/engine_benchmark.json")]
@@ -218,8 +218,8 @@ fn run_route(a: ScenarioArgs<RouteSettings>) -> Result<()> {
 fn run_engine(a: EngineArgs) -> Result<()> {
     for s in &a.sections {
         anyhow::ensure!(
-            ["throughput", "lora", "load", "mix", "prefix", "automerge", "pin", "structured"].contains(&s.as_str()),
-            "unknown section '{s}' (throughput, lora, load, mix, prefix, automerge, pin, structured)"
+            ["throughput", "lora", "load", "mix", "prefix", "automerge", "pin", "structured", "sampler"].contains(&s.as_str()),
+            "unknown section '{s}' (throughput, lora, load, mix, prefix, automerge, pin, structured, sampler)"
         );
     }
     let work = std::env::temp_dir().join(format!("loramux-bench-{}", std::process::id()));
@@ -260,6 +260,9 @@ fn run_engine(a: EngineArgs) -> Result<()> {
     }
     if a.sections.iter().any(|s| s == "pin") {
         engine_bench::pinning(&cfg, &mut rows, &progress);
+    }
+    if a.sections.iter().any(|s| s == "sampler") {
+        engine_bench::sampler(&cfg, &mut rows, &progress);
     }
     if a.sections.iter().any(|s| s == "structured") {
         engine_bench::structured(&cfg, &mut rows, &progress);

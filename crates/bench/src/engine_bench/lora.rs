@@ -95,7 +95,8 @@ pub fn auto_merge(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn F
     for round in 0..ROUNDS {
         progress(&format!("auto-merge, round {}", round + 1));
         for ((_, adapters, after), t) in cases.iter().zip(&mut times) {
-            t.push(decode_step_seconds_with(&mut engine, adapters, cfg.prompt_len, cfg.decode_steps, *after).median);
+            let params = loramux_engine::SamplingParams { ignore_eos: true, ..loramux_engine::SamplingParams::greedy(cfg.decode_steps + 2) };
+            t.push(decode_step_seconds_with(&mut engine, adapters, cfg.prompt_len, cfg.decode_steps, *after, &params).median);
             engine.unmerge_adapter();
         }
     }

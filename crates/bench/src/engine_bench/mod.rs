@@ -10,10 +10,12 @@
 //! scheduler, rows) are here; the sections are in `throughput.rs` (roofline, decode and
 //! prefill by batch, serving mix), `lora.rs` (LoRA cost by rank, mixed batches,
 //! `--auto-merge`), `adapters.rs` (adapter load, memory, GGUF against PEFT), `ttft.rs`
-//! (prefix cache, pinning) and `structured.rs` (structured output).
+//! (prefix cache, pinning), `structured.rs` (structured output) and `sampler.rs` (sampling
+//! controls: penalties, logit_bias, min_p).
 
 mod adapters;
 mod lora;
+mod sampler;
 mod structured;
 mod throughput;
 mod ttft;
@@ -29,6 +31,7 @@ use serde::Serialize;
 
 pub use adapters::adapter_load;
 pub use lora::{auto_merge, lora_cost};
+pub use sampler::sampler;
 pub use structured::structured;
 pub use throughput::{memory_bandwidth_gbs, serving_mix, throughput};
 pub use ttft::{pinning, prefix_ttft};
@@ -103,21 +106,23 @@ fn add_requests(sched: &mut Scheduler, engine: &mut Engine, adapters: &[Option<S
 
 /// Times `steps` decode steps of `adapters.len()` sequences, each scheduler step alone.
 pub fn decode_step_seconds(engine: &mut Engine, adapters: &[Option<String>], prompt_len: usize, steps: usize) -> StepTimes {
-    decode_step_seconds_with(engine, adapters, prompt_len, steps, None)
+    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(steps + 2) };
+    decode_step_seconds_with(engine, adapters, prompt_len, steps, None, &params)
 }
 
 /// [`decode_step_seconds`] under `--auto-merge` after `auto_merge_after` (a merge falls in
-/// the untimed first step when the hysteresis is zero).
+/// the untimed first step when the hysteresis is zero), every request sampled with `params`
+/// (which must generate at least `steps + 2` tokens).
 fn decode_step_seconds_with(
     engine: &mut Engine,
     adapters: &[Option<String>],
     prompt_len: usize,
     steps: usize,
     auto_merge_after: Option<Duration>,
+    params: &SamplingParams,
 ) -> StepTimes {
-    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(steps + 2) };
     let mut sched = batch_scheduler_with(engine, adapters.len(), prompt_len, auto_merge_after);
-    add_requests(&mut sched, engine, adapters, prompt_len, 0, &params);
+    add_requests(&mut sched, engine, adapters, prompt_len, 0, params);
     sched.step(engine); // admission, prefill and the first token
     sched.step(engine); // warm-up decode
     let mut times = Vec::with_capacity(steps);
