@@ -48,6 +48,10 @@ pub struct Settings {
     pub enable_lora_updates: bool,
     pub dequantize: bool,
     pub max_request_bytes: usize,
+    /// `--adapter-store`: where uploaded adapters are kept.
+    pub adapter_store: PathBuf,
+    /// `--max-upload-bytes`: the largest upload body.
+    pub max_upload_bytes: usize,
     /// How long a client may take to send its request headers and body (slowloris protection).
     pub http_read_timeout: Duration,
     /// Deadline of one request from arrival to its last token, queueing included; `None`: no deadline.
@@ -180,6 +184,8 @@ impl ServeConfig {
             enable_lora_updates,
             dequantize: self.dequantize.unwrap_or(false),
             max_request_bytes: self.max_request_bytes.unwrap_or(defaults::MAX_REQUEST_BYTES),
+            adapter_store: self.adapter_store.take().unwrap_or_else(|| loramux_engine::registry::cache_dir().join("adapter-store")),
+            max_upload_bytes: self.max_upload_bytes.filter(|&b| b > 0).unwrap_or(defaults::MAX_UPLOAD_BYTES),
             http_read_timeout: timeouts.http_read,
             request_timeout: timeouts.request,
             shutdown_timeout: timeouts.shutdown,
