@@ -89,12 +89,24 @@ async fn uploads_are_served_to_their_tenant_alone() {
     let tmp = tempfile::tempdir().unwrap();
     let srv = server(tmp.path()).await;
     let (_, ref_a) = chat_as(&srv, "admin", "a").await;
-    let (st, v) = upload_peft(&srv, "alpha-key", "a", "mine", &[]).await;
+    let routing = br#"{"description": "greetings", "examples": ["Hello there", "Good morning"]}"#;
+    let (st, v) = upload_peft(&srv, "alpha-key", "a", "mine", &[("routing.json", None, routing)]).await;
     assert_eq!(st, 200, "{v}");
     assert_eq!((v["id"].as_str(), v["object"].as_str(), v["owned_by"].as_str()), (Some("alpha/mine"), Some("adapter"), Some("alpha")));
     assert!(v["sha256"].as_str().unwrap().len() == 64 && v["bytes"].as_u64().unwrap() > 12000 && v["rank"].as_u64().unwrap() > 0, "{v}");
     let (st, body) = chat_as(&srv, "alpha-key", "alpha/mine").await;
     assert_eq!((st, text(&body)), (200, text(&ref_a)), "the upload serves adapter a's weights");
+
+    // Routable for alpha (and the admin), never a candidate for beta.
+    let auto = chat_body("auto", "Hello there", 4);
+    for key in ["alpha-key", "admin"] {
+        let (st, v) = srv.post_key("/v1/route", &auto, Some(key)).await;
+        assert_eq!((st, v["model"].as_str()), (200, Some("alpha/mine")), "{key}: {v}");
+    }
+    let (_, v) = srv.post_key("/v1/route", &auto, Some("beta-key")).await;
+    assert!(!v.to_string().contains("alpha/mine"), "route: {v}");
+    let (_, v) = srv.post_key("/v1/chat/completions", &auto, Some("beta-key")).await;
+    assert!(!v.to_string().contains("alpha/mine"), "auto: {v}");
 
     // Beta (whose glob is "*") is answered exactly as for a name nobody has.
     let (st, mine) = chat_as(&srv, "beta-key", "alpha/mine").await;
