@@ -131,9 +131,13 @@ async fn uploads_are_served_to_their_tenant_alone() {
     assert_eq!(text(&chat_as(&srv, "alpha-key", "alpha/mine").await.1), text(&ref_a));
     let (st, _) = chat_as(&srv, "beta-key", "beta/mine").await;
     assert_eq!(st, 200);
+    // A GGUF upload without a name is named after its file.
+    let gguf = std::fs::read(fixture("llama").join("adapters_gguf/a.gguf")).unwrap();
+    let (st, v) = srv.upload("alpha-key", &[("adapter", Some("some/dir/a.gguf"), &gguf)]).await;
+    assert_eq!((st, v["id"].as_str()), (200, Some("alpha/a")), "{v}");
     let (_, list) = srv.call_key(Method::GET, "/v1/adapters", "alpha-key").await;
     let ids: Vec<String> = serde_json::from_str::<Value>(&list).unwrap()["data"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap().to_string()).collect();
-    assert_eq!(ids, ["alpha/mine"]);
+    assert_eq!(ids, ["alpha/a", "alpha/mine"]);
     srv.shutdown().await;
 }
 
@@ -265,4 +269,45 @@ async fn overwrites_deletes_and_requests_never_mix_weights() {
     }
     assert_eq!(text(&chat_as(&srv, "alpha-key", "alpha/x").await.1), b);
     std::sync::Arc::try_unwrap(srv).ok().unwrap().shutdown().await;
+}
+
+/// Adapter a's safetensors with `pad` bytes of `__metadata__` in its header: the same
+/// tensors (offsets are relative to the data), a bigger file.
+fn padded_weights(pad: usize) -> Vec<u8> {
+    let bytes = adapter("a").1;
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header.insert("__metadata__".into(), json!({"pad": "x".repeat(pad)}));
+    let mut h = serde_json::to_vec(&header).unwrap();
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    [&(h.len() as u64).to_le_bytes()[..], &h, &bytes[8 + n..]].concat()
+}
+
+/// Upload-to-first-token of a ~10 MB adapter: from the start of the upload to the answer of
+/// a one-token request on it, p50 of 5 (a new name each time). Prints the numbers; run with
+/// `cargo test --release -p loramux-server --test uploads -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a measurement, not a check"]
+async fn upload_to_first_token_of_a_10_mb_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = server(tmp.path()).await;
+    let (config, weights) = (adapter("a").0, padded_weights(10 << 20));
+    let mut times = Vec::new();
+    for i in 0..5 {
+        let name = format!("big{i}");
+        let t = std::time::Instant::now();
+        let (st, v) = srv.upload("alpha-key", &[("adapter_config.json", None, &config), ("adapter_model.safetensors", None, &weights), ("name", None, name.as_bytes())]).await;
+        assert_eq!(st, 200, "{v}");
+        let uploaded = t.elapsed();
+        let (st, body) = srv.post_key("/v1/completions", &completion_body(&format!("alpha/{name}"), "Hello", 1), Some("alpha-key")).await;
+        assert_eq!(st, 200, "{body}");
+        times.push((t.elapsed(), uploaded));
+        let (st, _) = srv.call_key(Method::DELETE, &format!("/v1/adapters/{name}"), "alpha-key").await;
+        assert_eq!(st, 200);
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    eprintln!("upload of {} bytes to first token, ms (upload part): {:?}", config.len() + weights.len(), times.iter().map(|(a, u)| format!("{:.1} ({:.1})", ms(*a), ms(*u))).collect::<Vec<_>>());
+    eprintln!("p50 upload-to-first-token: {:.1} ms", ms(times[2].0));
+    srv.shutdown().await;
 }

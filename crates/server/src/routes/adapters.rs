@@ -93,7 +93,11 @@ fn acting_tenant(st: &AppState, caller: &Caller, named: Option<&str>) -> Result<
 /// The upload's name: the `name` field, else a GGUF file's stem.
 fn upload_name(form: &UploadForm) -> Result<String, ApiError> {
     let from_file = match &form.files {
-        AdapterFiles::Gguf { filename: Some(f), .. } => f.rsplit('/').next().and_then(|f| f.get(..f.len().saturating_sub(5))).map(str::to_string),
+        AdapterFiles::Gguf { filename: Some(f), .. } => {
+            let base = f.rsplit(['/', '\\']).next().unwrap_or(f);
+            let cut = base.len().saturating_sub(5);
+            base.get(cut..).filter(|ext| ext.eq_ignore_ascii_case(".gguf")).and_then(|_| base.get(..cut)).map(str::to_string)
+        }
         _ => None,
     };
     let name = form.name.clone().or(from_file).ok_or_else(|| ApiError::invalid_param("name", "'name' is required"))?;

@@ -141,7 +141,8 @@ impl AdapterStore {
         Ok(store)
     }
 
-    /// Every index entry on disk (temporaries and unreadable files skipped, and removed).
+    /// Every index entry on disk; temporaries, unreadable files and entries that do not match
+    /// their place (tenant folder, file name, a 64-hex sha256) are removed.
     fn read_index(&self) -> Result<Vec<StoredAdapter>, StoreError> {
         let tenants = self.root.join("tenants");
         let mut out = Vec::new();
@@ -151,8 +152,12 @@ impl AdapterStore {
                 let path = file.path();
                 let fname = file.file_name().to_string_lossy().into_owned();
                 let parsed = fs::read(&path).ok().and_then(|b| serde_json::from_slice::<StoredAdapter>(&b).ok());
+                let in_place = |e: &StoredAdapter| {
+                    let hex = e.sha256.len() == 64 && e.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+                    hex && dir.file_name() == e.tenant.as_str() && fname == format!("{}.json", e.name) && super::check_upload_name(&e.name).is_ok()
+                };
                 match parsed {
-                    Some(e) if !fname.starts_with('.') && fname == format!("{}.json", e.name) => out.push(e),
+                    Some(e) if in_place(&e) => out.push(e),
                     _ => {
                         tracing::warn!(file = %path.display(), "adapter store: removing a temporary or unreadable index file");
                         let _ = fs::remove_file(&path);
