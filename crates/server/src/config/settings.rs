@@ -161,6 +161,10 @@ impl ServeConfig {
         let auto_merge_after = self.auto_merge_after()?;
         let served_model_name = self.names(model_spec, &lora_modules)?;
         let router = self.router(&served_model_name, &lora_modules)?;
+        let max_upload_bytes = match self.max_upload_bytes {
+            Some(0) => return bad("--max-upload-bytes: must be at least 1".into()),
+            b => b.unwrap_or(defaults::MAX_UPLOAD_BYTES),
+        };
         Ok(Settings {
             router,
             served_model_name,
@@ -185,7 +189,7 @@ impl ServeConfig {
             dequantize: self.dequantize.unwrap_or(false),
             max_request_bytes: self.max_request_bytes.unwrap_or(defaults::MAX_REQUEST_BYTES),
             adapter_store: self.adapter_store.take().unwrap_or_else(|| loramux_engine::registry::cache_dir().join("adapter-store")),
-            max_upload_bytes: self.max_upload_bytes.filter(|&b| b > 0).unwrap_or(defaults::MAX_UPLOAD_BYTES),
+            max_upload_bytes,
             http_read_timeout: timeouts.http_read,
             request_timeout: timeouts.request,
             shutdown_timeout: timeouts.shutdown,
