@@ -285,12 +285,24 @@ weight = -1.0
     put("tenants_file", "empty", "")
 
 
+def upload_seeds():
+    def part(name, data, filename=None):
+        fname = f'; filename="{filename}"' if filename else ""
+        return f'--XyZ\r\nContent-Disposition: form-data; name="{name}"{fname}\r\n\r\n'.encode() + data + b"\r\n"
+    config = json.dumps({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}).encode()
+    put("upload_multipart", "peft", part("adapter_config.json", config) + part("adapter_model.safetensors", b"\x08\0\0\0\0\0\0\0{}      ")
+        + part("name", b"sql") + part("overwrite", b"true") + part("routing.json", b'{"examples": ["a"]}') + b"--XyZ--\r\n")
+    put("upload_multipart", "gguf", b"multipart/form-data; boundary=q\n--q\r\nContent-Disposition: form-data; name=\"f\"; filename=\"x.gguf\"\r\n\r\nGGUF\r\n--q--\r\n")
+    put("upload_multipart", "path", part("lora_path", b"/etc") + b"--XyZ--\r\n")
+
+
 def main():
     gguf_seeds()
     adapter_seeds()
     chat_seeds()
     openai_seeds()
     tenants_seeds()
+    upload_seeds()
     total = 0
     for dirpath, _, files in os.walk(CORPUS):
         total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)

@@ -20,7 +20,7 @@ ROOT=$(pwd)
 
 SECS=${1:-30}
 [ $# -gt 0 ] && shift
-ALL=(gguf adapter chat_template openai_request routing_json tenants_file)
+ALL=(gguf adapter chat_template openai_request routing_json tenants_file upload_multipart)
 if [ $# -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${ALL[@]}"); fi
 case "$SECS" in ''|*[!0-9]*) echo "usage: $0 [SECONDS_PER_TARGET] [TARGET...]" >&2; exit 2 ;; esac
 for t in "${TARGETS[@]}"; do

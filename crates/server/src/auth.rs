@@ -1,6 +1,7 @@
 //! Who may call what: a key of a tenant (`--tenants FILE`, or the `--api-key KEY[:ADAPTER]`
 //! shorthand: a one-key tenant that may use every adapter) for every `/v1` call, and a separate
-//! admin key for loading and unloading adapters. A tenant's key may use only its adapters.
+//! admin key for loading and unloading adapters. A tenant's key may use only its adapters:
+//! those its globs name and its own upload namespace `<tenant>/*`, never another tenant's uploads.
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use axum::http::HeaderMap;
 
 use crate::error::ApiError;
 use crate::tenants::{ct_eq, Tenant, TenantStore};
+use crate::uploads::UploadedNames;
 
 /// One accepted API key.
 #[derive(Clone, PartialEq, Eq)]
@@ -53,6 +55,8 @@ pub struct Caller {
     pub default_adapter: Option<String>,
     /// The tenant the key belongs to; `None` for the admin key and on an open server.
     pub tenant: Option<Arc<Tenant>>,
+    /// Uploaded adapters: each is its tenant's alone, whatever other tenants' globs say.
+    pub uploaded: UploadedNames,
 }
 
 /// The tenant metrics label of requests made with the admin key.
@@ -62,10 +66,15 @@ pub const OPEN_LABEL: &str = "(none)";
 
 impl Caller {
     /// Whether this caller may have its requests served by `adapter`: a tenant's key only by
-    /// the tenant's adapters, the admin key and an open server by every one. The router offers
-    /// only these as candidates. The base model is not an adapter: every caller may use it.
+    /// the tenant's adapters (its globs, and its upload namespace `<tenant>/*`, but never
+    /// another tenant's upload), the admin key and an open server by every one. The router
+    /// offers only these as candidates. The base model is not an adapter: every caller may use it.
     pub fn may_use(&self, adapter: &str) -> bool {
-        self.tenant.as_ref().is_none_or(|t| t.may_use(adapter))
+        let Some(t) = &self.tenant else { return true };
+        if adapter.split_once('/').is_some_and(|(ns, _)| ns == t.name) {
+            return true;
+        }
+        !self.uploaded.contains(adapter) && t.may_use(adapter)
     }
 
     /// The tenant metrics label: the tenant's name, [`ADMIN_LABEL`] or [`OPEN_LABEL`]
@@ -83,6 +92,7 @@ impl Caller {
 pub struct Auth {
     tenants: Arc<TenantStore>,
     admin: Option<String>,
+    uploaded: UploadedNames,
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -93,7 +103,12 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 impl Auth {
     pub fn new(tenants: Arc<TenantStore>, admin: Option<String>) -> Self {
-        Self { tenants, admin }
+        Self { tenants, admin, uploaded: UploadedNames::default() }
+    }
+
+    /// The uploaded adapters' names, which every [`Caller`] checks (the upload store adds to them).
+    pub fn uploaded(&self) -> &UploadedNames {
+        &self.uploaded
     }
 
     /// The tenants in force (admission counts requests against their limits).
@@ -114,10 +129,10 @@ impl Auth {
             _ => false,
         };
         if admin {
-            return Ok(Caller { admin: true, default_adapter: None, tenant: None });
+            return Ok(Caller { admin: true, default_adapter: None, tenant: None, uploaded: self.uploaded.clone() });
         }
         if !self.tenants.required() {
-            return Ok(Caller::default());
+            return Ok(Caller { uploaded: self.uploaded.clone(), ..Caller::default() });
         }
         let Some(token) = token else {
             return Err(ApiError::unauthorized(
@@ -125,12 +140,12 @@ impl Auth {
             ));
         };
         match self.tenants.current().find(token) {
-            Some(t) => Ok(Caller { admin: false, default_adapter: t.default_adapter.clone(), tenant: Some(t) }),
+            Some(t) => Ok(Caller { admin: false, default_adapter: t.default_adapter.clone(), tenant: Some(t), uploaded: self.uploaded.clone() }),
             None => Err(ApiError::unauthorized("Incorrect API key provided.")),
         }
     }
 
-/// Checks an admin call (adapter load/unload).
+    /// Checks an admin call (adapter load/unload).
     pub fn check_admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let caller = self.check(headers)?;
         if caller.admin {
@@ -171,6 +186,11 @@ mod tests {
         assert_eq!(auth.check_admin(&headers("Bearer k1")).unwrap_err().status, 403);
         assert!(auth.check_admin(&headers("Bearer root")).is_ok());
         assert!(ApiKey::parse(":x").is_err());
+        // An upload is its tenant's alone, even for a key whose glob is `*`.
+        auth.uploaded().insert("key-2/x".into());
+        assert!(!k1.may_use("key-2/x") && k1.may_use("key-1/anything") && k1.may_use("key-2/y"));
+        assert!(auth.check(&headers("Bearer k2")).unwrap().may_use("key-2/x"));
+        assert!(auth.check(&headers("Bearer root")).unwrap().may_use("key-2/x"));
         assert!(ApiKey::parse("k:").is_err());
     }
 

@@ -112,6 +112,16 @@ impl ApiError {
         .with_code("request_too_large")
     }
 
+    /// 413 for a reason of its own (an upload past its tenant's byte quota).
+    pub fn too_large_because(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", message).with_code("request_too_large")
+    }
+
+    /// 429 a tenant's count quota (`code` says which): not a rate, so no `Retry-After`.
+    pub fn quota_exceeded(message: impl Into<String>, code: &'static str) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message).with_code(code)
+    }
+
     /// 503 the server is shutting down or overloaded.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message).with_code("service_unavailable")

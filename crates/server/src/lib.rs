@@ -10,6 +10,7 @@
 //! - [`openai`]: request parsing; [`protocol`]: the typed responses, stream chunks,
 //!   logprobs and model cards; [`error`]: OpenAI-style errors.
 //! - [`tenants`]: keys bound to adapters, per-tenant limits, reload of `--tenants FILE`.
+//! - [`uploads`]: tenants' adapter uploads (multipart parsing, the durable adapter store).
 //! - [`auth`], [`adapters`] (adapter roots and `--lora-dir`), [`metrics`], [`config`].
 //!
 //! [`Server::start`] binds and serves; [`Server::shutdown`] drains gracefully. The server
@@ -27,6 +28,7 @@ pub mod protocol;
 pub mod routes;
 pub mod scheduler;
 pub mod tenants;
+pub mod uploads;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -77,15 +79,22 @@ impl Server {
             TenantStore::new(&settings.api_keys, settings.tenants_file.clone()).map_err(|e| ServerError::Config(e.to_string()))?,
         );
         let (lora_dirs, roots) = adapter_dirs(&settings)?;
+        let uploads = open_adapter_store(&settings, &tenant_store)?;
+        let uploaded: Vec<(String, PathBuf)> =
+            uploads.iter().flat_map(|s| s.entries().into_iter().map(|e| (e.id(), s.adapter_path(&e.sha256, e.format)))).collect();
 
         let t = Instant::now();
         tracing::info!(model = %location.path().display(), "loading model");
-        let (sched, batch_thread) = scheduler::spawn(location, &settings, lora_dirs.clone(), metrics.clone()).await?;
+        let (sched, batch_thread) = scheduler::spawn(location, &settings, lora_dirs.clone(), uploaded.clone(), metrics.clone()).await?;
         log_loaded(&settings, &sched.info, &roots);
 
+        let auth = Auth::new(tenant_store.clone(), settings.admin_api_key.clone());
+        for (id, _) in uploaded {
+            auth.uploaded().insert(id);
+        }
         let state = Arc::new(AppState {
             sched,
-            auth: Auth::new(tenant_store.clone(), settings.admin_api_key.clone()),
+            auth,
             metrics,
             base_name: settings.served_model_name.clone(),
             adapter_roots: roots,
@@ -93,6 +102,8 @@ impl Server {
             http_read_timeout: settings.http_read_timeout,
             lora_updates: settings.enable_lora_updates,
             max_body: settings.max_request_bytes,
+            uploads,
+            max_upload_bytes: settings.max_upload_bytes,
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             routing: settings.router.clone(),
         });
@@ -237,6 +248,16 @@ fn check_merge_lora(location: &ModelLocation, settings: &Settings) -> Result<(),
 
 /// The `--lora-dir`s, canonical and deduplicated, and the roots `load_lora_adapter` may read
 /// from: those plus the `--allowed-lora-root`s.
+/// The adapter store, when there are tenants to upload (cleaned of what a crash left).
+fn open_adapter_store(settings: &Settings, tenants: &TenantStore) -> Result<Option<Arc<uploads::AdapterStore>>, ServerError> {
+    if !tenants.required() {
+        return Ok(None);
+    }
+    let store = uploads::AdapterStore::open(settings.adapter_store.clone()).map_err(|e| ServerError::Config(e.to_string()))?;
+    tracing::info!(dir = %settings.adapter_store.display(), adapters = store.entries().len(), "adapter store: uploads re-registered");
+    Ok(Some(Arc::new(store)))
+}
+
 fn adapter_dirs(settings: &Settings) -> Result<(Vec<PathBuf>, Vec<PathBuf>), ServerError> {
     let mut lora_dirs = Vec::new();
     for d in &settings.lora_dirs {

@@ -99,6 +99,12 @@ pub struct ServeConfig {
     /// Dequantize GGUF weights to float32 [default: false].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub dequantize: Option<bool>,
+    /// Where uploaded adapters are kept (`POST /v1/adapters`).
+    #[arg(long, value_name = "DIR", help = "Directory of the adapter store: tenants' uploaded adapters, content-addressed, re-registered at startup [default: <cache>/adapter-store]")]
+    pub adapter_store: Option<PathBuf>,
+    /// Bounds the memory one upload can take (it is read whole before it is checked).
+    #[arg(long, value_name = "BYTES", help = format!("Largest adapter upload body in bytes (413 above) [default: {} = {} MiB]", defaults::MAX_UPLOAD_BYTES, defaults::MAX_UPLOAD_BYTES >> 20))]
+    pub max_upload_bytes: Option<usize>,
     /// Bounds the memory one request body can take.
     #[arg(long, value_name = "BYTES", help = format!("Largest request body in bytes [default: {} = {} MiB]", defaults::MAX_REQUEST_BYTES, defaults::MAX_REQUEST_BYTES >> 20))]
     pub max_request_bytes: Option<usize>,
@@ -231,7 +237,7 @@ impl ServeConfig {
             config, model, served_model_name, lora_modules, merge_lora, lora_dir, allowed_lora_root, pin_lora, max_loras,
             max_lora_rank, max_lora_bytes, max_num_seqs, scheduling_policy, max_num_batched_tokens, enable_chunked_prefill,
             max_model_len, kv_cache_gib, enable_prefix_caching, prefix_cache_gib, host, port, api_key, tenants, admin_api_key, enable_lora_updates, dequantize,
-            max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, max_queue_delay_secs, adapter_wait_secs,
+            adapter_store, max_upload_bytes, max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, max_queue_delay_secs, adapter_wait_secs,
             auto_merge, auto_merge_after_secs, router_aliases, router_min_confidence, router_fallback, router_model, router_layer,
             shutdown_timeout_secs, debug_fault
         )

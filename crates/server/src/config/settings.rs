@@ -50,6 +50,10 @@ pub struct Settings {
     pub enable_lora_updates: bool,
     pub dequantize: bool,
     pub max_request_bytes: usize,
+    /// `--adapter-store`: where uploaded adapters are kept.
+    pub adapter_store: PathBuf,
+    /// `--max-upload-bytes`: the largest upload body.
+    pub max_upload_bytes: usize,
     /// How long a client may take to send its request headers and body (slowloris protection).
     pub http_read_timeout: Duration,
     /// Deadline of one request from arrival to its last token, queueing included; `None`: no deadline.
@@ -159,6 +163,10 @@ impl ServeConfig {
         let auto_merge_after = self.auto_merge_after()?;
         let served_model_name = self.names(model_spec, &lora_modules)?;
         let router = self.router(&served_model_name, &lora_modules)?;
+        let max_upload_bytes = match self.max_upload_bytes {
+            Some(0) => return bad("--max-upload-bytes: must be at least 1".into()),
+            b => b.unwrap_or(defaults::MAX_UPLOAD_BYTES),
+        };
         Ok(Settings {
             router,
             served_model_name,
@@ -186,6 +194,8 @@ impl ServeConfig {
             enable_lora_updates,
             dequantize: self.dequantize.unwrap_or(false),
             max_request_bytes: self.max_request_bytes.unwrap_or(defaults::MAX_REQUEST_BYTES),
+            adapter_store: self.adapter_store.take().unwrap_or_else(|| loramux_engine::registry::cache_dir().join("adapter-store")),
+            max_upload_bytes,
             http_read_timeout: timeouts.http_read,
             request_timeout: timeouts.request,
             shutdown_timeout: timeouts.shutdown,

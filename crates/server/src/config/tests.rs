@@ -133,3 +133,16 @@ fn tenants_file_from_toml_or_flag() {
     assert_eq!(s.api_keys.len(), 1, "--api-key and --tenants together");
     assert_eq!(ServeConfig::default().resolve("m").unwrap().tenants_file, None);
 }
+
+#[test]
+fn adapter_store_and_upload_cap_from_toml_and_flags() {
+    let file = ServeConfig::from_toml("adapter_store = \"/srv/store\"\nmax-upload-bytes = 1000\n").unwrap();
+    let s = file.clone().resolve("m").unwrap();
+    assert_eq!((s.adapter_store, s.max_upload_bytes), (PathBuf::from("/srv/store"), 1000));
+    let s = file.overridden_by(parse(&["--adapter-store", "/other", "--max-upload-bytes", "5"])).resolve("m").unwrap();
+    assert_eq!((s.adapter_store, s.max_upload_bytes), (PathBuf::from("/other"), 5));
+    let s = ServeConfig::default().resolve("m").unwrap();
+    assert_eq!(s.adapter_store, loramux_engine::registry::cache_dir().join("adapter-store"));
+    assert_eq!(s.max_upload_bytes, defaults::MAX_UPLOAD_BYTES);
+    assert!(parse(&["--max-upload-bytes", "0"]).resolve("m").is_err());
+}

@@ -18,7 +18,9 @@
 //! | `health.rs` | `GET /health`, `GET /ping`, `GET /version` |
 //! | `metrics.rs` | `GET /metrics` (Prometheus text) |
 //! | `route.rs` | `POST /v1/route`, and `model: "auto"` on chat and completions (semantic routing) |
+//! | `adapters.rs` | `POST /v1/adapters` (a tenant's upload), `GET /v1/adapters`, `DELETE /v1/adapters/{name}` |
 
+mod adapters;
 mod choices;
 mod embeddings;
 mod generate;
@@ -37,7 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use futures_util::stream::StreamExt;
 use rand::Rng;
@@ -62,6 +64,9 @@ pub struct AppState {
     pub http_read_timeout: Duration,
     pub lora_updates: bool,
     pub max_body: usize,
+    /// The adapter store (`None`: no tenants, so no uploads) and the largest upload body.
+    pub uploads: Option<Arc<crate::uploads::AdapterStore>>,
+    pub max_upload_bytes: usize,
     pub created: u64,
     /// `--router-aliases`, `--router-fallback` (the router itself is `sched.router`).
     pub routing: crate::config::RouterSettings,
@@ -82,6 +87,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/load_lora_adapter", post(lora_adapters::load_lora))
         .route("/v1/unload_lora_adapter", post(lora_adapters::unload_lora))
+        .route("/v1/adapters", post(adapters::upload).get(adapters::list))
+        .route("/v1/adapters/{*id}", delete(adapters::delete))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route("/tokenizer_info", get(tokenize::tokenizer_info))
@@ -108,7 +115,12 @@ impl AppState {
     /// The request body, within the size limit and the read timeout (a client that
     /// trickles its body gets 408 and frees the connection).
     async fn read_body(&self, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-        match tokio::time::timeout(self.http_read_timeout, read_body(headers, body, self.max_body)).await {
+        self.read_body_limit(headers, body, self.max_body).await
+    }
+
+    /// [`Self::read_body`] with a limit of its own (uploads have theirs).
+    async fn read_body_limit(&self, headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+        match tokio::time::timeout(self.http_read_timeout, read_body(headers, body, limit)).await {
             Ok(r) => r,
             Err(_) => Err(ApiError::slow_client(format!(
                 "the request body did not arrive within {} s",

@@ -1,5 +1,5 @@
-//! Starting the batch thread: the model, the `--merge-lora` adapter, the `--lora-dir`s and
-//! `--lora-modules` are loaded there (the engine never leaves that thread), then the loop
+//! Starting the batch thread: the model, the `--merge-lora` adapter, the `--lora-dir`s,
+//! `--lora-modules` and the tenants' uploaded adapters are loaded there (the engine never leaves that thread), then the loop
 //! runs. The caller waits for the model to load and gets a [`SchedulerHandle`] back.
 
 use std::path::PathBuf;
@@ -27,6 +27,7 @@ pub(crate) async fn spawn(
     location: ModelLocation,
     settings: &Settings,
     lora_dirs: Vec<PathBuf>,
+    uploaded: Vec<(String, PathBuf)>,
     metrics: Arc<Metrics>,
 ) -> Result<(SchedulerHandle, JoinHandle<()>), ServerError> {
     let (tx, rx) = mpsc::sync_channel(settings.max_waiting + ADMIN_COMMANDS);
@@ -36,7 +37,7 @@ pub(crate) async fn spawn(
     let thread_shared = shared.clone();
     let join = std::thread::Builder::new()
         .name("loramux-batch".into())
-        .spawn(move || match load(location, &settings, &lora_dirs) {
+        .spawn(move || match load(location, &settings, &lora_dirs, &uploaded) {
             Ok((engine, scheduler, info, router)) => {
                 let gate = scheduler.admission_gate().clone();
                 let input = engine.input().clone();
@@ -70,11 +71,12 @@ pub(crate) async fn spawn(
 
 /// Loads the engine and the startup adapters and makes the scheduler, in order: the model
 /// (with `--merge-lora`), the scheduler, `--lora-dir`s, `--lora-modules`, `--pin-lora`, then
-/// the router over the startup adapters' routing files.
+/// the uploaded adapters, then the router over the startup adapters' routing files.
 fn load(
     location: ModelLocation,
     settings: &Settings,
     lora_dirs: &[PathBuf],
+    uploaded: &[(String, PathBuf)],
 ) -> Result<(Engine, Scheduler, EngineInfo, Arc<Router>), ServerError> {
     let (mut engine, load_seconds) = load_engine(&location, settings)?;
     let mut scheduler = Scheduler::new(
@@ -99,6 +101,7 @@ fn load(
     register_lora_dirs(&mut engine, settings, lora_dirs)?;
     let startup_adapters = load_lora_modules(&mut engine, settings)?;
     pin_loras(&mut engine, settings)?;
+    register_uploads(&mut engine, uploaded);
     let cfg = engine.model().config();
     let (_, kv_budget_bytes) = scheduler.kv_usage_bytes();
     let info = EngineInfo {
@@ -242,6 +245,18 @@ fn load_lora_modules(engine: &mut Engine, settings: &Settings) -> Result<Vec<(St
         }
     }
     Ok(startup_adapters)
+}
+
+/// The adapter store's uploads (`<tenant>/<name>`, checked when uploaded): known, read on
+/// first use. A name a startup adapter already has is skipped with a warning.
+fn register_uploads(engine: &mut Engine, uploaded: &[(String, PathBuf)]) {
+    for (name, path) in uploaded {
+        if engine.loras_mut().resolve(name).is_ok() {
+            tracing::warn!(adapter = %name, skipped = %path.display(), "an uploaded adapter has the name of a startup adapter");
+            continue;
+        }
+        engine.loras_mut().register(name, path);
+    }
 }
 
 /// `--pin-lora`: resident now (a broken or unknown one fails startup) and never evicted.

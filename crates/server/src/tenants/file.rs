@@ -63,6 +63,7 @@ struct Entry {
     tokens_per_minute: Option<u64>,
     max_uploads: Option<u32>,
     max_upload_rank: Option<u32>,
+    max_upload_bytes: Option<u64>,
 }
 
 /// Longest tenant name: names are metric labels and log fields.
@@ -158,6 +159,8 @@ fn tenant(e: Entry, label: &str) -> Result<Tenant, TenantsError> {
         ("max_concurrency", e.max_concurrency.map(u64::from)),
         ("requests_per_minute", e.requests_per_minute.map(u64::from)),
         ("tokens_per_minute", e.tokens_per_minute),
+        ("max_upload_rank", e.max_upload_rank.map(u64::from)),
+        ("max_upload_bytes", e.max_upload_bytes),
     ];
     if let Some((field, _)) = positive.iter().find(|(_, v)| *v == Some(0)) {
         return Err(err(field, "must be at least 1 (leave it out for no limit)".into()));
@@ -175,6 +178,7 @@ fn tenant(e: Entry, label: &str) -> Result<Tenant, TenantsError> {
         limits,
         max_uploads: e.max_uploads,
         max_upload_rank: e.max_upload_rank,
+        max_upload_bytes: e.max_upload_bytes,
         keys,
         plain_keys,
     })
@@ -233,6 +237,7 @@ mod tests {
             tokens_per_minute = 20000
             max_uploads = 10
             max_upload_rank = 64
+            max_upload_bytes = 1000000
 
             [[tenants]]
             name = "b.team_2"
@@ -247,7 +252,7 @@ mod tests {
         assert_eq!(a.keys[0], key_digest("foo"));
         assert_eq!(a.keys[1], key_digest("plain-key"));
         assert_eq!(a.limits, TenantLimits { max_concurrency: Some(4), requests_per_minute: Some(60), tokens_per_minute: Some(20000) });
-        assert_eq!((a.max_uploads, a.max_upload_rank), (Some(10), Some(64)));
+        assert_eq!((a.max_uploads, a.max_upload_rank, a.max_upload_bytes), (Some(10), Some(64), Some(1000000)));
         assert!(a.may_use("sql") && a.may_use("acme/x") && a.may_use("acme/") && !a.may_use("acme") && !a.may_use("sqlx"));
         assert_eq!(t[1].weight, 1.0);
         assert!(t[1].may_use("sql") && t[1].may_use("xql") && !t[1].may_use("ql"));
@@ -263,6 +268,7 @@ mod tests {
             (&one("weight = -1.0"), Some("t"), Some("weight"), "> 0"),
             (&one("default_adapter = \"b\""), Some("t"), Some("default_adapter"), "not one of"),
             (&one("requests_per_minute = 0"), Some("t"), Some("requests_per_minute"), "at least 1"),
+            (&one("max_upload_bytes = 0"), Some("t"), Some("max_upload_bytes"), "at least 1"),
             (&one("max_concurrency = -1"), Some("t"), Some("max_concurrency"), "expected u32"),
             (&one("weight = \"heavy\""), Some("t"), Some("weight"), "expected f64"),
             (&one("colour = 1"), Some("t"), Some("colour"), "unknown field `colour`"),

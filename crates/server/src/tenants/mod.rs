@@ -1,6 +1,6 @@
 //! Tenants (issue #21): who holds which API keys, which adapters they may use, and their
 //! limits. A [`Tenant`] is what an authenticated request runs as; the fair-share scheduler and
-//! adapter uploads will hang their settings (`weight`, `max_uploads`) off it.
+//! adapter uploads hang their settings (`weight`, `max_uploads`) off it.
 //!
 //! - this file: [`Tenant`], [`Tenants`] (the set, with constant-time key lookup), [`Glob`];
 //! - `file.rs`: the `--tenants` TOML file, [`parse_tenants`];
@@ -43,10 +43,12 @@ pub struct Tenant {
     /// Fair share: the scheduler's weight for this tenant (`loramux_engine::scheduler::fair`).
     pub weight: f64,
     pub limits: TenantLimits,
-    /// Adapters the tenant may upload, for the upload endpoint to come (stored, not used yet).
+    /// How many adapters the tenant may have uploaded at once (past it: 429).
     pub max_uploads: Option<u32>,
-    /// Highest rank of an uploaded adapter (stored, not used yet).
+    /// Highest rank of an uploaded adapter (also bounded by `--max-lora-rank`).
     pub max_upload_rank: Option<u32>,
+    /// Bytes the tenant's uploaded adapters may take in all (past it: 413).
+    pub max_upload_bytes: Option<u64>,
     keys: Vec<[u8; 32]>,
     /// How many keys were written in plain text (warned about at load).
     plain_keys: usize,
@@ -75,6 +77,7 @@ impl Tenant {
             limits: TenantLimits::default(),
             max_uploads: None,
             max_upload_rank: None,
+            max_upload_bytes: None,
             keys: vec![key_digest(key)],
             plain_keys: 0,
         }
@@ -166,6 +169,11 @@ impl Tenants {
 
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
+    }
+
+    /// The tenant named `name`.
+    pub fn get(&self, name: &str) -> Option<std::sync::Arc<Tenant>> {
+        self.list.iter().find(|t| t.name == name).cloned()
     }
 
     /// The tenants' names, in file order.

@@ -183,3 +183,51 @@ pub fn copy_adapter(from: &Path, to: &Path) {
         std::fs::copy(from.join(f), to.join(f)).unwrap();
     }
 }
+
+/// One part of a multipart/form-data body: name, file name, bytes.
+pub type Part<'a> = (&'a str, Option<&'a str>, &'a [u8]);
+
+/// A multipart/form-data body and its content type.
+pub fn multipart(parts: &[Part]) -> (String, Vec<u8>) {
+    let boundary = "loramux-test-boundary-7f3a";
+    let mut body = Vec::new();
+    for (name, filename, data) in parts {
+        let fname = filename.map(|f| format!("; filename=\"{f}\"")).unwrap_or_default();
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"{fname}\r\n\r\n").as_bytes());
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// The parts of a PEFT adapter directory, read.
+pub fn peft_parts(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    (std::fs::read(dir.join("adapter_config.json")).unwrap(), std::fs::read(dir.join("adapter_model.safetensors")).unwrap())
+}
+
+impl TestServer {
+    /// POSTs a multipart upload to `/v1/adapters` with `key`: status and parsed body.
+    pub async fn upload(&self, key: &str, parts: &[Part<'_>]) -> (u16, Value) {
+        let (ct, body) = multipart(parts);
+        let r = self
+            .http
+            .post(format!("{}/v1/adapters", self.url))
+            .header("content-type", ct)
+            .header("authorization", format!("Bearer {key}"))
+            .body(body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Sends `method path` with `key` and no body: status and raw body.
+    pub async fn call_key(&self, method: reqwest::Method, path: &str, key: &str) -> (u16, String) {
+        let r = self.http.request(method, format!("{}{path}", self.url)).header("authorization", format!("Bearer {key}")).send().await.expect("request sent");
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default())
+    }
+}
