@@ -83,6 +83,9 @@ pub struct PolicyRun {
     pub light: TenantRun,
     /// light's share of the weighted service while requests arrived.
     pub light_share: f64,
+    /// heavy's weighted service over light's while requests arrived.
+    #[serde(default)]
+    pub service_ratio: f64,
     /// (seconds, heavy's service - light's service since the start), sampled.
     pub difference: Vec<(f64, f64)>,
 }
@@ -215,6 +218,7 @@ async fn run_policy(ctx: &BenchContext, s: &FairnessSettings, policy: &str, tena
         policy: policy.into(),
         light_alone_ttft,
         light_share: l_window[0] / (h_window[0] + l_window[0]).max(1.0),
+        service_ratio: h_window[0] / l_window[0].max(1.0),
         heavy: tenant_run("heavy", hs, h_window, seconds),
         light: tenant_run("light", ls, l_window, seconds),
         difference,
@@ -254,8 +258,8 @@ impl Report for FairnessResult {
              every request {} prompt words and {} generated tokens. Service = (prompt tokens + 2 x generated) / weight. \
              Light alone: the same stream with the server to itself. VTC bound on the service difference between \
              backlogged tenants: {:.0}.\n\n\
-             | Policy | Light answered / offered | Heavy answered / offered | Light tokens/s (while arriving) | Heavy tokens/s | Light share of service | Light TTFT p50 / p99 (ms) | alone p50 / p99 (ms) | p99 vs alone | max |difference| |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+             | Policy | Light answered / offered | Heavy answered / offered | Light tokens/s (while arriving) | Heavy tokens/s | Heavy : light generated tokens | Heavy : light weighted service | Light TTFT p50 / p99 (ms) | alone p50 / p99 (ms) | p99 vs alone | max |difference| while arriving |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             m.timestamp, m.machine.hostname, m.machine.cpu_model, m.machine.logical_cores, m.base_model,
             s.duration, s.heavy_rate, s.light_rate, s.weights[0], s.weights[1], s.prompt_words, s.output_tokens, self.bound
         );
@@ -265,11 +269,13 @@ impl Report for FairnessResult {
                 (Some(a), Some(b)) if b.p99 > 0.0 => format!("{:.2}x", a.p99 / b.p99),
                 _ => "n/a".into(),
             };
-            let max_diff = r.difference.iter().map(|d| d.1.abs()).fold(0.0, f64::max);
+            // While requests arrive: after, the queues drain and only the backlogged tenant is served.
+            let max_diff = r.difference.iter().filter(|d| d.0 <= s.duration).map(|d| d.1.abs()).fold(0.0, f64::max);
             out += &format!(
-                "| {} | {} / {} | {} / {} | {:.1} | {:.1} | {:.3} | {} | {} | {} | {:.0} |\n",
+                "| {} | {} / {} | {} / {} | {:.1} | {:.1} | {:.2} | {:.2} | {} | {} | {} | {:.0} |\n",
                 r.policy, r.light.served, r.light.offered, r.heavy.served, r.heavy.offered, r.light.generated_tokens_per_s,
-                r.heavy.generated_tokens_per_s, r.light_share, pair(&r.light.ttft), pair(&r.light_alone_ttft), ratio, max_diff
+                r.heavy.generated_tokens_per_s, r.heavy.generated_tokens_per_s / r.light.generated_tokens_per_s.max(1e-9),
+                r.service_ratio, pair(&r.light.ttft), pair(&r.light_alone_ttft), ratio, max_diff
             );
         }
         out
