@@ -219,6 +219,17 @@ pub trait Report {
     fn plots(&self, dir: &Path, stem: &str) -> Result<Vec<PathBuf>, BenchError>;
 }
 
+/// Appends a report's "Notes" section (what was left out, and why); nothing when there are none.
+pub fn notes_section(out: &mut String, notes: &[String]) {
+    if notes.is_empty() {
+        return;
+    }
+    out.push_str("\n## Notes\n\n");
+    for n in notes {
+        out.push_str(&format!("- {n}\n"));
+    }
+}
+
 /// Writes `result` as JSON to `json_path`, then its Markdown (same name, `.md`) and plots
 /// next to it. Returns every path written.
 pub fn write_outputs<R: Serialize + Report>(result: &R, json_path: &Path) -> Result<Vec<PathBuf>, BenchError> {

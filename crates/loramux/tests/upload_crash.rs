@@ -5,19 +5,15 @@
 //! on the same `--adapter-store`. After each restart the upload is either listed and serves
 //! adapter a's text, or not listed; the store holds no temporary and no unreferenced blob.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
+mod common;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::{free_port, repo};
 
 /// `loramux serve` on the tiny model with adapter a, tenant `t` (key `k`), the given store.
 struct Server {
@@ -65,17 +61,9 @@ impl Server {
     }
 }
 
-/// One request on its own connection: status and body.
+/// One request with tenant t's key on its own connection: status and body.
 fn http(port: u16, method: &str, path: &str, ct: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer k\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n", body.len())?;
-    s.write_all(body)?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out)?;
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    common::http(port, method, path, &format!("Authorization: Bearer k\r\nContent-Type: {ct}\r\n"), body, Duration::from_secs(30))
 }
 
 /// Adapter a's safetensors with `pad` bytes of `__metadata__` in its header: the same

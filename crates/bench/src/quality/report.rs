@@ -143,12 +143,7 @@ impl Report for QualityResult {
         for task in self.sweep_tasks() {
             self.sweep_table(task, &mut out);
         }
-        if !self.notes.is_empty() {
-            out.push_str("\n## Notes\n\n");
-            for n in &self.notes {
-                let _ = writeln!(out, "- {n}");
-            }
-        }
+        crate::run::notes_section(&mut out, &self.notes);
         out
     }
 

@@ -59,12 +59,7 @@ impl Report for RouteResult {
                 let _ = writeln!(out, "| {task} | {} |", cells.join(" | "));
             }
         }
-        if !self.notes.is_empty() {
-            out.push_str("\n## Notes\n\n");
-            for n in &self.notes {
-                let _ = writeln!(out, "- {n}");
-            }
-        }
+        crate::run::notes_section(&mut out, &self.notes);
         out
     }
 
