@@ -107,6 +107,10 @@ pub struct Metrics {
     pub tenant_refusals: IntCounterVec,
     pub tenant_queue_seconds: HistogramVec,
     pub tenant_in_flight: IntGaugeVec,
+    /// The engine's fitted step time (`term`: base, per_decode_row, per_prefill_token), seconds.
+    pub step_model: GaugeVec,
+    /// Finished requests by latency target (`target`: ttft, tpot) and whether they met it.
+    pub slo_requests: IntCounterVec,
     /// The scheduler's virtual token counter per tenant (fair share: weighted service so far).
     pub tenant_service: GaugeVec,
     /// Process memory (Prometheus' standard name, and the peak), set at each scrape so a
@@ -198,6 +202,8 @@ impl Metrics {
             tenant_refusals: reg(&r, IntCounterVec::new(Opts::new("loramux_tenant_refusals_total", "Requests refused by a tenant limit or for an adapter the tenant may not use, by tenant and reason."), &["tenant", "reason"]).unwrap()),
             tenant_queue_seconds: reg(&r, HistogramVec::new(h("loramux_tenant_queue_seconds", "Time from arrival to joining the running batch, by tenant.", TTFT_BUCKETS), tenant).unwrap()),
             tenant_in_flight: reg(&r, IntGaugeVec::new(Opts::new("loramux_tenant_in_flight", "Generation requests in flight (streams until their last byte), by tenant."), tenant).unwrap()),
+            step_model: reg(&r, GaugeVec::new(Opts::new("loramux_step_model_seconds", "The engine's step time fitted from the steps it ran: seconds per step (term=base), per decode row, per prefill token."), &["term"]).unwrap()),
+            slo_requests: reg(&r, IntCounterVec::new(Opts::new("loramux_slo_requests_total", "Finished requests by latency target (--target-ttft-ms, --target-tpot-ms) and whether they met it."), &["target", "met"]).unwrap()),
             tenant_service: reg(&r, GaugeVec::new(Opts::new("loramux_tenant_virtual_tokens", "The fair-share scheduler's virtual token counter, by tenant: (prompt tokens + 2 x generated tokens) / weight served so far (VTC, OSDI '24); admission goes to the waiting tenant with the least."), tenant).unwrap()),
             process_memory: process_memory().map(|_| {
                 (

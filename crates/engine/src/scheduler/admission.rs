@@ -36,7 +36,8 @@ impl Scheduler {
         let mut starving = false;
         // Requests passed over this step (adapter loading or blocked), by id.
         let mut passed: Vec<RequestId> = Vec::new();
-        while self.running.len() < self.cfg.max_num_seqs {
+        let limit = self.batch_limit();
+        while self.running.len() < limit {
             let Some(i) = self.next_candidate(&passed) else { break };
             let adapter = self.waiting[i].request.lora().map(|l| l.lora_name.clone());
             if let (Some(a), Some(p)) = (&adapter, &self.panic_on_admit) {

@@ -33,6 +33,7 @@ impl Scheduler {
     pub(super) fn run_batch(&mut self, engine: &mut Engine, report: &mut StepReport) {
         let take = self.plan_chunks();
         let members: Vec<usize> = (0..self.running.len()).filter(|&i| take[i] > 0).collect();
+        let decode_rows = members.iter().filter(|&&i| take[i] == 1 && self.running[i].seq.pending_len() == 1).count();
         if !members.is_empty() {
             let t = Instant::now();
             let mut failures: Vec<(usize, String)> = Vec::new();
@@ -70,7 +71,11 @@ impl Scheduler {
                     rows
                 }
             };
-            report.batch = Some(BatchStats { seqs: members.len(), rows, seconds: t.elapsed().as_secs_f64() });
+            let seconds = t.elapsed().as_secs_f64();
+            if failures.is_empty() {
+                self.step_model.observe(decode_rows, rows.saturating_sub(decode_rows), seconds);
+            }
+            report.batch = Some(BatchStats { seqs: members.len(), rows, decode_rows, seconds });
             failures.sort_by_key(|f| std::cmp::Reverse(f.0));
             for (i, message) in failures {
                 let mut r = self.running.swap_remove(i);

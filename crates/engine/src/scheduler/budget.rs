@@ -11,6 +11,9 @@ use crate::sequence::Sequence;
 /// (vocabulary × 4 bytes, ~190 KiB for SmolLM2), so a pass holds at most ~50 MB of them.
 pub const PROMPT_LOGPROBS_CHUNK: usize = 256;
 
+/// Prefill tokens a step may always take under a TPOT target, however full the batch.
+const MIN_PREFILL_CHUNK: usize = 16;
+
 /// KV blocks that hold `tokens` positions.
 pub(super) fn blocks(tokens: usize) -> usize {
     KvCache::blocks_for(tokens)
@@ -37,6 +40,12 @@ impl Scheduler {
                 take[i] = 1;
                 budget -= 1;
             }
+        }
+        // Under a TPOT target, prefill gets what the target leaves after the decode rows (at
+        // least MIN_PREFILL_CHUNK tokens, so prompts always move).
+        if let (Some(t), Some(c)) = (self.cfg.target_tpot, self.step_model.coefficients()) {
+            let decode_rows = take.iter().sum::<usize>();
+            budget = budget.min(c.prefill_room(decode_rows, t.as_secs_f64()).max(MIN_PREFILL_CHUNK));
         }
         let mut prefills: Vec<usize> =
             (0..self.running.len()).filter(|&i| take[i] == 0 && is_active(&self.running[i]) && self.running[i].seq.pending_len() > 0).collect();

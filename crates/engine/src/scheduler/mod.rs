@@ -17,6 +17,7 @@ mod batch;
 mod budget;
 pub mod fair;
 mod gate;
+pub mod latency;
 mod merge;
 mod offline;
 
@@ -63,6 +64,9 @@ pub struct SchedulerConfig {
     pub auto_merge_after: Option<Duration>,
     /// Who is admitted next: arrival order, or fair share between clients ([`fair`]).
     pub policy: SchedulingPolicy,
+    /// Time per output token to keep (`--target-tpot-ms`): the batch and each step's prefill
+    /// budget follow from the fitted step time ([`latency`]); `None`: only the fixed limits.
+    pub target_tpot: Option<Duration>,
 }
 
 /// Default limits of a server on this engine (`loramux serve` shows them in its help).
@@ -92,6 +96,7 @@ impl Default for SchedulerConfig {
             adapter_wait: defaults::ADAPTER_WAIT,
             auto_merge_after: None,
             policy: SchedulingPolicy::default(),
+            target_tpot: None,
         }
     }
 }
@@ -109,6 +114,7 @@ impl SchedulerConfig {
             adapter_wait: Duration::ZERO,
             auto_merge_after: None,
             policy: SchedulingPolicy::default(),
+            target_tpot: None,
         }
     }
 }
@@ -141,6 +147,8 @@ pub struct BatchStats {
     pub seqs: usize,
     /// Token rows run.
     pub rows: usize,
+    /// Rows that were one decode token each (the rest were prefill).
+    pub decode_rows: usize,
     /// Wall time of the pass.
     pub seconds: f64,
 }
@@ -202,6 +210,8 @@ pub struct Scheduler {
     merge: merge::MergeState,
     /// Weighted service per client: who is admitted next.
     fair: fair::VirtualCounters,
+    /// The fitted step time: how many rows and prefill tokens keep `target_tpot`.
+    step_model: latency::StepModel,
 }
 
 /// Requests started since `since`, and whether some request waited all along (the window
@@ -258,6 +268,7 @@ impl Scheduler {
             panic_on_admit: None,
             merge: merge::MergeState::default(),
             fair: fair::VirtualCounters::default(),
+            step_model: latency::StepModel::default(),
         })
     }
 
@@ -350,6 +361,20 @@ impl Scheduler {
     /// counts them, so gateways read the same thing from either).
     pub fn num_waiting(&self) -> usize {
         self.waiting.len() + self.running.iter().filter(|r| r.preempted).count()
+    }
+
+    /// The fitted step time, once enough steps ran ([`latency`]).
+    pub fn step_coefficients(&self) -> Option<latency::StepCoefficients> {
+        self.step_model.coefficients()
+    }
+
+    /// Most sequences the batch may hold now: `max_num_seqs`, or fewer while the fitted step
+    /// time says more would break `target_tpot`.
+    fn batch_limit(&self) -> usize {
+        match (self.cfg.target_tpot, self.step_model.coefficients()) {
+            (Some(t), Some(c)) => self.cfg.max_num_seqs.min(c.max_decode_rows(t.as_secs_f64())),
+            _ => self.cfg.max_num_seqs,
+        }
     }
 
     /// Each client's weighted service so far ([`fair`]), by name ("" for requests without one).

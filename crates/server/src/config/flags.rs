@@ -57,6 +57,12 @@ pub struct ServeConfig {
     /// Bounds the running batch.
     #[arg(long, value_name = "N", help = format!("Sequences in the running batch at once [default: {}]", defaults::MAX_NUM_SEQS))]
     pub max_num_seqs: Option<usize>,
+    /// Time per output token to keep: the batch size and each step's prefill follow from it.
+    #[arg(long, value_name = "MS", help = "Keep time per output token under this: the batch grows, and each step takes prefill, only as far as the engine's fitted step time allows (off by default: only --max-num-seqs and --max-num-batched-tokens bound a step)")]
+    pub target_tpot_ms: Option<f64>,
+    /// Time to first token to keep: requests that would wait longer are refused at once.
+    #[arg(long, value_name = "MS", help = "Refuse (429, with Retry-After) requests that would wait longer than this for a place in the batch, instead of serving them late; replaces --max-queue-delay-secs (off by default)")]
+    pub target_ttft_ms: Option<f64>,
     /// Who is admitted next when the batch has room.
     #[arg(long, value_name = "POLICY", help = "Admission order: `fair` (each tenant's weighted share of tokens, VTC; arrival order among requests without a tenant) or `fcfs` (arrival order, whoever sent it) [default: fair]")]
     pub scheduling_policy: Option<String>,
@@ -235,7 +241,7 @@ impl ServeConfig {
         }
         pick!(
             config, model, served_model_name, lora_modules, merge_lora, lora_dir, allowed_lora_root, pin_lora, max_loras,
-            max_lora_rank, max_lora_bytes, max_num_seqs, scheduling_policy, max_num_batched_tokens, enable_chunked_prefill,
+            max_lora_rank, max_lora_bytes, max_num_seqs, scheduling_policy, target_tpot_ms, target_ttft_ms, max_num_batched_tokens, enable_chunked_prefill,
             max_model_len, kv_cache_gib, enable_prefix_caching, prefix_cache_gib, host, port, api_key, tenants, admin_api_key, enable_lora_updates, dequantize,
             adapter_store, max_upload_bytes, max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, max_queue_delay_secs, adapter_wait_secs,
             auto_merge, auto_merge_after_secs, router_aliases, router_min_confidence, router_fallback, router_model, router_layer,

@@ -30,6 +30,10 @@ pub struct Settings {
     pub max_num_seqs: usize,
     /// `--scheduling-policy`.
     pub scheduling_policy: loramux_engine::SchedulingPolicy,
+    /// `--target-tpot-ms`.
+    pub target_tpot: Option<Duration>,
+    /// `--target-ttft-ms` (also the admission queue's delay bound).
+    pub target_ttft: Option<Duration>,
     /// Token budget of one forward pass (chunked prefill).
     pub max_num_batched_tokens: usize,
     /// Whether a prompt's prefill may be split across steps (`--enable-chunked-prefill`). When
@@ -181,6 +185,8 @@ impl ServeConfig {
                 None => loramux_engine::SchedulingPolicy::default(),
                 Some(p) => p.parse().map_err(|e: String| ServerError::Config(format!("--scheduling-policy: {e}")))?,
             },
+            target_tpot: self.target_tpot_ms.map(|ms| positive_seconds("--target-tpot-ms", ms / 1e3)).transpose()?,
+            target_ttft: self.target_ttft_ms.map(|ms| positive_seconds("--target-ttft-ms", ms / 1e3)).transpose()?,
             max_num_batched_tokens,
             enable_chunked_prefill: self.enable_chunked_prefill.unwrap_or(defaults::ENABLE_CHUNKED_PREFILL),
             max_model_len: self.max_model_len,
@@ -307,15 +313,17 @@ impl ServeConfig {
         Ok((api_keys, admin_api_key, enable_lora_updates))
     }
 
-    /// The admission queue's bounds: `--max-waiting` and `--max-queue-delay-secs` (0: off).
+    /// The admission queue's bounds: `--max-waiting` and `--max-queue-delay-secs` (0: off), or
+    /// `--target-ttft-ms` in its place.
     fn admission(&self) -> Result<(usize, Option<Duration>), ServerError> {
         let max_waiting = self.max_waiting.unwrap_or(defaults::MAX_WAITING);
         if max_waiting == 0 {
             return bad("--max-waiting must be at least 1".into());
         }
-        let max_queue_delay = match self.max_queue_delay_secs.unwrap_or(defaults::MAX_QUEUE_DELAY_SECS) {
-            0.0 => None,
-            secs => Some(positive_seconds("--max-queue-delay-secs", secs)?),
+        let max_queue_delay = match (self.target_ttft_ms, self.max_queue_delay_secs.unwrap_or(defaults::MAX_QUEUE_DELAY_SECS)) {
+            (Some(ms), _) => Some(positive_seconds("--target-ttft-ms", ms / 1e3)?),
+            (None, 0.0) => None,
+            (None, secs) => Some(positive_seconds("--max-queue-delay-secs", secs)?),
         };
         Ok((max_waiting, max_queue_delay))
     }

@@ -45,7 +45,7 @@ pub(super) struct BatchLoop {
 
 impl BatchLoop {
     pub fn new(engine: Engine, scheduler: Scheduler, rx: mpsc::Receiver<Command>, shared: Arc<Shared>, metrics: Arc<Metrics>, settings: &Settings) -> Self {
-        let emitter = Emitter::new(metrics, engine.input().tokenizer().clone(), settings.lora.max_loras);
+        let emitter = Emitter::new(metrics, engine.input().tokenizer().clone(), settings.lora.max_loras, (settings.target_ttft, settings.target_tpot));
         Self {
             engine,
             scheduler,

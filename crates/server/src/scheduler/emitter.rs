@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use loramux_engine::lora::{AdapterInfo, LoraManager, LoraManagerStats};
 use loramux_engine::prefix_cache::PrefixCacheStats;
@@ -40,10 +40,12 @@ pub(super) struct Emitter {
     last_prefix: PrefixCacheStats,
     /// Adapters whose per-adapter series are published.
     adapter_labels: HashSet<String>,
+    /// `--target-ttft-ms` and `--target-tpot-ms`: finished requests are counted against them.
+    targets: (Option<Duration>, Option<Duration>),
 }
 
 impl Emitter {
-    pub fn new(metrics: Arc<Metrics>, tokenizer: Arc<Tokenizer>, max_loras: usize) -> Self {
+    pub fn new(metrics: Arc<Metrics>, tokenizer: Arc<Tokenizer>, max_loras: usize, targets: (Option<Duration>, Option<Duration>)) -> Self {
         Self {
             metrics,
             tokenizer,
@@ -54,6 +56,7 @@ impl Emitter {
             last_stats: LoraManagerStats::default(),
             last_prefix: PrefixCacheStats::default(),
             adapter_labels: HashSet::new(),
+            targets,
         }
     }
 
@@ -191,6 +194,7 @@ impl Emitter {
                     m.vllm_e2e.observe(e2e);
                     m.vllm_success.with_label_values(&[finish.as_str()]).inc();
                     m.requests.with_label_values(&[&s.label, finish.as_str()]).inc();
+                    self.count_targets(&s, completion.token_ids.len());
                     let _ = s.events.send(Event::Done {
                         finish,
                         prompt_tokens: completion.prompt_tokens,
@@ -200,6 +204,20 @@ impl Emitter {
                 }
                 RequestEvent::Failed(e) => self.reject(out.id, ApiError::from_engine(&e)),
             }
+        }
+    }
+
+    /// Whether a finished request met each latency target set (TTFT from arrival; TPOT: the
+    /// mean gap between tokens after the first).
+    fn count_targets(&self, s: &Stream, tokens: usize) {
+        let (ttft_target, tpot_target) = self.targets;
+        let Some(first) = s.first_token else { return };
+        let count = |target: &str, met: bool| self.metrics.slo_requests.with_label_values(&[target, if met { "true" } else { "false" }]).inc();
+        if let Some(t) = ttft_target {
+            count("ttft", first.duration_since(s.arrival) <= t);
+        }
+        if let (Some(t), true) = (tpot_target, tokens > 1) {
+            count("tpot", s.last_token.duration_since(first) <= t * (tokens as u32 - 1));
         }
     }
 
@@ -253,6 +271,11 @@ impl Emitter {
         m.adapter_load_seconds.inc_by((stats.load_seconds - self.last_stats.load_seconds).max(0.0));
         self.last_stats = stats.clone();
         m.set_queue(scheduler.num_running(), scheduler.num_waiting());
+        if let Some(c) = scheduler.step_coefficients() {
+            m.step_model.with_label_values(&["base"]).set(c.base);
+            m.step_model.with_label_values(&["per_decode_row"]).set(c.per_decode_row);
+            m.step_model.with_label_values(&["per_prefill_token"]).set(c.per_prefill_token);
+        }
         for (client, units) in scheduler.fair_counters() {
             // Requests without a tenant share the counter named "" (one queue, first come first served).
             if !client.is_empty() {

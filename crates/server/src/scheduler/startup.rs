@@ -90,6 +90,7 @@ fn load(
             adapter_wait: settings.adapter_wait,
             auto_merge_after: settings.auto_merge_after,
             policy: settings.scheduling_policy,
+            target_tpot: settings.target_tpot,
         },
         &engine,
     )
