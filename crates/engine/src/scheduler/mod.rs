@@ -24,7 +24,7 @@ mod offline;
 pub use fair::SchedulingPolicy;
 pub use gate::{AdmissionGate, AdmissionTicket};
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -485,31 +485,6 @@ impl Scheduler {
         }
     }
 
-    /// Runs `requests` to completion (no deadlines, every request admitted at once when the
-    /// limits allow); results in input order.
-    pub fn run_to_completion(mut self, engine: &mut Engine, requests: Vec<ProcessedRequest>) -> Result<Vec<Completion>> {
-        let n = requests.len();
-        for (id, r) in requests.into_iter().enumerate() {
-            let ticket = self.gate.try_enter()?;
-            self.add_request(engine, ticket, id as RequestId, r, None)?;
-        }
-        let mut done: HashMap<RequestId, Completion> = HashMap::with_capacity(n);
-        while self.has_unfinished() || !self.pending.is_empty() {
-            for out in self.step(engine).outputs {
-                match out.event {
-                    RequestEvent::Finished { completion } => {
-                        done.insert(out.id, *completion);
-                    }
-                    RequestEvent::Failed(e) => {
-                        self.abort_all(engine);
-                        return Err(Arc::try_unwrap(e).unwrap_or_else(|e| EngineError::StepFailed(e.to_string())));
-                    }
-                    RequestEvent::Started { .. } | RequestEvent::Output { .. } => {}
-                }
-            }
-        }
-        (0..n as RequestId).map(|id| done.remove(&id).ok_or_else(|| EngineError::StepFailed(format!("request {id} did not finish")))).collect()
-    }
 }
 
 fn sorted_names<'a>(names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {

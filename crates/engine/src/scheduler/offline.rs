@@ -3,10 +3,13 @@
 //! It lives here, not in the engine, because it is scheduling: the engine runs the passes
 //! the scheduler plans and never names the scheduler.
 
-use super::{Scheduler, SchedulerConfig};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{RequestEvent, RequestId, Scheduler, SchedulerConfig};
 use crate::engine::Engine;
-use crate::error::Result;
-use crate::input::Request;
+use crate::error::{EngineError, Result};
+use crate::input::{ProcessedRequest, Request};
 use crate::sequence::Completion;
 
 impl Engine {
@@ -15,5 +18,33 @@ impl Engine {
     pub fn generate(&mut self, requests: &[Request]) -> Result<Vec<Completion>> {
         let processed = requests.iter().map(|r| self.input().process(r.clone())).collect::<Result<Vec<_>>>()?;
         Scheduler::new(SchedulerConfig::for_batch(processed.len()), self)?.run_to_completion(self, processed)
+    }
+}
+
+impl Scheduler {
+    /// Runs `requests` to completion (no deadlines, every request admitted at once when the
+    /// limits allow); results in input order.
+    pub fn run_to_completion(mut self, engine: &mut Engine, requests: Vec<ProcessedRequest>) -> Result<Vec<Completion>> {
+        let n = requests.len();
+        for (id, r) in requests.into_iter().enumerate() {
+            let ticket = self.gate.try_enter()?;
+            self.add_request(engine, ticket, id as RequestId, r, None)?;
+        }
+        let mut done: HashMap<RequestId, Completion> = HashMap::with_capacity(n);
+        while self.has_unfinished() || !self.pending.is_empty() {
+            for out in self.step(engine).outputs {
+                match out.event {
+                    RequestEvent::Finished { completion } => {
+                        done.insert(out.id, *completion);
+                    }
+                    RequestEvent::Failed(e) => {
+                        self.abort_all(engine);
+                        return Err(Arc::try_unwrap(e).unwrap_or_else(|e| EngineError::StepFailed(e.to_string())));
+                    }
+                    RequestEvent::Started { .. } | RequestEvent::Output { .. } => {}
+                }
+            }
+        }
+        (0..n as RequestId).map(|id| done.remove(&id).ok_or_else(|| EngineError::StepFailed(format!("request {id} did not finish")))).collect()
     }
 }
