@@ -6,20 +6,29 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 
-/// One chat message.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// One chat message. The tool fields are passed to the template as HF's
+/// `apply_chat_template` passes them, and left out of its context when absent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls, `{"id", "type", "function": {"name", "arguments"}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` turn's answer to this call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
+    /// A plain message of `role`.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into(), ..Self::default() }
+    }
+
     /// A user turn.
     pub fn user(content: impl Into<String>) -> Self {
-        Self {
-            role: "user".into(),
-            content: content.into(),
-        }
+        Self::new("user", content)
     }
 }
 
@@ -76,6 +85,17 @@ impl ChatTemplate {
 
     /// Renders messages, ending with the assistant prompt when `add_generation_prompt`.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Whether the template reads `tools` itself (Qwen2.5's does; SmolLM2's does not).
+    pub fn handles_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// [`Self::render`] with the request's tool definitions in the context as `tools`, as
+    /// transformers' `apply_chat_template(tools=...)` passes them.
+    pub fn render_with_tools(&self, messages: &[ChatMessage], tools: Option<&[serde_json::Value]>, add_generation_prompt: bool) -> Result<String> {
         let tmpl = self
             .env
             .get_template("chat")
@@ -85,6 +105,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
+            tools => tools,
         })
         .map_err(|e| EngineError::ChatTemplate(e.to_string()))
     }

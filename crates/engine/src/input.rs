@@ -127,14 +127,18 @@ impl InputProcessor {
         match prompt {
             Prompt::Tokens(ids) => Ok(ids.clone()),
             Prompt::Text(t) => self.tokenizer.encode(t, true),
-            Prompt::Chat(messages) => {
-                let chat = self.chat.as_ref().ok_or_else(|| {
-                    EngineError::InvalidRequest("this model has no chat template; send a plain prompt".into())
-                })?;
-                let text = chat.render(messages, true)?;
-                self.tokenizer.encode(&text, false)
-            }
+            Prompt::Chat(messages) => self.tokenize_chat(messages, None),
         }
+    }
+
+    /// Token ids of a chat rendered with tool definitions in the template's context.
+    pub fn tokenize_chat(&self, messages: &[ChatMessage], tools: Option<&[serde_json::Value]>) -> Result<Vec<u32>> {
+        let chat = self
+            .chat
+            .as_ref()
+            .ok_or_else(|| EngineError::InvalidRequest("this model has no chat template; send a plain prompt".into()))?;
+        let text = chat.render_with_tools(messages, tools, true)?;
+        self.tokenizer.encode(&text, false)
     }
 
     /// Tokenizes and checks a request: the one place prompts are checked.

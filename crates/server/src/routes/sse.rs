@@ -83,14 +83,12 @@ impl SseState {
         prompt_logprobs: Option<VllmPromptLogprobs>,
     ) -> String {
         let piece = Piece {
-            index: i,
             text,
-            role: None,
             logprobs: (self.want_logprobs && !logprobs.is_empty()).then_some(logprobs),
             text_offset: self.token_offset[i],
             finish_reason,
-            echo: None,
             prompt_logprobs,
+            ..Piece::new(i)
         };
         self.meta.chunk(vec![piece], self.chunk_usage())
     }
@@ -102,17 +100,7 @@ impl SseState {
         }
         (0..self.completion_tokens.len())
             .map(|i| {
-                let piece = Piece {
-                    index: i,
-                    text: Some(String::new()),
-                    role: Some(Role::Assistant),
-                    logprobs: None,
-                    text_offset: 0,
-                    finish_reason: None,
-                    echo: None,
-                    prompt_logprobs: None,
-                };
-                self.meta.chunk(vec![piece], self.chunk_usage())
+                self.meta.chunk(vec![opening(i)], self.chunk_usage())
             })
             .collect()
     }
@@ -192,13 +180,48 @@ pub(super) fn stream_response(st: Arc<AppState>, meta: Meta, req: &GenRequest, r
         completion_tokens: vec![0; n],
         finished: false,
     };
-    let body = stream::unfold(state, SseState::next_frame);
+    sse(Body::from_stream(stream::unfold(state, SseState::next_frame)))
+}
+
+/// Chat's first chunk of choice `i`: the role and empty content.
+fn opening(i: usize) -> Piece {
+    Piece { text: Some(String::new()), role: Some(Role::Assistant), ..Piece::new(i) }
+}
+
+/// A stream of whole choices (chat with tools, whose calls are parsed from the whole text):
+/// per choice its opening chunk, one chunk with its content and every tool call (each whole,
+/// with its `index`), and its finish; then the usage chunk if asked for, and `[DONE]`.
+pub(super) fn stream_whole(meta: &Meta, pieces: Vec<Piece>, usage: Usage, req: &GenRequest) -> Response {
+    let chunk_usage = if req.continuous_usage {
+        Some(Some(usage))
+    } else {
+        req.include_usage.then_some(None)
+    };
+    let mut out = String::new();
+    for mut p in pieces {
+        let (index, finish) = (p.index, p.finish_reason.take());
+        for (i, c) in p.tool_calls.iter_mut().enumerate() {
+            c.index = Some(i);
+        }
+        out.push_str(&meta.chunk(vec![opening(index)], chunk_usage));
+        out.push_str(&meta.chunk(vec![p], chunk_usage));
+        out.push_str(&meta.chunk(vec![Piece { finish_reason: finish, ..Piece::new(index) }], chunk_usage));
+    }
+    if req.include_usage {
+        out.push_str(&meta.chunk(Vec::new(), Some(Some(usage))));
+    }
+    out.push_str("data: [DONE]\n\n");
+    sse(Body::from(out))
+}
+
+/// An SSE response with this body.
+fn sse(body: Body) -> Response {
     (
         [
             (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
         ],
-        Body::from_stream(body),
+        body,
     )
         .into_response()
 }
