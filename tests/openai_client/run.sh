@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Talks to `loramux serve` with the official `openai` Python client (from PyPI).
 # Makes a venv outside the repo (${LORAMUX_CACHE:-~/.cache/loramux}/openai-venv), starts the
-# server on a tiny fixture model with adapters on a free loopback port, runs pytest, stops
-# the server. Exits non-zero on any failure.
+# server on a tiny fixture model with adapters on a free loopback port (and a second one on
+# SmolLM2 when its GGUF is cached, for tool calling), runs pytest, stops the servers. Exits
+# non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -27,30 +28,54 @@ if [ -z "$BIN" ]; then
     BIN=$ROOT/target/release/loramux
 fi
 
-PORT=$("$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')
-LOG=$(mktemp "${TMPDIR:-/tmp}/loramux-openai-XXXXXX.log")
-FIX=$ROOT/fixtures/tiny/llama
-"$BIN" serve --model "$FIX" --served-model-name tiny \
-    --lora-modules a="$FIX/adapters/a" b="$FIX/adapters/b" \
-    --host 127.0.0.1 --port "$PORT" --api-key test-key >"$LOG" 2>&1 &
-SERVER=$!
+free_port() {
+    "$VENV/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# start_server LOG PORT ARGS...: serves in the background and waits until healthy.
+SERVERS=()
+start_server() {
+    local log=$1 port=$2
+    shift 2
+    "$BIN" serve "$@" --host 127.0.0.1 --port "$port" --api-key test-key >"$log" 2>&1 &
+    local pid=$!
+    SERVERS+=("$pid")
+    for _ in $(seq 1 300); do
+        if "$VENV/bin/python" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=1)" 2>/dev/null; then
+            return 0
+        fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "server exited during startup:"; cat "$log"; exit 1
+        fi
+        sleep 0.1
+    done
+}
 stop() {
-    if kill -0 "$SERVER" 2>/dev/null; then
-        kill -TERM "$SERVER" 2>/dev/null || true
-        wait "$SERVER" 2>/dev/null || true
-    fi
+    for pid in "${SERVERS[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -TERM "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+        fi
+    done
 }
 trap stop EXIT
 
-for _ in $(seq 1 100); do
-    if "$VENV/bin/python" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=1)" 2>/dev/null; then
-        break
-    fi
-    if ! kill -0 "$SERVER" 2>/dev/null; then
-        echo "server exited during startup:"; cat "$LOG"; exit 1
-    fi
-    sleep 0.1
-done
+PORT=$(free_port)
+LOG=$(mktemp "${TMPDIR:-/tmp}/loramux-openai-XXXXXX.log")
+FIX=$ROOT/fixtures/tiny/llama
+start_server "$LOG" "$PORT" --model "$FIX" --served-model-name tiny --lora-modules a="$FIX/adapters/a" b="$FIX/adapters/b"
+SERVER=${SERVERS[0]}
+
+# SmolLM2 (tool calling with a template that knows no tools), when cached.
+SMOL=$CACHE/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOL_LOG=$(mktemp "${TMPDIR:-/tmp}/loramux-openai-smol-XXXXXX.log")
+if [ -f "$SMOL" ]; then
+    SMOL_PORT=$(free_port)
+    start_server "$SMOL_LOG" "$SMOL_PORT" --model "$SMOL" --served-model-name smollm2
+    export LORAMUX_SMOLLM2_URL="http://127.0.0.1:$SMOL_PORT/v1"
+else
+    echo "openai client: $SMOL is not cached, SmolLM2 tests skipped (loramux models pull smollm2-135m)"
+fi
 
 status=0
 LORAMUX_URL="http://127.0.0.1:$PORT/v1" LORAMUX_KEY=test-key \
@@ -60,6 +85,7 @@ LORAMUX_URL="http://127.0.0.1:$PORT/v1" LORAMUX_KEY=test-key \
 kill -TERM "$SERVER"
 server_status=0
 wait "$SERVER" || server_status=$?
+stop
 trap - EXIT
 if [ "$server_status" -ne 0 ]; then
     echo "server exited with status $server_status after SIGTERM"; cat "$LOG"; status=1
@@ -67,5 +93,5 @@ fi
 if [ "$status" -ne 0 ]; then
     echo "--- server log ---"; tail -50 "$LOG"
 fi
-rm -f "$LOG"
+rm -f "$LOG" "$SMOL_LOG"
 exit "$status"

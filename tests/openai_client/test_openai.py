@@ -218,3 +218,74 @@ def test_embeddings(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.embeddings.create(model="a", input="x")
     assert e.value.body["param"] == "model"
+
+
+SMOLLM2 = os.environ.get("LORAMUX_SMOLLM2_URL")
+smollm2_only = pytest.mark.skipif(not SMOLLM2, reason="SmolLM2 is not cached (loramux models pull smollm2-135m)")
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def get_weather(city):
+    return {"city": city, "weather": "sunny", "celsius": 21}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return OpenAI(base_url=SMOLLM2, api_key=KEY, max_retries=0, timeout=120)
+
+
+@smollm2_only
+def test_tool_calling_flow_on_smollm2(smollm2):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = smollm2.chat.completions.create(
+        model="smollm2", messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "get_weather"
+    result = get_weather(**json.loads(call.function.arguments))
+    # The official flow: the assistant message as returned, then the tool's result.
+    messages.append(choice.message)
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
+    final = smollm2.chat.completions.create(model="smollm2", messages=messages, tools=[WEATHER], max_tokens=40, temperature=0)
+    answer = final.choices[0].message
+    assert isinstance(answer.content, str) and answer.content.strip(), answer
+
+
+@smollm2_only
+def test_named_tool_streamed_on_smollm2(smollm2):
+    stream = smollm2.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=60,
+        temperature=0,
+        stream=True,
+    )
+    calls, finish = {}, None
+    for chunk in stream:
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            for t in c.delta.tool_calls or []:
+                calls.setdefault(t.index, {"name": "", "arguments": ""})
+                calls[t.index]["name"] += t.function.name or ""
+                calls[t.index]["arguments"] += t.function.arguments or ""
+    assert finish == "tool_calls"
+    assert calls[0]["name"] == "get_weather"
+    assert isinstance(json.loads(calls[0]["arguments"])["city"], str)
