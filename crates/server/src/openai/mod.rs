@@ -7,6 +7,7 @@
 //!   `response_format`, streaming options), in named steps;
 //! - `controls.rs`: penalties, `logit_bias`, `min_p`, `min_tokens`, bad and allowed tokens;
 //! - `messages.rs`: chat `messages`;
+//! - `responses.rs`: `/v1/responses` bodies rewritten as the chat request they mean;
 //! - `tools.rs`: tool calling (`tools`, `tool_choice`, the prompt, the parsed calls);
 //! - `fields.rs`: `Fields`, typed field-by-field reading with precise errors.
 
@@ -14,6 +15,7 @@ mod common;
 mod controls;
 mod fields;
 pub(crate) mod messages;
+pub mod responses;
 pub(crate) mod tools;
 
 use loramux_engine::sampling::MAX_LOGPROBS;

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 use futures_util::stream::StreamExt;
 use loramux_engine::{FairShare, FinishReason, LoraRequest, ProcessedRequest, Prompt};
@@ -52,16 +52,51 @@ fn resolve_target(st: &AppState, requested: Option<&str>, caller: &Caller) -> Ta
 async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api) -> Result<Response, ApiError> {
     let caller = st.auth.check(headers)?;
     let bytes = st.read_body(headers, body).await?;
-    let req = parse(st, &bytes, api)?;
+    let Started { req, meta, receivers, admission, route_header } = start(st, &caller, &bytes, api).await?;
+    let mut resp = if req.stream && req.tools.is_some() {
+        // Calls are parsed from the whole text: the choices are streamed once complete.
+        let (pieces, usage) = collect_pieces(meta.prompt_tokens, &req, receivers).await?;
+        stream_whole(&meta, pieces, usage, &req)
+    } else if req.stream {
+        held_until_sent(stream_response(st.clone(), meta, &req, receivers), admission)
+    } else {
+        collect_response(meta, &req, receivers).await?
+    };
+    with_route_header(&mut resp, route_header);
+    Ok(resp)
+}
+
+/// A request the batch loop accepted: its choices' events and what answering needs.
+pub(super) struct Started {
+    pub req: GenRequest,
+    pub meta: Meta,
+    pub receivers: Vec<UnboundedReceiver<Event>>,
+    /// The tenant's admission, held until the answer is sent.
+    pub admission: Admission,
+    /// `x-loramux-route`, when `model: "auto"` picked the adapter.
+    pub route_header: Option<HeaderValue>,
+}
+
+/// Adds the routing decision's header, if any.
+pub(super) fn with_route_header(resp: &mut Response, header: Option<HeaderValue>) {
+    if let Some(h) = header {
+        resp.headers_mut().insert(super::route::ROUTE_HEADER, h);
+    }
+}
+
+/// Parses a body of `api`, picks the adapter (or routes `auto`), admits the caller and
+/// submits every choice; returns once the batch loop accepted them all.
+pub(super) async fn start(st: &Arc<AppState>, caller: &Caller, bytes: &[u8], api: Api) -> Result<Started, ApiError> {
+    let req = parse(st, bytes, api)?;
     let (target, route_header) = if st.is_router_alias(req.model.as_deref()) {
-        let routed = st.route(&req, api, &caller).await?;
+        let routed = st.route(&req, api, caller).await?;
         let header = routed.header();
         (Target { lora: routed.lora, model: routed.model }, Some(header))
     } else {
-        (resolve_target(st, req.model.as_deref(), &caller), None)
+        (resolve_target(st, req.model.as_deref(), caller), None)
     };
     let requests = processed(st, &req, &target, api)?;
-    let admission = st.auth.tenants().admit(&caller, cost(&requests, req.best_of), &st.metrics)?;
+    let admission = st.auth.tenants().admit(caller, cost(&requests, req.best_of), &st.metrics)?;
     // After the same checks and admission as a name nobody knows, and answered the same.
     if target.lora.is_some() && !caller.may_use(&target.model) {
         st.metrics.tenant_refusals.with_label_values(&[caller.label(), "adapter_not_allowed"]).inc();
@@ -86,24 +121,12 @@ async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api)
         model: target.model,
         prompt_tokens,
     };
-    let mut resp = if req.stream && req.tools.is_some() {
-        // Calls are parsed from the whole text: the choices are streamed once complete.
-        let (pieces, usage) = collect_pieces(meta.prompt_tokens, &req, receivers).await?;
-        stream_whole(&meta, pieces, usage, &req)
-    } else if req.stream {
-        held_until_sent(stream_response(st.clone(), meta, &req, receivers), admission)
-    } else {
-        collect_response(meta, &req, receivers).await?
-    };
-    if let Some(h) = route_header {
-        resp.headers_mut().insert(super::route::ROUTE_HEADER, h);
-    }
-    Ok(resp)
+    Ok(Started { req, meta, receivers, admission, route_header })
 }
 
 /// A streamed answer that holds the tenant's admission until its last byte is sent or the
 /// client leaves (the body is dropped either way).
-fn held_until_sent(resp: Response, admission: Admission) -> Response {
+pub(super) fn held_until_sent(resp: Response, admission: Admission) -> Response {
     resp.map(|body| {
         Body::from_stream(body.into_data_stream().map(move |chunk| {
             let _held = &admission;
@@ -240,7 +263,7 @@ fn best_of(choices: Vec<ChoiceAcc>, req: &GenRequest) -> Vec<ChoiceAcc> {
 }
 
 /// Every choice once done, as pieces of the answer, and the usage.
-async fn collect_pieces(prompt_tokens: usize, req: &GenRequest, receivers: Vec<UnboundedReceiver<Event>>) -> Result<(Vec<Piece>, Usage), ApiError> {
+pub(super) async fn collect_pieces(prompt_tokens: usize, req: &GenRequest, receivers: Vec<UnboundedReceiver<Event>>) -> Result<(Vec<Piece>, Usage), ApiError> {
     let mut choices = Vec::with_capacity(receivers.len());
     for mut rx in receivers {
         choices.push(collect_choice(&mut rx).await?);

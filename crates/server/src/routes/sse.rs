@@ -215,7 +215,7 @@ pub(super) fn stream_whole(meta: &Meta, pieces: Vec<Piece>, usage: Usage, req: &
 }
 
 /// An SSE response with this body.
-fn sse(body: Body) -> Response {
+pub(super) fn sse(body: Body) -> Response {
     (
         [
             (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
