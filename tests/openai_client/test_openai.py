@@ -289,3 +289,43 @@ def test_named_tool_streamed_on_smollm2(smollm2):
     assert finish == "tool_calls"
     assert calls[0]["name"] == "get_weather"
     assert isinstance(json.loads(calls[0]["arguments"])["city"], str)
+
+
+def test_responses_create(client):
+    r = client.responses.create(model="tiny", input="hello there", instructions="Be brief.", max_output_tokens=8, temperature=0)
+    assert r.object == "response" and r.id.startswith("resp")
+    assert r.status in ("completed", "incomplete")
+    assert isinstance(r.output_text, str) and r.output_text
+    assert r.usage.input_tokens > 0 and 0 < r.usage.output_tokens <= 8
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+    chat_text = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0).choices[0].message.content
+    assert r.output_text == chat_text
+    listed = client.responses.create(
+        model="a", input=[{"role": "user", "content": [{"type": "input_text", "text": "hello there"}]}], max_output_tokens=4
+    )
+    assert listed.model == "a" and listed.output[0].content[0].type == "output_text"
+
+
+def test_responses_stream(client):
+    whole = client.responses.create(model="tiny", input="hello there", max_output_tokens=8, temperature=0)
+    kinds, text, final = [], "", None
+    for event in client.responses.create(model="tiny", input="hello there", max_output_tokens=8, temperature=0, stream=True):
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            text += event.delta
+        if event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+    assert kinds[0] == "response.created" and "response.output_text.done" in kinds
+    assert text == whole.output_text == final.output_text
+
+
+def test_responses_json_schema_and_stateless_refusals(client):
+    schema = {"type": "object", "properties": {"pet": {"enum": ["cat", "dog"]}}, "required": ["pet"], "additionalProperties": False}
+    r = client.responses.create(
+        model="tiny", input="A pet?", max_output_tokens=100, text={"format": {"type": "json_schema", "name": "pet", "schema": schema, "strict": True}}
+    )
+    assert json.loads(r.output_text)["pet"] in ("cat", "dog")
+    for kw, param in (({"store": True}, "store"), ({"previous_response_id": "resp_1"}, "previous_response_id")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model="tiny", input="x", **kw)
+        assert e.value.body["param"] == param
