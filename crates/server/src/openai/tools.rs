@@ -48,7 +48,7 @@ fn check_tool(i: usize, t: &Value) -> Result<(), ApiError> {
     let Some(f) = t.get("function").filter(|f| f.is_object()) else {
         return Err(ApiError::invalid_param(&format!("{p}.function"), "a tool needs a 'function' object"));
     };
-    if !f.get("name").and_then(Value::as_str).is_some_and(|n| !n.is_empty()) {
+    if f.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
         return Err(ApiError::invalid_param(&format!("{p}.function.name"), "a function needs a non-empty string 'name'"));
     }
     match f.get("parameters") {
