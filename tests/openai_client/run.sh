@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Talks to `loramux serve` with the official `openai` Python client (from PyPI).
 # Makes a venv outside the repo (${LORAMUX_CACHE:-~/.cache/loramux}/openai-venv), starts the
-# server on a tiny fixture model with adapters on a free loopback port (and a second one on
-# SmolLM2 when its GGUF is cached, for tool calling), runs pytest, stops the servers. Exits
+# server on a tiny fixture model with adapters on a free loopback port (and others on
+# SmolLM2 and Qwen2.5-Coder when cached, for tool calling), runs pytest, stops the servers. Exits
 # non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -66,16 +66,23 @@ FIX=$ROOT/fixtures/tiny/llama
 start_server "$LOG" "$PORT" --model "$FIX" --served-model-name tiny --lora-modules a="$FIX/adapters/a" b="$FIX/adapters/b"
 SERVER=${SERVERS[0]}
 
-# SmolLM2 (tool calling with a template that knows no tools), when cached.
-SMOL=$CACHE/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
-SMOL_LOG=$(mktemp "${TMPDIR:-/tmp}/loramux-openai-smol-XXXXXX.log")
-if [ -f "$SMOL" ]; then
-    SMOL_PORT=$(free_port)
-    start_server "$SMOL_LOG" "$SMOL_PORT" --model "$SMOL" --served-model-name smollm2
-    export LORAMUX_SMOLLM2_URL="http://127.0.0.1:$SMOL_PORT/v1"
-else
-    echo "openai client: $SMOL is not cached, SmolLM2 tests skipped (loramux models pull smollm2-135m)"
-fi
+# Real models, when cached: tool calling with a template that knows no tools (SmolLM2) and
+# with one that reads them (Qwen2.5-Coder).
+EXTRA_LOGS=()
+serve_cached() { # serve_cached NAME GGUF URL_VARIABLE
+    local log port
+    if [ ! -f "$2" ]; then
+        echo "openai client: $2 is not cached, its tests are skipped (loramux models pull)"
+        return 0
+    fi
+    log=$(mktemp "${TMPDIR:-/tmp}/loramux-openai-$1-XXXXXX.log")
+    EXTRA_LOGS+=("$log")
+    port=$(free_port)
+    start_server "$log" "$port" --model "$2" --served-model-name "$1"
+    export "$3=http://127.0.0.1:$port/v1"
+}
+serve_cached smollm2 "$CACHE/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf" LORAMUX_SMOLLM2_URL
+serve_cached qwen "$CACHE/models/qwen2.5-coder-0.5b/Qwen2.5-Coder-0.5B-Instruct.gguf" LORAMUX_QWEN_URL
 
 status=0
 LORAMUX_URL="http://127.0.0.1:$PORT/v1" LORAMUX_KEY=test-key \
@@ -93,5 +100,5 @@ fi
 if [ "$status" -ne 0 ]; then
     echo "--- server log ---"; tail -50 "$LOG"
 fi
-rm -f "$LOG" "$SMOL_LOG"
+rm -f "$LOG" "${EXTRA_LOGS[@]}"
 exit "$status"

@@ -291,6 +291,26 @@ def test_named_tool_streamed_on_smollm2(smollm2):
     assert isinstance(json.loads(calls[0]["arguments"])["city"], str)
 
 
+QWEN = os.environ.get("LORAMUX_QWEN_URL")
+
+
+@pytest.mark.skipif(not QWEN, reason="Qwen2.5-Coder is not cached (loramux models pull qwen2.5-coder-0.5b)")
+def test_tool_calling_flow_on_qwen_with_auto():
+    # Qwen2.5's template reads `tools` itself, and the model writes <tool_call> blocks unforced.
+    qwen = OpenAI(base_url=QWEN, api_key=KEY, max_retries=0, timeout=300)
+    messages = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
+    r = qwen.chat.completions.create(model="qwen", messages=messages, tools=[WEATHER], max_tokens=60, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    result = get_weather(**json.loads(call.function.arguments))
+    messages.append(choice.message)
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
+    final = qwen.chat.completions.create(model="qwen", messages=messages, tools=[WEATHER], max_tokens=40, temperature=0)
+    assert isinstance(final.choices[0].message.content, str) and final.choices[0].message.content.strip()
+
+
 def test_responses_create(client):
     r = client.responses.create(model="tiny", input="hello there", instructions="Be brief.", max_output_tokens=8, temperature=0)
     assert r.object == "response" and r.id.startswith("resp")
