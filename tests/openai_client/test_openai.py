@@ -309,6 +309,15 @@ def test_tool_calling_flow_on_qwen_with_auto():
     messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
     final = qwen.chat.completions.create(model="qwen", messages=messages, tools=[WEATHER], max_tokens=40, temperature=0)
     assert isinstance(final.choices[0].message.content, str) and final.choices[0].message.content.strip()
+    # Streamed: the call arrives as a tool_calls delta, parsed once the model closed it.
+    stream = qwen.chat.completions.create(model="qwen", messages=messages[:1], tools=[WEATHER], max_tokens=60, temperature=0, stream=True)
+    calls, finish = [], None
+    for chunk in stream:
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            calls += c.delta.tool_calls or []
+    assert finish == "tool_calls" and calls[0].index == 0
+    assert (calls[0].function.name, calls[0].function.arguments) == (call.function.name, call.function.arguments)
 
 
 def test_responses_create(client):

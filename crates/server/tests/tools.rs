@@ -112,6 +112,26 @@ async fn forced_calls_stream_as_tool_call_deltas() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_streams_text_as_it_comes_and_matches_the_whole_answer() {
+    let (srv, _dir) = server().await;
+    let mut b = body(json!("auto"));
+    b["temperature"] = json!(0);
+    b["max_tokens"] = json!(24);
+    let (status, whole) = srv.post("/v1/chat/completions", &b).await;
+    assert_eq!(status, 200, "{whole}");
+    b["stream"] = json!(true);
+    let (status, events) = srv.stream("/v1/chat/completions", &b).await;
+    assert_eq!(status, 200, "{events:?}");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let message = &whole["choices"][0]["message"];
+    assert_eq!(text, message["content"].as_str().unwrap_or_default(), "{chunks:?}");
+    let finish = chunks.iter().find_map(|c| c["choices"][0]["finish_reason"].as_str()).unwrap();
+    assert_eq!(finish, whole["choices"][0]["finish_reason"]);
+    srv.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_history_with_a_call_and_its_result_is_answered() {
     let (srv, _dir) = server().await;
     let messages = json!([

@@ -147,6 +147,52 @@ impl Tools {
     }
 }
 
+/// A streamed choice's text while the model may call tools: content passes through until a
+/// call may have begun (a `<tool_call>` tag, or an answer that opens with `{`), and the rest is
+/// held to be parsed once the choice is done.
+#[derive(Default)]
+pub struct CallHold {
+    text: String,
+    sent: usize,
+    holding: bool,
+}
+
+const TAG: &str = "<tool_call>";
+
+impl CallHold {
+    /// Takes a delta; returns the content that may be sent now.
+    pub fn push(&mut self, delta: &str) -> String {
+        self.text.push_str(delta);
+        if self.holding {
+            return String::new();
+        }
+        let unsent = &self.text[self.sent..];
+        let (out, hold) = if let Some(at) = unsent.find(TAG) {
+            (&unsent[..at], true)
+        } else if self.text.trim_start().starts_with('{') {
+            ("", true)
+        } else {
+            // A tag may be split across deltas: keep back what could be its beginning.
+            let keep = (1..TAG.len()).rev().find(|&k| unsent.ends_with(&TAG[..k])).unwrap_or(0);
+            (&unsent[..unsent.len() - keep], false)
+        };
+        let out = out.to_string();
+        self.sent += out.len();
+        self.holding = hold;
+        out
+    }
+
+    /// Once the choice is done: the content still to send, and the calls in the held text
+    /// (none when it parses as no call: it is then content too).
+    pub fn finish(&self, tools: &Tools) -> (Option<String>, Vec<ToolCall>) {
+        let held = &self.text[self.sent..];
+        match tools.extract(held) {
+            Some((content, calls)) => (content, calls),
+            None => (Some(held.to_string()).filter(|s| !s.is_empty()), Vec::new()),
+        }
+    }
+}
+
 /// A returned call, with a fresh `call_<random>` id and its arguments as a JSON string.
 fn tool_call(name: String, arguments: &Value) -> ToolCall {
     let arguments = match arguments {
@@ -302,6 +348,15 @@ mod tests {
         let mut messages = vec![ChatMessage::user("hi")];
         let mut t = t;
         prepare(&mut messages, Some(&mut t), false);
+        // Streamed: text before a tag passes, a tag split across deltas is held, the call parsed.
+        let mut hold = CallHold::default();
+        let sent: String = ["Sure. <tool", "_call>\n{\"name\": \"get_weather\", ", "\"arguments\": {}}\n</tool_call>"].iter().map(|d| hold.push(d)).collect();
+        assert_eq!(sent, "Sure. ");
+        let (rest, calls) = hold.finish(&t);
+        assert!(rest.is_none() && calls[0].function.name == "get_weather");
+        let mut hold = CallHold::default();
+        assert_eq!(hold.push("It is <b>") + &hold.push("sunny"), "It is <b>sunny");
+        assert_eq!(hold.finish(&t), (None, Vec::new()));
         assert!(messages[0].role == "system" && messages[0].content.contains("get_weather"));
     }
 }

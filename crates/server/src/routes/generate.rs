@@ -14,7 +14,7 @@ use loramux_engine::{FairShare, FinishReason, LoraRequest, ProcessedRequest, Pro
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::choices::{Echo, Meta, Piece};
-use super::sse::{stream_response, stream_whole};
+use super::sse::stream_response;
 use super::{now_secs, random_id, AppState};
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -53,11 +53,7 @@ async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api)
     let caller = st.auth.check(headers)?;
     let bytes = st.read_body(headers, body).await?;
     let Started { req, meta, receivers, admission, route_header } = start(st, &caller, &bytes, api).await?;
-    let mut resp = if req.stream && req.tools.is_some() {
-        // Calls are parsed from the whole text: the choices are streamed once complete.
-        let (pieces, usage) = collect_pieces(meta.prompt_tokens, &req, receivers).await?;
-        stream_whole(&meta, pieces, usage, &req)
-    } else if req.stream {
+    let mut resp = if req.stream {
         held_until_sent(stream_response(st.clone(), meta, &req, receivers), admission)
     } else {
         collect_response(meta, &req, receivers).await?

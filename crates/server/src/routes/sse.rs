@@ -1,7 +1,8 @@
 //! Streamed answers (`"stream": true`): the choices' event streams merged into one, and
 //! [`SseState`], the state machine that turns their events into server-sent events: chat's
 //! opening role chunks, a chunk per delta, each choice's finish, the usage chunk and
-//! `data: [DONE]`, or an error frame.
+//! `data: [DONE]`, or an error frame. With tools, a choice's text is held from where a call
+//! may begin, and its calls are sent whole before its finish.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::choices::{Meta, Piece};
 use super::AppState;
 use crate::error::ApiError;
+use crate::openai::tools::{CallHold, Tools};
 use crate::openai::{Api, GenRequest};
 use crate::protocol::{Role, TokenLogprob, Usage, VllmPromptLogprobs};
 use crate::scheduler::Event;
@@ -43,6 +45,8 @@ struct SseState {
     want_logprobs: bool,
     /// The request set vLLM's `prompt_logprobs`.
     want_prompt_logprobs: bool,
+    /// Chat with tools: each choice's text held from where a call may begin.
+    tools: Option<(Tools, Vec<CallHold>)>,
     started: bool,
     open: usize,
     /// Where the next token starts in each choice's text (completions logprobs).
@@ -105,11 +109,33 @@ impl SseState {
             .collect()
     }
 
+    /// A choice's held text once done: a chunk with its calls (each whole, with its `index`)
+    /// and the content left, and the finish reason (`tool_calls` when it made calls).
+    fn held_calls(&self, i: usize, finish: FinishReason) -> (String, FinishReason) {
+        let Some((tools, holds)) = &self.tools else { return (String::new(), finish) };
+        let (text, mut calls) = holds[i].finish(tools);
+        if text.is_none() && calls.is_empty() {
+            return (String::new(), finish);
+        }
+        for (k, c) in calls.iter_mut().enumerate() {
+            c.index = Some(k);
+        }
+        let finish = if !calls.is_empty() && finish == FinishReason::Stop { FinishReason::ToolCalls } else { finish };
+        let piece = Piece { text, tool_calls: calls, ..Piece::new(i) };
+        (self.meta.chunk(vec![piece], self.chunk_usage()), finish)
+    }
+
     fn on_event(&mut self, i: usize, ev: Event) -> String {
         match ev {
             Event::Accepted { .. } => String::new(),
-            Event::Delta { text, tokens, logprobs } => {
+            Event::Delta { mut text, tokens, logprobs } => {
                 self.completion_tokens[i] += tokens;
+                if let Some((_, holds)) = &mut self.tools {
+                    text = holds[i].push(&text);
+                    if text.is_empty() && !self.want_logprobs {
+                        return String::new();
+                    }
+                }
                 let advance: usize = logprobs.iter().map(|t| t.token.len()).sum();
                 let out = self.choice_frame(i, Some(text), logprobs, None);
                 self.token_offset[i] += advance;
@@ -118,7 +144,8 @@ impl SseState {
             Event::Done { finish, completion_tokens, prompt_logprobs, .. } => {
                 self.completion_tokens[i] = completion_tokens;
                 let prompt_logprobs = prompt_logprobs.filter(|_| self.want_prompt_logprobs).map(|p| p.to_vllm());
-                let mut out = self.frame_with_prompt(i, None, Vec::new(), Some(finish), prompt_logprobs);
+                let (mut out, finish) = self.held_calls(i, finish);
+                out.push_str(&self.frame_with_prompt(i, None, Vec::new(), Some(finish), prompt_logprobs));
                 self.open -= 1;
                 if self.open == 0 {
                     if self.include_usage {
@@ -174,6 +201,7 @@ pub(super) fn stream_response(st: Arc<AppState>, meta: Meta, req: &GenRequest, r
         continuous_usage: req.continuous_usage,
         want_logprobs: req.logprobs.is_some(),
         want_prompt_logprobs: req.prompt_logprobs,
+        tools: req.tools.clone().map(|t| (t, (0..n).map(|_| CallHold::default()).collect())),
         started: false,
         open: n,
         token_offset: vec![0; n],
@@ -186,32 +214,6 @@ pub(super) fn stream_response(st: Arc<AppState>, meta: Meta, req: &GenRequest, r
 /// Chat's first chunk of choice `i`: the role and empty content.
 fn opening(i: usize) -> Piece {
     Piece { text: Some(String::new()), role: Some(Role::Assistant), ..Piece::new(i) }
-}
-
-/// A stream of whole choices (chat with tools, whose calls are parsed from the whole text):
-/// per choice its opening chunk, one chunk with its content and every tool call (each whole,
-/// with its `index`), and its finish; then the usage chunk if asked for, and `[DONE]`.
-pub(super) fn stream_whole(meta: &Meta, pieces: Vec<Piece>, usage: Usage, req: &GenRequest) -> Response {
-    let chunk_usage = if req.continuous_usage {
-        Some(Some(usage))
-    } else {
-        req.include_usage.then_some(None)
-    };
-    let mut out = String::new();
-    for mut p in pieces {
-        let (index, finish) = (p.index, p.finish_reason.take());
-        for (i, c) in p.tool_calls.iter_mut().enumerate() {
-            c.index = Some(i);
-        }
-        out.push_str(&meta.chunk(vec![opening(index)], chunk_usage));
-        out.push_str(&meta.chunk(vec![p], chunk_usage));
-        out.push_str(&meta.chunk(vec![Piece { finish_reason: finish, ..Piece::new(index) }], chunk_usage));
-    }
-    if req.include_usage {
-        out.push_str(&meta.chunk(Vec::new(), Some(Some(usage))));
-    }
-    out.push_str("data: [DONE]\n\n");
-    sse(Body::from(out))
 }
 
 /// An SSE response with this body.
