@@ -168,6 +168,7 @@ async fn bad_tools_and_choices_are_400_naming_the_field() {
         ("no name", json!({"messages": m, "tools": [{"type": "function", "function": {}}]}), "tools[0].function.name"),
         ("parameters not an object", json!({"messages": m, "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}), "tools[0].function.parameters"),
         ("schema that does not compile", json!({"messages": m, "tools": bad_schema, "tool_choice": "required"}), "tools"),
+        ("schema that does not compile, auto", json!({"messages": m, "tools": bad_schema}), "tools"),
         ("required without tools", json!({"messages": m, "tool_choice": "required"}), "tool_choice"),
         ("unknown choice", json!({"messages": m, "tools": tools(), "tool_choice": "sometimes"}), "tool_choice"),
         ("tool message without id", json!({"messages": [{"role": "tool", "content": "x"}]}), "messages[0].tool_call_id"),

@@ -124,8 +124,16 @@ impl Tools {
         match &self.choice {
             ToolChoice::Auto => None,
             ToolChoice::Named(n) => self.defs.iter().find(|d| name_of(d) == n).map(call_schema),
-            ToolChoice::Required if self.defs.len() == 1 => Some(call_schema(&self.defs[0])),
-            ToolChoice::Required => Some(json!({"anyOf": self.defs.iter().map(call_schema).collect::<Vec<_>>()})),
+            ToolChoice::Required => Some(self.any_call_schema()),
+        }
+    }
+
+    /// The schema any call must follow: what `required` forces, and what `auto` checks the
+    /// tools' `parameters` against before generating.
+    pub fn any_call_schema(&self) -> Value {
+        match self.defs.as_slice() {
+            [one] => call_schema(one),
+            many => json!({"anyOf": many.iter().map(call_schema).collect::<Vec<_>>()}),
         }
     }
 

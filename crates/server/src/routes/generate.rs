@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 use futures_util::stream::StreamExt;
-use loramux_engine::{FairShare, FinishReason, LoraRequest, ProcessedRequest, Prompt};
+use loramux_engine::{FairShare, FinishReason, LoraRequest, ProcessedRequest, Prompt, ResponseFormat};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::choices::{Echo, Meta, Piece};
@@ -163,6 +163,11 @@ fn parse(st: &AppState, bytes: &[u8], api: Api) -> Result<GenRequest, ApiError> 
 fn processed(st: &AppState, req: &GenRequest, target: &Target, api: Api) -> Result<Vec<ProcessedRequest>, ApiError> {
     let input = &st.sched.input;
     let prompt_param = if api == Api::Chat { "messages" } else { "prompt" };
+    if let Some(tools) = req.tools.as_ref().filter(|t| t.forced_schema().is_none()) {
+        // `auto` compiles no grammar: the tools' schemas are checked here all the same.
+        let format = ResponseFormat::JsonSchema(tools.any_call_schema());
+        input.grammar(&format).map_err(|e| ApiError::from_input(&e, prompt_param).with_param("tools"))?;
+    }
     let mut requests = Vec::with_capacity(req.prompts.len() * req.best_of);
     for prompt in &req.prompts {
         let ids = match (prompt, req.tools.as_ref().and_then(|t| t.template_tools())) {
