@@ -37,6 +37,53 @@ impl ChatMessage {
 /// messages, more than any context holds, while a runaway template stops within ~70 ms.
 const TEMPLATE_FUEL: u64 = 1_000_000;
 
+/// transformers' `tojson`: Python's `json.dumps` layout (", " and ": ", or `indent`), keys in
+/// their order, non-ASCII and `<>&'` as they are (minijinja's own is compact and escapes
+/// HTML), so tool definitions and calls render as the model saw them in training.
+fn tojson(value: minijinja::Value, kwargs: minijinja::value::Kwargs) -> std::result::Result<String, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let v = serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let mut out = String::new();
+    write_json(&v, indent, 0, &mut out);
+    Ok(out)
+}
+
+fn write_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    use serde_json::Value;
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    let sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                out.push_str(if i > 0 { sep } else { "" });
+                newline(out, depth + 1);
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_json(x, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        Value::Array(a) if !a.is_empty() => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                out.push_str(if i > 0 { sep } else { "" });
+                newline(out, depth + 1);
+                write_json(x, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -68,6 +115,7 @@ impl ChatTemplate {
                 .map_err(|_| Error::new(ErrorKind::InvalidOperation, format!("strftime_now: invalid format {fmt:?}")))?;
             Ok(out)
         });
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| EngineError::ChatTemplate(format!("cannot compile: {e}")))?;
         Ok(Self {
@@ -108,5 +156,28 @@ impl ChatTemplate {
             tools => tools,
         })
         .map_err(|e| EngineError::ChatTemplate(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn tools_and_tool_turns_reach_the_template() {
+        let source = "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{{ m.role }}:{{ m.content }}\
+                      {% for c in m.tool_calls or [] %}<{{ c.function.arguments | tojson }}>{% endfor %}{% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %};{% endfor %}";
+        let t = ChatTemplate::new(source, None, None).unwrap();
+        let call = ChatMessage { tool_calls: Some(vec![json!({"function": {"name": "f", "arguments": {"a": 1}}})]), ..ChatMessage::new("assistant", "") };
+        let result = ChatMessage { tool_call_id: Some("call_1".into()), ..ChatMessage::new("tool", "ok") };
+        let tools = [json!({"type": "function", "function": {"name": "f"}})];
+        let text = t.render_with_tools(&[ChatMessage::user("hi"), call, result], Some(&tools), false).unwrap();
+        assert_eq!(text, r#"[f]user:hi;assistant:<{"a": 1}>;tool:ok#call_1;"#);
+        assert_eq!(t.render(&[ChatMessage::user("hi")], false).unwrap(), "user:hi;", "no tools: `tools` is undefined");
+        assert!(t.handles_tools());
+        let t = ChatTemplate::new("{{ messages[0].content | tojson }}{{ {'a': [1, {'b': 'é<'}], 'c': {}} | tojson(indent=2) }}", None, None).unwrap();
+        assert_eq!(t.render(&[ChatMessage::user("x")], false).unwrap(), "\"x\"{\n  \"a\": [\n    1,\n    {\n      \"b\": \"é<\"\n    }\n  ],\n  \"c\": {}\n}");
     }
 }
