@@ -30,6 +30,8 @@ pub struct Tools {
     pub choice: ToolChoice,
     /// Whether the template reads `tools` itself (set once the model's template is known).
     pub in_template: bool,
+    /// `parallel_tool_calls` (default true): `false` keeps only the first call parsed.
+    pub parallel: bool,
 }
 
 fn name_of(def: &Value) -> &str {
@@ -94,7 +96,7 @@ pub(super) fn parse_tools(f: &mut Fields) -> Result<Option<Tools>, ApiError> {
         check_tool(i, t)?;
     }
     // Several calls may be parsed from free text; a forced call is always one (README).
-    f.bool("parallel_tool_calls")?;
+    let parallel = f.bool("parallel_tool_calls")?.unwrap_or(true);
     let choice_v = f.take("tool_choice");
     if defs.is_empty() {
         let neutral = matches!(choice_v.as_ref().and_then(Value::as_str), None | Some("none" | "auto"));
@@ -103,7 +105,7 @@ pub(super) fn parse_tools(f: &mut Fields) -> Result<Option<Tools>, ApiError> {
             _ => Ok(None),
         };
     }
-    Ok(choice(choice_v, &defs)?.map(|choice| Tools { defs, choice, in_template: false }))
+    Ok(choice(choice_v, &defs)?.map(|choice| Tools { defs, choice, in_template: false, parallel }))
 }
 
 /// The schema of one forced call: `{"name": <the tool>, "arguments": <its parameters>}`.
@@ -146,7 +148,10 @@ impl Tools {
     /// text holds no call of a known tool (a plain answer).
     pub fn extract(&self, text: &str) -> Option<(Option<String>, Vec<ToolCall>)> {
         let known = |c: &(String, Value)| self.defs.iter().any(|d| name_of(d) == c.0);
-        let (rest, calls) = tagged_calls(text).or_else(|| bare_call(text).map(|c| (String::new(), vec![c])))?;
+        let (rest, mut calls) = tagged_calls(text).or_else(|| bare_call(text).map(|c| (String::new(), vec![c])))?;
+        if !self.parallel {
+            calls.truncate(1);
+        }
         if calls.is_empty() || !calls.iter().all(known) {
             return None;
         }
@@ -352,6 +357,10 @@ mod tests {
         let (content, calls) = t.extract(r#"{"name": "get_weather", "parameters": {"city": "Oslo"}}"#).unwrap();
         assert!(content.is_none() && calls.len() == 1);
         assert!(t.extract("It is sunny.").is_none());
+        let two = format!("{text}<tool_call>{{\"name\": \"get_weather\", \"arguments\": {{}}}}</tool_call>");
+        assert_eq!(t.extract(&two).unwrap().1.len(), 2);
+        let one = Tools { parallel: false, ..t.clone() };
+        assert_eq!(one.extract(&two).unwrap().1.len(), 1, "parallel_tool_calls: false keeps the first");
         assert!(t.extract(r#"{"name": "other", "arguments": {}}"#).is_none(), "unknown tools are text");
         let mut messages = vec![ChatMessage::user("hi")];
         let mut t = t;
