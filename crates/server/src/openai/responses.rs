@@ -114,7 +114,9 @@ pub fn chat_body(body: &[u8]) -> Result<Vec<u8>, ApiError> {
     f.unsupported_unless("tools", is_empty_collection, "tools are not supported on /v1/responses: use /v1/chat/completions")?;
     f.unsupported_unless("include", is_empty_collection, "'include' is not supported")?;
     f.unsupported_unless("reasoning", Value::is_null, "this model does not reason")?;
-    f.ignore(&["metadata", "tool_choice", "parallel_tool_calls", "truncation", "service_tier", "safety_identifier", "prompt_cache_key", "background"]);
+    f.unsupported_unless("background", |v| v == &Value::Bool(false), "background responses need stored state: this server is stateless")?;
+    f.unsupported_unless("truncation", |v| v.as_str() == Some("disabled"), "input is never truncated: a too-long input is a 400")?;
+    f.ignore(&["metadata", "tool_choice", "parallel_tool_calls", "service_tier", "safety_identifier", "prompt_cache_key"]);
     f.finish()?;
     Ok(serde_json::to_vec(&Value::Object(chat)).unwrap_or_default())
 }
@@ -141,6 +143,8 @@ mod tests {
             (json!({"input": "x", "store": true}), "store"),
             (json!({"input": "x", "previous_response_id": "resp_1"}), "previous_response_id"),
             (json!({"input": "x", "bogus": 1}), "bogus"),
+            (json!({"input": "x", "background": true}), "background"),
+            (json!({"input": "x", "truncation": "auto"}), "truncation"),
             (json!({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}), "input[0].content[0].type"),
             (json!({}), "input"),
         ] {
