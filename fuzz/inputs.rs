@@ -25,7 +25,7 @@ pub fn chat_template_input(data: &[u8]) -> ChatTemplateInput {
     let rest: Vec<&str> = parts.collect();
     let messages = rest
         .chunks(2)
-        .map(|p| ChatMessage { role: p[0].to_string(), content: p.get(1).copied().unwrap_or_default().to_string() })
+        .map(|p| ChatMessage::new(p[0], p.get(1).copied().unwrap_or_default()))
         .collect();
     ChatTemplateInput { template, bos, eos, messages }
 }

@@ -231,3 +231,143 @@ def test_embeddings(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.embeddings.create(model="a", input="x")
     assert e.value.body["param"] == "model"
+
+
+SMOLLM2 = os.environ.get("LORAMUX_SMOLLM2_URL")
+smollm2_only = pytest.mark.skipif(not SMOLLM2, reason="SmolLM2 is not cached (loramux models pull smollm2-135m)")
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def get_weather(city):
+    return {"city": city, "weather": "sunny", "celsius": 21}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return OpenAI(base_url=SMOLLM2, api_key=KEY, max_retries=0, timeout=120)
+
+
+@smollm2_only
+def test_tool_calling_flow_on_smollm2(smollm2):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = smollm2.chat.completions.create(
+        model="smollm2", messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "get_weather"
+    result = get_weather(**json.loads(call.function.arguments))
+    # The official flow: the assistant message as returned, then the tool's result.
+    messages.append(choice.message)
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
+    final = smollm2.chat.completions.create(model="smollm2", messages=messages, tools=[WEATHER], max_tokens=40, temperature=0)
+    answer = final.choices[0].message
+    assert isinstance(answer.content, str) and answer.content.strip(), answer
+
+
+@smollm2_only
+def test_named_tool_streamed_on_smollm2(smollm2):
+    stream = smollm2.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=60,
+        temperature=0,
+        stream=True,
+    )
+    calls, finish = {}, None
+    for chunk in stream:
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            for t in c.delta.tool_calls or []:
+                calls.setdefault(t.index, {"name": "", "arguments": ""})
+                calls[t.index]["name"] += t.function.name or ""
+                calls[t.index]["arguments"] += t.function.arguments or ""
+    assert finish == "tool_calls"
+    assert calls[0]["name"] == "get_weather"
+    assert isinstance(json.loads(calls[0]["arguments"])["city"], str)
+
+
+QWEN = os.environ.get("LORAMUX_QWEN_URL")
+
+
+@pytest.mark.skipif(not QWEN, reason="Qwen2.5-Coder is not cached (loramux models pull qwen2.5-coder-0.5b)")
+def test_tool_calling_flow_on_qwen_with_auto():
+    # Qwen2.5's template reads `tools` itself, and the model writes <tool_call> blocks unforced.
+    qwen = OpenAI(base_url=QWEN, api_key=KEY, max_retries=0, timeout=300)
+    messages = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
+    r = qwen.chat.completions.create(model="qwen", messages=messages, tools=[WEATHER], max_tokens=60, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    result = get_weather(**json.loads(call.function.arguments))
+    messages.append(choice.message)
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
+    final = qwen.chat.completions.create(model="qwen", messages=messages, tools=[WEATHER], max_tokens=40, temperature=0)
+    assert isinstance(final.choices[0].message.content, str) and final.choices[0].message.content.strip()
+    # Streamed: the call arrives as a tool_calls delta, parsed once the model closed it.
+    stream = qwen.chat.completions.create(model="qwen", messages=messages[:1], tools=[WEATHER], max_tokens=60, temperature=0, stream=True)
+    calls, finish = [], None
+    for chunk in stream:
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            calls += c.delta.tool_calls or []
+    assert finish == "tool_calls" and calls[0].index == 0
+    assert (calls[0].function.name, calls[0].function.arguments) == (call.function.name, call.function.arguments)
+
+
+def test_responses_create(client):
+    r = client.responses.create(model="tiny", input="hello there", instructions="Be brief.", max_output_tokens=8, temperature=0)
+    assert r.object == "response" and r.id.startswith("resp")
+    assert r.status in ("completed", "incomplete")
+    assert isinstance(r.output_text, str) and r.output_text
+    assert r.usage.input_tokens > 0 and 0 < r.usage.output_tokens <= 8
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+    chat_text = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0).choices[0].message.content
+    assert r.output_text == chat_text
+    listed = client.responses.create(
+        model="a", input=[{"role": "user", "content": [{"type": "input_text", "text": "hello there"}]}], max_output_tokens=4
+    )
+    assert listed.model == "a" and listed.output[0].content[0].type == "output_text"
+
+
+def test_responses_stream(client):
+    whole = client.responses.create(model="tiny", input="hello there", max_output_tokens=8, temperature=0)
+    kinds, text, final = [], "", None
+    for event in client.responses.create(model="tiny", input="hello there", max_output_tokens=8, temperature=0, stream=True):
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            text += event.delta
+        if event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+    assert kinds[0] == "response.created" and "response.output_text.done" in kinds
+    assert text == whole.output_text == final.output_text
+
+
+def test_responses_json_schema_and_stateless_refusals(client):
+    schema = {"type": "object", "properties": {"pet": {"enum": ["cat", "dog"]}}, "required": ["pet"], "additionalProperties": False}
+    r = client.responses.create(
+        model="tiny", input="A pet?", max_output_tokens=100, text={"format": {"type": "json_schema", "name": "pet", "schema": schema, "strict": True}}
+    )
+    assert json.loads(r.output_text)["pet"] in ("cat", "dog")
+    for kw, param in (({"store": True}, "store"), ({"previous_response_id": "resp_1"}, "previous_response_id")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model="tiny", input="x", **kw)
+        assert e.value.body["param"] == param

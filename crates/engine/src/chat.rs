@@ -6,20 +6,29 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 
-/// One chat message.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// One chat message. The tool fields are passed to the template as HF's
+/// `apply_chat_template` passes them, and left out of its context when absent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls, `{"id", "type", "function": {"name", "arguments"}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` turn's answer to this call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
+    /// A plain message of `role`.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into(), ..Self::default() }
+    }
+
     /// A user turn.
     pub fn user(content: impl Into<String>) -> Self {
-        Self {
-            role: "user".into(),
-            content: content.into(),
-        }
+        Self::new("user", content)
     }
 }
 
@@ -27,6 +36,53 @@ impl ChatMessage {
 /// Qwen2.5's ~32 (46,014 and 64,022 for 2,000 messages), so this renders some 30,000
 /// messages, more than any context holds, while a runaway template stops within ~70 ms.
 const TEMPLATE_FUEL: u64 = 1_000_000;
+
+/// transformers' `tojson`: Python's `json.dumps` layout (", " and ": ", or `indent`), keys in
+/// their order, non-ASCII and `<>&'` as they are (minijinja's own is compact and escapes
+/// HTML), so tool definitions and calls render as the model saw them in training.
+fn tojson(value: minijinja::Value, kwargs: minijinja::value::Kwargs) -> std::result::Result<String, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let v = serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let mut out = String::new();
+    write_json(&v, indent, 0, &mut out);
+    Ok(out)
+}
+
+fn write_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    use serde_json::Value;
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    let sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                out.push_str(if i > 0 { sep } else { "" });
+                newline(out, depth + 1);
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_json(x, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        Value::Array(a) if !a.is_empty() => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                out.push_str(if i > 0 { sep } else { "" });
+                newline(out, depth + 1);
+                write_json(x, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
 
 /// A compiled chat template.
 pub struct ChatTemplate {
@@ -59,6 +115,7 @@ impl ChatTemplate {
                 .map_err(|_| Error::new(ErrorKind::InvalidOperation, format!("strftime_now: invalid format {fmt:?}")))?;
             Ok(out)
         });
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| EngineError::ChatTemplate(format!("cannot compile: {e}")))?;
         Ok(Self {
@@ -76,6 +133,17 @@ impl ChatTemplate {
 
     /// Renders messages, ending with the assistant prompt when `add_generation_prompt`.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Whether the template reads `tools` itself (Qwen2.5's does; SmolLM2's does not).
+    pub fn handles_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// [`Self::render`] with the request's tool definitions in the context as `tools`, as
+    /// transformers' `apply_chat_template(tools=...)` passes them.
+    pub fn render_with_tools(&self, messages: &[ChatMessage], tools: Option<&[serde_json::Value]>, add_generation_prompt: bool) -> Result<String> {
         let tmpl = self
             .env
             .get_template("chat")
@@ -85,7 +153,31 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
+            tools => tools,
         })
         .map_err(|e| EngineError::ChatTemplate(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn tools_and_tool_turns_reach_the_template() {
+        let source = "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{{ m.role }}:{{ m.content }}\
+                      {% for c in m.tool_calls or [] %}<{{ c.function.arguments | tojson }}>{% endfor %}{% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %};{% endfor %}";
+        let t = ChatTemplate::new(source, None, None).unwrap();
+        let call = ChatMessage { tool_calls: Some(vec![json!({"function": {"name": "f", "arguments": {"a": 1}}})]), ..ChatMessage::new("assistant", "") };
+        let result = ChatMessage { tool_call_id: Some("call_1".into()), ..ChatMessage::new("tool", "ok") };
+        let tools = [json!({"type": "function", "function": {"name": "f"}})];
+        let text = t.render_with_tools(&[ChatMessage::user("hi"), call, result], Some(&tools), false).unwrap();
+        assert_eq!(text, r#"[f]user:hi;assistant:<{"a": 1}>;tool:ok#call_1;"#);
+        assert_eq!(t.render(&[ChatMessage::user("hi")], false).unwrap(), "user:hi;", "no tools: `tools` is undefined");
+        assert!(t.handles_tools());
+        let t = ChatTemplate::new("{{ messages[0].content | tojson }}{{ {'a': [1, {'b': 'é<'}], 'c': {}} | tojson(indent=2) }}", None, None).unwrap();
+        assert_eq!(t.render(&[ChatMessage::user("x")], false).unwrap(), "\"x\"{\n  \"a\": [\n    1,\n    {\n      \"b\": \"é<\"\n    }\n  ],\n  \"c\": {}\n}");
     }
 }

@@ -11,7 +11,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{EngineError, InputField, Result};
 use crate::lora::LoraRequest;
 use crate::sampling::SamplingParams;
-use crate::structured::{GrammarCompiler, ResponseFormat};
+use crate::structured::{Grammar, GrammarCompiler, ResponseFormat};
 use crate::tokenizer::Tokenizer;
 
 /// What the model is asked to continue.
@@ -127,14 +127,18 @@ impl InputProcessor {
         match prompt {
             Prompt::Tokens(ids) => Ok(ids.clone()),
             Prompt::Text(t) => self.tokenizer.encode(t, true),
-            Prompt::Chat(messages) => {
-                let chat = self.chat.as_ref().ok_or_else(|| {
-                    EngineError::InvalidRequest("this model has no chat template; send a plain prompt".into())
-                })?;
-                let text = chat.render(messages, true)?;
-                self.tokenizer.encode(&text, false)
-            }
+            Prompt::Chat(messages) => self.tokenize_chat(messages, None),
         }
+    }
+
+    /// Token ids of a chat rendered with tool definitions in the template's context.
+    pub fn tokenize_chat(&self, messages: &[ChatMessage], tools: Option<&[serde_json::Value]>) -> Result<Vec<u32>> {
+        let chat = self
+            .chat
+            .as_ref()
+            .ok_or_else(|| EngineError::InvalidRequest("this model has no chat template; send a plain prompt".into()))?;
+        let text = chat.render_with_tools(messages, tools, true)?;
+        self.tokenizer.encode(&text, false)
     }
 
     /// Tokenizes and checks a request: the one place prompts are checked.
@@ -197,16 +201,24 @@ impl InputProcessor {
         }
         params.validate()?;
         self.check_controls(&mut params)?;
-        params.grammar = if params.response_format == ResponseFormat::Text {
-            None
-        } else {
-            let compiler = self.grammars.get_or_init(|| GrammarCompiler::new(&self.tokenizer, self.vocab_size));
-            let compiler = compiler.as_ref().map_err(|why| {
-                invalid(InputField::Sampling("response_format"), format!("structured output is not available for this model: {why}"), false)
-            })?;
-            compiler.compile(&params.response_format)?
-        };
+        params.grammar = self.grammar(&params.response_format)?;
         Ok(ProcessedRequest { lora, prompt_ids, params, share: None })
+    }
+
+    /// The compiled grammar of a format (`None` for text); one that cannot compile is an
+    /// input error on `response_format`. Also how a caller checks a schema it may use later
+    /// (a tool's `parameters`) before anything is queued.
+    pub fn grammar(&self, format: &ResponseFormat) -> Result<Option<Grammar>> {
+        if *format == ResponseFormat::Text {
+            return Ok(None);
+        }
+        let compiler = self.grammars.get_or_init(|| GrammarCompiler::new(&self.tokenizer, self.vocab_size));
+        let compiler = compiler.as_ref().map_err(|why| EngineError::InvalidInput {
+            field: InputField::Sampling("response_format"),
+            message: format!("structured output is not available for this model: {why}"),
+            context_length_exceeded: false,
+        })?;
+        compiler.compile(format)
     }
 }
 

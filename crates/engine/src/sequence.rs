@@ -17,6 +17,9 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the model length reached.
     Length,
+    /// The answer is tool calls: set by the server once it parsed them, never by the engine.
+    #[serde(rename = "tool_calls")]
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -25,6 +28,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }

@@ -119,7 +119,7 @@ fn runaway_chat_template_runs_out_of_fuel_and_real_templates_do_not() {
         let real = inputs::chat_template_input(&std::fs::read(corpus.join(model)).unwrap());
         let template = ChatTemplate::new(&real.template, real.bos.as_deref(), real.eos.as_deref()).unwrap();
         let messages: Vec<ChatMessage> = (0..2000)
-            .map(|i| ChatMessage { role: ["system", "user", "assistant"][i % 3].into(), content: format!("message {i}") })
+            .map(|i| ChatMessage::new(["system", "user", "assistant"][i % 3], format!("message {i}")))
             .collect();
         let text = template.render(&messages, true).unwrap_or_else(|e| panic!("{model}: {e}"));
         assert!(text.contains("message 1999"), "{model}");

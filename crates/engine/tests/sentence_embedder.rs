@@ -31,7 +31,7 @@ fn minilm_matches_transformers() {
         assert!(cosine(&got, &want, &[]) > 0.99999);
     }
     // A chat is read as its user turns, the way the examples (plain text) are.
-    let chat = Prompt::Chat(vec![ChatMessage { role: "system".into(), content: "Be brief.".into() }, ChatMessage::user("hello there")]);
+    let chat = Prompt::Chat(vec![ChatMessage::new("system", "Be brief."), ChatMessage::user("hello there")]);
     assert_eq!(embedder.tokenize(&chat).unwrap(), embedder.tokenize(&Prompt::Text("hello there".into())).unwrap());
     assert!(embedder.tokenize(&Prompt::Tokens(vec![1, 2])).is_err());
     assert!(embedder.embed(&embedder.tokenize(&Prompt::Text(String::new())).unwrap()).is_err());

@@ -243,7 +243,30 @@ pub struct ChatChoice {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessageOut {
     pub role: Role,
-    pub content: String,
+    /// `null` when the answer is only tool calls.
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// A tool call the model made, as OpenAI returns it (with `index` in streamed deltas).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    /// `call_<random>`: what the `tool` message answering it names in `tool_call_id`.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+/// The function a [`ToolCall`] calls; `arguments` is a JSON string, as OpenAI sends it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
 }
 
 /// One server-sent event of a streamed chat completion.
@@ -279,6 +302,9 @@ pub struct ChatDelta {
     pub role: Option<Role>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Each call whole, in the choice's last content chunk (see the README).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// A `/v1/completions` answer, whole or one server-sent event of a stream (OpenAI uses the
@@ -406,7 +432,7 @@ mod tests {
             model: "m".into(),
             choices: vec![ChatChunkChoice {
                 index: 0,
-                delta: ChatDelta { role: Some(Role::Assistant), content: Some(String::new()) },
+                delta: ChatDelta { role: Some(Role::Assistant), content: Some(String::new()), tool_calls: vec![] },
                 logprobs: None,
                 finish_reason: None,
             }],
@@ -442,7 +468,7 @@ mod tests {
             model: "a".into(),
             choices: vec![ChatChoice {
                 index: 0,
-                message: ChatMessageOut { role: Role::Assistant, content: "hi".into() },
+                message: ChatMessageOut { role: Role::Assistant, content: Some("hi".into()), tool_calls: vec![] },
                 logprobs: None,
                 finish_reason: Some(FinishReason::Stop),
                 prompt_logprobs: None,

@@ -568,7 +568,7 @@ async fn bad_inputs_get_4xx_and_good_requests_still_complete() {
         ("stop as number", chat, json!({"messages": msgs, "stop": 5}).to_string().into_bytes(), 400),
         ("unknown parameter", chat, json!({"messages": msgs, "frobnicate": true}).to_string().into_bytes(), 400),
         ("penalty out of range", chat, json!({"messages": msgs, "frequency_penalty": 2.5}).to_string().into_bytes(), 400),
-        ("unsupported tools", chat, json!({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}).to_string().into_bytes(), 400),
+        ("tool of an unsupported type", chat, json!({"messages": msgs, "tools": [{"type": "retrieval"}]}).to_string().into_bytes(), 400),
         ("logit_bias out of range", chat, json!({"messages": msgs, "logit_bias": {"1": 500}}).to_string().into_bytes(), 400),
         ("invalid JSON schema", chat, json!({"messages": msgs, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nosuchtype"}}}}).to_string().into_bytes(), 400),
         ("stream_options without stream", chat, json!({"messages": msgs, "stream_options": {"include_usage": true}}).to_string().into_bytes(), 400),

@@ -47,7 +47,7 @@ pub(super) fn tokenize(engine: &Engine, items: &[Item]) -> Result<Vec<Scored>, B
         .iter()
         .map(|item| {
             let prompt = input.tokenize(&chat(item)).map_err(engine_error("tokenizing a prompt"))?;
-            let turn = [ChatMessage::user(item.prompt.clone()), ChatMessage { role: "assistant".into(), content: item.answer.clone() }];
+            let turn = [ChatMessage::user(item.prompt.clone()), ChatMessage::new("assistant", item.answer.clone())];
             let text = template.render(&turn, false).map_err(engine_error("rendering an answer"))?;
             let full = input.tokenizer().encode(&text, false).map_err(engine_error("tokenizing an answer"))?;
             let end = full.iter().skip(prompt.len()).position(|t| ends.contains(t)).map(|p| prompt.len() + p + 1);

@@ -64,6 +64,7 @@ pub(super) fn common(f: &mut Fields, api: Api, max_model_len: usize) -> Result<G
         echo: false,
         prompt_logprobs: false,
         best_of: n,
+        tools: None,
     };
     controls(f, &mut req.params)?;
     Ok(req)

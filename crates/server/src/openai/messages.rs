@@ -1,10 +1,12 @@
-//! Chat `messages`: roles, text content (a string or text parts), and a refusal for
-//! every part or field this text-only, tool-less server does not handle.
+//! Chat `messages`: roles, text content (a string or text parts), tool calls and tool
+//! results in the history, and a refusal for every part or field this text-only server
+//! does not handle.
 
 use loramux_engine::ChatMessage;
 use serde_json::Value;
 
 use super::fields::{is_empty_collection, wrong_type};
+use super::tools::history_calls;
 use crate::error::ApiError;
 
 fn message_content(i: usize, v: Value) -> Result<String, ApiError> {
@@ -36,7 +38,8 @@ fn message_content(i: usize, v: Value) -> Result<String, ApiError> {
     }
 }
 
-/// Chat `messages`: text content only, `developer` read as `system`, no tools.
+/// Chat `messages`: text content, `developer` read as `system`, assistant `tool_calls` and
+/// `tool` results (with their `tool_call_id`).
 pub(crate) fn parse_messages(v: Value) -> Result<Vec<ChatMessage>, ApiError> {
     let Value::Array(list) = v else {
         return Err(wrong_type("messages", "an array of messages", &v));
@@ -55,15 +58,15 @@ pub(crate) fn parse_messages(v: Value) -> Result<Vec<ChatMessage>, ApiError> {
             None => return Err(ApiError::invalid_param(&format!("messages[{i}].role"), format!("messages[{i}] has no 'role'"))),
         };
         let role = match role.as_str() {
-            "system" | "user" | "assistant" => role,
+            "system" | "user" | "assistant" | "tool" => role,
             "developer" => "system".to_string(),
-            "tool" | "function" => {
-                return Err(ApiError::unsupported(&format!("messages[{i}].role"), "tool messages are not supported (no tool calling)"))
+            "function" => {
+                return Err(ApiError::unsupported(&format!("messages[{i}].role"), "the legacy 'function' role is not supported: use 'tool'"))
             }
             other => {
                 return Err(ApiError::invalid_param(
                     &format!("messages[{i}].role"),
-                    format!("unknown role '{other}' (expected system, developer, user or assistant)"),
+                    format!("unknown role '{other}' (expected system, developer, user, assistant or tool)"),
                 ))
             }
         };
@@ -72,13 +75,28 @@ pub(crate) fn parse_messages(v: Value) -> Result<Vec<ChatMessage>, ApiError> {
         }
         let content = message_content(i, m.remove("content").unwrap_or(Value::Null))?;
         m.remove("name");
+        let tool_calls = match m.remove("tool_calls") {
+            Some(v) if role == "assistant" && !v.is_null() => Some(history_calls(i, v)?),
+            Some(v) if !v.is_null() => return Err(ApiError::invalid_param(&format!("messages[{i}].tool_calls"), "only assistant messages have 'tool_calls'")),
+            _ => None,
+        };
+        let tool_call_id = match (role.as_str(), m.remove("tool_call_id")) {
+            ("tool", Some(Value::String(id))) => Some(id),
+            ("tool", other) => return Err(ApiError::invalid_param(&format!("messages[{i}].tool_call_id"), format!("a tool message needs a string 'tool_call_id', got {}", other.unwrap_or(Value::Null)))),
+            (_, v) => {
+                if v.is_some_and(|v| !v.is_null()) {
+                    return Err(ApiError::invalid_param(&format!("messages[{i}].tool_call_id"), "only tool messages have 'tool_call_id'"));
+                }
+                None
+            }
+        };
         for (k, v) in m {
             let neutral = v.is_null() || is_empty_collection(&v);
             if !neutral {
                 return Err(ApiError::unsupported(&format!("messages[{i}].{k}"), format!("message field '{k}' is not supported")));
             }
         }
-        out.push(ChatMessage { role, content });
+        out.push(ChatMessage { role, content, tool_calls, tool_call_id });
     }
     Ok(out)
 }

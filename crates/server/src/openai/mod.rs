@@ -7,21 +7,26 @@
 //!   `response_format`, streaming options), in named steps;
 //! - `controls.rs`: penalties, `logit_bias`, `min_p`, `min_tokens`, bad and allowed tokens;
 //! - `messages.rs`: chat `messages`;
+//! - `responses.rs`: `/v1/responses` bodies rewritten as the chat request they mean;
+//! - `tools.rs`: tool calling (`tools`, `tool_choice`, the prompt, the parsed calls);
 //! - `fields.rs`: `Fields`, typed field-by-field reading with precise errors.
 
 mod common;
 mod controls;
 mod fields;
 pub(crate) mod messages;
+pub mod responses;
+pub(crate) mod tools;
 
 use loramux_engine::sampling::MAX_LOGPROBS;
-use loramux_engine::{Prompt, SamplingParams};
+use loramux_engine::{Prompt, ResponseFormat, SamplingParams};
 use serde_json::{json, Value};
 
 use self::common::common;
 pub(crate) use self::fields::Fields;
 use self::fields::{is_empty_collection, token_list, wrong_type};
 use self::messages::parse_messages;
+use self::tools::{parse_tools, Tools};
 use crate::config::defaults::MAX_N;
 use crate::error::ApiError;
 
@@ -54,6 +59,8 @@ pub struct GenRequest {
     /// Completions' `best_of`: choices generated per prompt, of which the `n` with the highest
     /// cumulative log-probability are returned (`n` when not given).
     pub best_of: usize,
+    /// Chat's tools, when the model may call them.
+    pub tools: Option<Tools>,
 }
 
 /// Parses a `/v1/chat/completions` body.
@@ -74,10 +81,15 @@ pub fn parse_chat(body: &[u8], max_model_len: usize) -> Result<GenRequest, ApiEr
         return Err(ApiError::invalid_param("top_logprobs", "'top_logprobs' needs 'logprobs': true"));
     }
     req.logprobs = logprobs.then(|| top.unwrap_or(0));
-    f.unsupported_unless("tools", is_empty_collection, "tool calling is not implemented")?;
-    f.unsupported_unless("functions", is_empty_collection, "function calling is not implemented")?;
-    f.unsupported_unless("tool_choice", |v| v.as_str() == Some("none") || v.as_str() == Some("auto"), "tool calling is not implemented")?;
-    f.unsupported_unless("function_call", |v| v.as_str() == Some("none") || v.as_str() == Some("auto"), "function calling is not implemented")?;
+    req.tools = parse_tools(&mut f)?;
+    if let Some(schema) = req.tools.as_ref().and_then(Tools::forced_schema) {
+        if req.params.response_format != ResponseFormat::Text {
+            return Err(ApiError::invalid_param("tool_choice", "a forced tool call cannot be combined with 'response_format'"));
+        }
+        req.params.response_format = ResponseFormat::JsonSchema(schema);
+    }
+    f.unsupported_unless("functions", is_empty_collection, "the legacy 'functions' are not supported: use 'tools'")?;
+    f.unsupported_unless("function_call", |v| v.as_str() == Some("none") || v.as_str() == Some("auto"), "the legacy 'function_call' is not supported: use 'tool_choice'")?;
     f.unsupported_unless("best_of", |v| v.as_f64() == Some(req.n as f64), "best_of other than n is for /v1/completions")?;
     f.unsupported_unless("audio", |_| false, "audio output is not supported")?;
     f.unsupported_unless("prediction", |_| false, "predicted outputs are not supported")?;
@@ -89,7 +101,7 @@ pub fn parse_chat(body: &[u8], max_model_len: usize) -> Result<GenRequest, ApiEr
     f.unsupported_unless("chat_template", |_| false, "custom chat templates are not supported")?;
     f.unsupported_unless("chat_template_kwargs", is_empty_collection, "chat template arguments are not supported")?;
     f.unsupported_unless("documents", is_empty_collection, "documents are not supported")?;
-    f.ignore(&["parallel_tool_calls", "reasoning_effort", "verbosity", "prompt_cache_key", "safety_identifier"]);
+    f.ignore(&["reasoning_effort", "verbosity", "prompt_cache_key", "safety_identifier"]);
     f.finish()?;
     req.prompts = vec![Prompt::Chat(messages)];
     req.params.logprobs = req.logprobs;
@@ -187,7 +199,7 @@ pub fn parse_completion(body: &[u8], max_model_len: usize) -> Result<GenRequest,
 
 #[cfg(test)]
 mod tests {
-    use loramux_engine::{ChatMessage, ResponseFormat};
+    use loramux_engine::ChatMessage;
 
     use super::*;
 
@@ -224,7 +236,7 @@ mod tests {
         assert_eq!(parse_chat(with(r#""frequency_penalty":0.5"#).as_bytes(), 100).unwrap().params.frequency_penalty, 0.5);
         assert_eq!(err(parse_chat(with(r#""frequency_penalty":2.5"#).as_bytes(), 100)).param.as_deref(), Some("frequency_penalty"));
         assert_eq!(err(parse_chat(with(r#""best_of":2"#).as_bytes(), 100)).param.as_deref(), Some("best_of"));
-        assert_eq!(err(parse_chat(with(r#""tools":[{"type":"function"}]"#).as_bytes(), 100)).param.as_deref(), Some("tools"));
+        assert_eq!(err(parse_chat(with(r#""tools":[{"type":"function"}]"#).as_bytes(), 100)).param.as_deref(), Some("tools[0].function"));
         assert_eq!(err(parse_chat(with(r#""bogus":1"#).as_bytes(), 100)).code, Some("unknown_parameter"));
         assert_eq!(err(parse_chat(with(r#""stream_options":{"include_usage":true}"#).as_bytes(), 100)).param.as_deref(), Some("stream_options"));
         assert_eq!(err(parse_chat(with(r#""top_logprobs":3"#).as_bytes(), 100)).param.as_deref(), Some("top_logprobs"));

@@ -11,7 +11,7 @@ use super::sse::frame;
 use crate::openai::Api;
 use crate::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta, ChatLogprobs, ChatMessageOut, Completion,
-    CompletionChoice, CompletionLogprobs, PromptLogprobs, Role, TokenLogprob, Usage, VllmPromptLogprobs,
+    CompletionChoice, CompletionLogprobs, PromptLogprobs, Role, TokenLogprob, ToolCall, Usage, VllmPromptLogprobs,
 };
 
 /// What every answer and chunk of one request shares.
@@ -40,6 +40,8 @@ pub(super) struct Piece {
     pub echo: Option<Echo>,
     /// vLLM's `prompt_logprobs` field, when the request set it.
     pub prompt_logprobs: Option<VllmPromptLogprobs>,
+    /// Chat's tool calls, parsed from the whole text (`text` is then what is left, if anything).
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// An echoed prompt: its text, and its tokens' log-probabilities when logprobs were asked for.
@@ -49,10 +51,29 @@ pub(super) struct Echo {
 }
 
 impl Piece {
+    /// An empty piece of choice `index`, for the fields a caller sets.
+    pub(super) fn new(index: usize) -> Self {
+        Self {
+            index,
+            text: None,
+            role: None,
+            logprobs: None,
+            text_offset: 0,
+            finish_reason: None,
+            echo: None,
+            prompt_logprobs: None,
+            tool_calls: Vec::new(),
+        }
+    }
+
     fn chat_choice(self) -> ChatChoice {
         ChatChoice {
             index: self.index,
-            message: ChatMessageOut { role: Role::Assistant, content: self.text.unwrap_or_default() },
+            message: ChatMessageOut {
+                role: Role::Assistant,
+                content: if self.tool_calls.is_empty() { Some(self.text.unwrap_or_default()) } else { self.text },
+                tool_calls: self.tool_calls,
+            },
             logprobs: self.logprobs.map(ChatLogprobs::new),
             finish_reason: self.finish_reason,
             prompt_logprobs: self.prompt_logprobs,
@@ -62,7 +83,7 @@ impl Piece {
     fn chat_chunk_choice(self) -> ChatChunkChoice {
         ChatChunkChoice {
             index: self.index,
-            delta: ChatDelta { role: self.role, content: self.text },
+            delta: ChatDelta { role: self.role, content: self.text, tool_calls: self.tool_calls },
             logprobs: self.logprobs.map(ChatLogprobs::new),
             finish_reason: self.finish_reason,
         }

@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 use futures_util::stream::StreamExt;
-use loramux_engine::{FairShare, FinishReason, LoraRequest, ProcessedRequest, Prompt};
+use loramux_engine::{FairShare, FinishReason, LoraRequest, ProcessedRequest, Prompt, ResponseFormat};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::choices::{Echo, Meta, Piece};
@@ -52,16 +52,47 @@ fn resolve_target(st: &AppState, requested: Option<&str>, caller: &Caller) -> Ta
 async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api) -> Result<Response, ApiError> {
     let caller = st.auth.check(headers)?;
     let bytes = st.read_body(headers, body).await?;
-    let req = parse(st, &bytes, api)?;
+    let Started { req, meta, receivers, admission, route_header } = start(st, &caller, &bytes, api).await?;
+    let mut resp = if req.stream {
+        held_until_sent(stream_response(st.clone(), meta, &req, receivers), admission)
+    } else {
+        collect_response(meta, &req, receivers).await?
+    };
+    with_route_header(&mut resp, route_header);
+    Ok(resp)
+}
+
+/// A request the batch loop accepted: its choices' events and what answering needs.
+pub(super) struct Started {
+    pub req: GenRequest,
+    pub meta: Meta,
+    pub receivers: Vec<UnboundedReceiver<Event>>,
+    /// The tenant's admission, held until the answer is sent.
+    pub admission: Admission,
+    /// `x-loramux-route`, when `model: "auto"` picked the adapter.
+    pub route_header: Option<HeaderValue>,
+}
+
+/// Adds the routing decision's header, if any.
+pub(super) fn with_route_header(resp: &mut Response, header: Option<HeaderValue>) {
+    if let Some(h) = header {
+        resp.headers_mut().insert(super::route::ROUTE_HEADER, h);
+    }
+}
+
+/// Parses a body of `api`, picks the adapter (or routes `auto`), admits the caller and
+/// submits every choice; returns once the batch loop accepted them all.
+pub(super) async fn start(st: &Arc<AppState>, caller: &Caller, bytes: &[u8], api: Api) -> Result<Started, ApiError> {
+    let req = parse(st, bytes, api)?;
     let (target, route_header) = if st.is_router_alias(req.model.as_deref()) {
-        let routed = st.route(&req, api, &caller).await?;
+        let routed = st.route(&req, api, caller).await?;
         let header = routed.header();
         (Target { lora: routed.lora, model: routed.model }, Some(header))
     } else {
-        (resolve_target(st, req.model.as_deref(), &caller), None)
+        (resolve_target(st, req.model.as_deref(), caller), None)
     };
     let requests = processed(st, &req, &target, api)?;
-    let admission = st.auth.tenants().admit(&caller, cost(&requests, req.best_of), &st.metrics)?;
+    let admission = st.auth.tenants().admit(caller, cost(&requests, req.best_of), &st.metrics)?;
     // After the same checks and admission as a name nobody knows, and answered the same.
     if target.lora.is_some() && !caller.may_use(&target.model) {
         st.metrics.tenant_refusals.with_label_values(&[caller.label(), "adapter_not_allowed"]).inc();
@@ -86,20 +117,12 @@ async fn generate(st: &Arc<AppState>, headers: &HeaderMap, body: Body, api: Api)
         model: target.model,
         prompt_tokens,
     };
-    let mut resp = if req.stream {
-        held_until_sent(stream_response(st.clone(), meta, &req, receivers), admission)
-    } else {
-        collect_response(meta, &req, receivers).await?
-    };
-    if let Some(h) = route_header {
-        resp.headers_mut().insert(super::route::ROUTE_HEADER, h);
-    }
-    Ok(resp)
+    Ok(Started { req, meta, receivers, admission, route_header })
 }
 
 /// A streamed answer that holds the tenant's admission until its last byte is sent or the
 /// client leaves (the body is dropped either way).
-fn held_until_sent(resp: Response, admission: Admission) -> Response {
+pub(super) fn held_until_sent(resp: Response, admission: Admission) -> Response {
     resp.map(|body| {
         Body::from_stream(body.into_data_stream().map(move |chunk| {
             let _held = &admission;
@@ -120,12 +143,17 @@ fn cost(requests: &[ProcessedRequest], n: usize) -> Cost {
 /// The request, parsed and checked against the model (its length, its chat template).
 fn parse(st: &AppState, bytes: &[u8], api: Api) -> Result<GenRequest, ApiError> {
     let input = &st.sched.input;
-    let req = match api {
+    let mut req = match api {
         Api::Chat => openai::parse_chat(bytes, input.max_model_len())?,
         Api::Completions => openai::parse_completion(bytes, input.max_model_len())?,
     };
-    if api == Api::Chat && input.chat_template().is_none() {
-        return Err(ApiError::bad_request("this model has no chat template: use /v1/completions with a plain prompt"));
+    if api == Api::Chat {
+        let Some(template) = input.chat_template() else {
+            return Err(ApiError::bad_request("this model has no chat template: use /v1/completions with a plain prompt"));
+        };
+        if let Some(Prompt::Chat(messages)) = req.prompts.first_mut() {
+            openai::tools::prepare(messages, req.tools.as_mut(), template.handles_tools());
+        }
     }
     Ok(req)
 }
@@ -135,19 +163,38 @@ fn parse(st: &AppState, bytes: &[u8], api: Api) -> Result<GenRequest, ApiError> 
 fn processed(st: &AppState, req: &GenRequest, target: &Target, api: Api) -> Result<Vec<ProcessedRequest>, ApiError> {
     let input = &st.sched.input;
     let prompt_param = if api == Api::Chat { "messages" } else { "prompt" };
+    if let Some(tools) = req.tools.as_ref().filter(|t| t.forced_schema().is_none()) {
+        // `auto` compiles no grammar: the tools' schemas are checked here all the same.
+        let format = ResponseFormat::JsonSchema(tools.any_call_schema());
+        input.grammar(&format).map_err(|e| ApiError::from_input(&e, prompt_param).with_param("tools"))?;
+    }
     let mut requests = Vec::with_capacity(req.prompts.len() * req.best_of);
     for prompt in &req.prompts {
-        let ids = input.tokenize(prompt).map_err(|e| ApiError::from_input(&e, prompt_param))?;
+        let ids = match (prompt, req.tools.as_ref().and_then(|t| t.template_tools())) {
+            (Prompt::Chat(messages), Some(tools)) => input.tokenize_chat(messages, Some(tools)),
+            _ => input.tokenize(prompt),
+        };
+        let ids = ids.map_err(|e| ApiError::from_input(&e, prompt_param))?;
         for j in 0..req.best_of {
             let mut params = req.params.clone();
             params.seed = params.seed.map(|s| s.wrapping_add(j as u64));
             let request = input
                 .process_tokens(target.lora.clone(), ids.clone(), prompt, params)
-                .map_err(|e| ApiError::from_input(&e, prompt_param))?;
+                .map_err(|e| forced_call_error(ApiError::from_input(&e, prompt_param), req))?;
             requests.push(request);
         }
     }
     Ok(requests)
+}
+
+/// A forced tool call's grammar is made from the tools' `parameters`: a schema that does
+/// not compile is the fault of `tools`, not of a `response_format` the client never sent.
+fn forced_call_error(e: ApiError, req: &GenRequest) -> ApiError {
+    if req.tools.as_ref().is_some_and(|t| t.forced_schema().is_some()) && e.param.as_deref() == Some("response_format") {
+        e.with_param("tools")
+    } else {
+        e
+    }
 }
 
 /// Waits until the batch loop accepted every choice (so errors still get a status) and
@@ -216,14 +263,14 @@ fn best_of(choices: Vec<ChoiceAcc>, req: &GenRequest) -> Vec<ChoiceAcc> {
     out
 }
 
-/// The whole answer, once every choice is done.
-async fn collect_response(meta: Meta, req: &GenRequest, receivers: Vec<UnboundedReceiver<Event>>) -> Result<Response, ApiError> {
+/// Every choice once done, as pieces of the answer, and the usage.
+pub(super) async fn collect_pieces(prompt_tokens: usize, req: &GenRequest, receivers: Vec<UnboundedReceiver<Event>>) -> Result<(Vec<Piece>, Usage), ApiError> {
     let mut choices = Vec::with_capacity(receivers.len());
     for mut rx in receivers {
         choices.push(collect_choice(&mut rx).await?);
     }
     // Every generated choice is counted, the ones `best_of` leaves out too (as OpenAI bills).
-    let usage = Usage::new(meta.prompt_tokens, choices.iter().map(|c| c.completion_tokens).sum());
+    let usage = Usage::new(prompt_tokens, choices.iter().map(|c| c.completion_tokens).sum());
     let choices = best_of(choices, req);
     let want_logprobs = req.logprobs.is_some();
     let pieces = choices
@@ -239,17 +286,36 @@ async fn collect_response(meta: Meta, req: &GenRequest, receivers: Vec<Unbounded
                 };
                 Echo { text, logprobs: want_logprobs.then_some(p) }
             });
-            Piece {
-                index,
+            let piece = Piece {
                 text: Some(c.text),
-                role: None,
                 logprobs: want_logprobs.then_some(c.logprobs),
-                text_offset: 0,
                 finish_reason: c.finish,
                 echo,
                 prompt_logprobs,
-            }
+                ..Piece::new(index)
+            };
+            with_tool_calls(piece, req)
         })
         .collect();
+    Ok((pieces, usage))
+}
+
+/// Chat with tools: the calls parsed out of a choice's text, with finish reason `tool_calls`
+/// (a text that holds no call stays a text answer).
+fn with_tool_calls(mut piece: Piece, req: &GenRequest) -> Piece {
+    let Some((content, calls)) = req.tools.as_ref().and_then(|t| t.extract(piece.text.as_deref().unwrap_or_default())) else {
+        return piece;
+    };
+    piece.text = content;
+    piece.tool_calls = calls;
+    if piece.finish_reason == Some(FinishReason::Stop) {
+        piece.finish_reason = Some(FinishReason::ToolCalls);
+    }
+    piece
+}
+
+/// The whole answer, once every choice is done.
+async fn collect_response(meta: Meta, req: &GenRequest, receivers: Vec<UnboundedReceiver<Event>>) -> Result<Response, ApiError> {
+    let (pieces, usage) = collect_pieces(meta.prompt_tokens, req, receivers).await?;
     Ok(meta.whole(pieces, usage))
 }

@@ -13,6 +13,7 @@
 //! | `generate.rs` | `POST /v1/chat/completions`, `POST /v1/completions` (whole answers) |
 //! | `choices.rs` | the two APIs' answer and chunk shapes, assembled once for both |
 //! | `sse.rs` | the streamed answers (`"stream": true`): SSE framing and its state machine |
+//! | `responses.rs` | `POST /v1/responses` (OpenAI's Responses API, stateless), on the chat path |
 //! | `models.rs` | `GET /v1/models`, `GET /v1/models/{id}` |
 //! | `lora_adapters.rs` | `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter` |
 //! | `health.rs` | `GET /health`, `GET /ping`, `GET /version` |
@@ -28,6 +29,7 @@ mod health;
 mod lora_adapters;
 mod metrics;
 mod models;
+mod responses;
 mod route;
 mod tokenize;
 mod sse;
@@ -83,6 +85,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{*id}", get(models::get_model))
         .route("/v1/chat/completions", post(generate::chat))
         .route("/v1/completions", post(generate::completions))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/route", post(route::route))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/load_lora_adapter", post(lora_adapters::load_lora))

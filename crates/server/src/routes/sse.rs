@@ -1,7 +1,8 @@
 //! Streamed answers (`"stream": true`): the choices' event streams merged into one, and
 //! [`SseState`], the state machine that turns their events into server-sent events: chat's
 //! opening role chunks, a chunk per delta, each choice's finish, the usage chunk and
-//! `data: [DONE]`, or an error frame.
+//! `data: [DONE]`, or an error frame. With tools, a choice's text is held from where a call
+//! may begin, and its calls are sent whole before its finish.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::choices::{Meta, Piece};
 use super::AppState;
 use crate::error::ApiError;
+use crate::openai::tools::{CallHold, Tools};
 use crate::openai::{Api, GenRequest};
 use crate::protocol::{Role, TokenLogprob, Usage, VllmPromptLogprobs};
 use crate::scheduler::Event;
@@ -43,6 +45,8 @@ struct SseState {
     want_logprobs: bool,
     /// The request set vLLM's `prompt_logprobs`.
     want_prompt_logprobs: bool,
+    /// Chat with tools: each choice's text held from where a call may begin.
+    tools: Option<(Tools, Vec<CallHold>)>,
     started: bool,
     open: usize,
     /// Where the next token starts in each choice's text (completions logprobs).
@@ -83,14 +87,12 @@ impl SseState {
         prompt_logprobs: Option<VllmPromptLogprobs>,
     ) -> String {
         let piece = Piece {
-            index: i,
             text,
-            role: None,
             logprobs: (self.want_logprobs && !logprobs.is_empty()).then_some(logprobs),
             text_offset: self.token_offset[i],
             finish_reason,
-            echo: None,
             prompt_logprobs,
+            ..Piece::new(i)
         };
         self.meta.chunk(vec![piece], self.chunk_usage())
     }
@@ -102,26 +104,38 @@ impl SseState {
         }
         (0..self.completion_tokens.len())
             .map(|i| {
-                let piece = Piece {
-                    index: i,
-                    text: Some(String::new()),
-                    role: Some(Role::Assistant),
-                    logprobs: None,
-                    text_offset: 0,
-                    finish_reason: None,
-                    echo: None,
-                    prompt_logprobs: None,
-                };
-                self.meta.chunk(vec![piece], self.chunk_usage())
+                self.meta.chunk(vec![opening(i)], self.chunk_usage())
             })
             .collect()
+    }
+
+    /// A choice's held text once done: a chunk with its calls (each whole, with its `index`)
+    /// and the content left, and the finish reason (`tool_calls` when it made calls).
+    fn held_calls(&self, i: usize, finish: FinishReason) -> (String, FinishReason) {
+        let Some((tools, holds)) = &self.tools else { return (String::new(), finish) };
+        let (text, mut calls) = holds[i].finish(tools);
+        if text.is_none() && calls.is_empty() {
+            return (String::new(), finish);
+        }
+        for (k, c) in calls.iter_mut().enumerate() {
+            c.index = Some(k);
+        }
+        let finish = if !calls.is_empty() && finish == FinishReason::Stop { FinishReason::ToolCalls } else { finish };
+        let piece = Piece { text, tool_calls: calls, ..Piece::new(i) };
+        (self.meta.chunk(vec![piece], self.chunk_usage()), finish)
     }
 
     fn on_event(&mut self, i: usize, ev: Event) -> String {
         match ev {
             Event::Accepted { .. } => String::new(),
-            Event::Delta { text, tokens, logprobs } => {
+            Event::Delta { mut text, tokens, logprobs } => {
                 self.completion_tokens[i] += tokens;
+                if let Some((_, holds)) = &mut self.tools {
+                    text = holds[i].push(&text);
+                    if text.is_empty() && !self.want_logprobs {
+                        return String::new();
+                    }
+                }
                 let advance: usize = logprobs.iter().map(|t| t.token.len()).sum();
                 let out = self.choice_frame(i, Some(text), logprobs, None);
                 self.token_offset[i] += advance;
@@ -130,7 +144,8 @@ impl SseState {
             Event::Done { finish, completion_tokens, prompt_logprobs, .. } => {
                 self.completion_tokens[i] = completion_tokens;
                 let prompt_logprobs = prompt_logprobs.filter(|_| self.want_prompt_logprobs).map(|p| p.to_vllm());
-                let mut out = self.frame_with_prompt(i, None, Vec::new(), Some(finish), prompt_logprobs);
+                let (mut out, finish) = self.held_calls(i, finish);
+                out.push_str(&self.frame_with_prompt(i, None, Vec::new(), Some(finish), prompt_logprobs));
                 self.open -= 1;
                 if self.open == 0 {
                     if self.include_usage {
@@ -186,19 +201,29 @@ pub(super) fn stream_response(st: Arc<AppState>, meta: Meta, req: &GenRequest, r
         continuous_usage: req.continuous_usage,
         want_logprobs: req.logprobs.is_some(),
         want_prompt_logprobs: req.prompt_logprobs,
+        tools: req.tools.clone().map(|t| (t, (0..n).map(|_| CallHold::default()).collect())),
         started: false,
         open: n,
         token_offset: vec![0; n],
         completion_tokens: vec![0; n],
         finished: false,
     };
-    let body = stream::unfold(state, SseState::next_frame);
+    sse(Body::from_stream(stream::unfold(state, SseState::next_frame)))
+}
+
+/// Chat's first chunk of choice `i`: the role and empty content.
+fn opening(i: usize) -> Piece {
+    Piece { text: Some(String::new()), role: Some(Role::Assistant), ..Piece::new(i) }
+}
+
+/// An SSE response with this body.
+pub(super) fn sse(body: Body) -> Response {
     (
         [
             (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
         ],
-        Body::from_stream(body),
+        body,
     )
         .into_response()
 }

@@ -51,7 +51,9 @@ pub(super) async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap
                 let template = input
                     .chat_template()
                     .ok_or_else(|| ApiError::bad_request("this model has no chat template: tokenize a 'prompt' instead"))?;
-                let messages = parse_messages(messages.clone())?;
+                let mut messages = parse_messages(messages.clone())?;
+                // Tool turns rendered as chat renders them.
+                crate::openai::tools::prepare(&mut messages, None, template.handles_tools());
                 let text = template
                     .render(&messages, flag(&v, "add_generation_prompt", true)?)
                     .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;

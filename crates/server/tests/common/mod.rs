@@ -109,13 +109,7 @@ impl TestServer {
 
     /// A streaming request: every `data:` payload in order (the last is "[DONE]" when complete).
     pub async fn stream(&self, path: &str, body: &Value) -> (u16, Vec<String>) {
-        let rb = self.http.post(format!("{}{path}", self.url)).header("content-type", "application/json").body(serde_json::to_vec(body).unwrap());
-        let mut r = self.auth(rb, None).send().await.expect("request sent");
-        let status = r.status().as_u16();
-        let mut text = String::new();
-        while let Some(chunk) = r.chunk().await.expect("body chunk") {
-            text.push_str(std::str::from_utf8(&chunk).expect("utf-8 SSE"));
-        }
+        let (status, text) = self.stream_raw(path, body).await;
         if status != 200 {
             return (status, vec![text]);
         }
@@ -125,6 +119,35 @@ impl TestServer {
             events.push(payload.to_string());
         }
         (status, events)
+    }
+
+    /// A streaming request with named events (`event:` then `data:` lines, as the Responses
+    /// API sends them): each event's name and parsed data, in order.
+    pub async fn stream_events(&self, path: &str, body: &Value) -> (u16, Vec<(String, Value)>) {
+        let (status, frames) = self.stream_raw(path, body).await;
+        let events = frames
+            .split("\n\n")
+            .filter(|f| !f.is_empty() && status == 200)
+            .map(|f| {
+                let (event, data) = f.split_once('\n').unwrap_or_else(|| panic!("frame without data: {f:?}"));
+                let name = event.strip_prefix("event: ").unwrap_or_else(|| panic!("frame without 'event: ': {f:?}"));
+                let data = data.strip_prefix("data: ").unwrap_or_else(|| panic!("frame without 'data: ': {f:?}"));
+                (name.to_string(), serde_json::from_str(data).unwrap())
+            })
+            .collect();
+        (status, events)
+    }
+
+    /// A streaming request's status and whole body.
+    async fn stream_raw(&self, path: &str, body: &Value) -> (u16, String) {
+        let rb = self.http.post(format!("{}{path}", self.url)).header("content-type", "application/json").body(serde_json::to_vec(body).unwrap());
+        let mut r = self.auth(rb, None).send().await.expect("request sent");
+        let status = r.status().as_u16();
+        let mut text = String::new();
+        while let Some(chunk) = r.chunk().await.expect("body chunk") {
+            text.push_str(std::str::from_utf8(&chunk).expect("utf-8 SSE"));
+        }
+        (status, text)
     }
 
     /// Greedy chat text for `model`.
