@@ -1,7 +1,7 @@
 //! The OpenAI request parsers (`/v1/chat/completions`, `/v1/completions`): JSON body to
 //! engine request, every field typed, ranged or refused (stream_options, stop, logit_bias,
 //! tools, response_format, n, logprobs...), then the engine's check of the sampling
-//! parameters and one draw of the sampler they configure. Any `Err` (a 400) is fine;
+//! parameters and one draw of the sampler they configure (penalties over a short history). Any `Err` (a 400) is fine;
 //! panics are bugs.
 #![no_main]
 
@@ -18,8 +18,17 @@ fn exercise(r: &GenRequest) {
     if params.validate().is_err() {
         return;
     }
+    // Token ids outside the vocabulary are the input processor's 400, before any sampler.
+    let in_vocab = |id: &u32| (*id as usize) < LOGITS.len();
+    if !params.logit_bias.iter().all(|(id, _)| in_vocab(id))
+        || !params.allowed_token_ids.iter().flatten().all(in_vocab)
+        || !params.bad_words_ids.iter().flatten().all(in_vocab)
+    {
+        return;
+    }
     params.seed = Some(params.seed.unwrap_or(0));
-    let t = Sampler::new(params).sample(&LOGITS);
+    // A short history, so the penalties have tokens to act on.
+    let t = Sampler::new(params).sample(&LOGITS, &[3, 3, 7]);
     assert!((t.id as usize) < LOGITS.len());
     assert!(t.top.len() <= LOGITS.len());
 }
