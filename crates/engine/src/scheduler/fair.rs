@@ -82,8 +82,12 @@ impl VirtualCounters {
             others_min = Some(others_min.map_or(c, |m: f64| m.min(c)));
         }
         let floor = others_min.unwrap_or(self.last_admitted);
-        let entry = self.counters.entry(Arc::from(me)).or_insert(0.0);
-        *entry = entry.max(floor);
+        match self.counters.get_mut(me) {
+            Some(c) => *c = c.max(floor),
+            None => {
+                self.counters.insert(Arc::from(me), floor);
+            }
+        }
     }
 
     /// A request of `share` was admitted with `prompt_tokens` to prefill.
@@ -100,10 +104,15 @@ impl VirtualCounters {
     }
 
     fn charge(&mut self, share: Option<&FairShare>, units: f64) -> f64 {
-        let weight = share.map_or(1.0, |s| s.weight);
-        let entry = self.counters.entry(Arc::from(key(share))).or_insert(0.0);
-        *entry += units / weight;
-        *entry
+        let add = units / share.map_or(1.0, |s| s.weight);
+        // Looked up first: a client's name is copied only the first time it is charged, not
+        // on every step of every running sequence.
+        if let Some(c) = self.counters.get_mut(key(share)) {
+            *c += add;
+            return *c;
+        }
+        self.counters.insert(Arc::from(key(share)), add);
+        add
     }
 }
 
