@@ -51,3 +51,8 @@ pub enum BenchError {
     #[error("statistics: {0}")]
     Stats(#[from] stats::StatsError),
 }
+
+/// Turns an engine error into the run's error, saying what was being done (`"{what}: {e}"`).
+pub(crate) fn engine_error(what: &str) -> impl Fn(loramux_engine::EngineError) -> BenchError + '_ {
+    move |e| BenchError::Invalid(format!("{what}: {e}"))
+}

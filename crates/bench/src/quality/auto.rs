@@ -10,13 +10,14 @@
 use std::sync::Arc;
 
 use loramux_engine::routing::{read_routing_file, BaseEmbedder, Router, RouterConfig};
-use loramux_engine::{ChatMessage, Engine, LoraRequest, Prompt, Request, SamplingParams};
+use loramux_engine::{Engine, LoraRequest, Request, SamplingParams};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::eval::chat;
 use super::inputs::{Item, Task};
 use super::{load_adapter, unload_adapter, TaskResult, Variant};
-use crate::BenchError;
+use crate::{engine_error, BenchError};
 
 /// One task's items sent to `auto`.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
@@ -49,14 +50,6 @@ pub struct AutoResult {
     pub exact_match_base: f64,
 }
 
-fn invalid(what: &str) -> impl Fn(loramux_engine::EngineError) -> BenchError + '_ {
-    move |e| BenchError::Invalid(format!("{what}: {e}"))
-}
-
-fn chat(item: &Item) -> Prompt {
-    Prompt::Chat(vec![ChatMessage::user(item.prompt.clone())])
-}
-
 /// Routes and answers every item; `measured` gives the oracle and base figures.
 pub(super) fn measure(
     engine: &mut Engine,
@@ -71,13 +64,13 @@ pub(super) fn measure(
         let Some(spec) = read_routing_file(&task.dir).map_err(|e| BenchError::Invalid(e.to_string()))? else {
             return Ok(None);
         };
-        router.insert(&task.name, router.prepare(&spec).map_err(invalid("embedding routing examples"))?);
+        router.insert(&task.name, router.prepare(&spec).map_err(engine_error("embedding routing examples"))?);
     }
     // (the pick, task index, item index); a `None` pick: the base.
     let mut picks: Vec<(Option<String>, usize, usize)> = Vec::new();
     for (ti, (_, items)) in tasks.iter().enumerate() {
         for (ii, item) in items.iter().enumerate() {
-            let d = router.route(&chat(item), &|_| true).map_err(invalid("routing"))?;
+            let d = router.route(&chat(item), &|_| true).map_err(engine_error("routing"))?;
             let pick = d.best().filter(|_| !d.fallback).map(|b| b.0.clone());
             picks.push((pick, ti, ii));
         }
@@ -104,7 +97,7 @@ pub(super) fn measure(
         if let Some(name) = &target {
             unload_adapter(engine, name);
         }
-        for (&&(_, ti, ii), answer) in group.iter().zip(&answers.map_err(invalid("generating answers"))?) {
+        for (&&(_, ti, ii), answer) in group.iter().zip(&answers.map_err(engine_error("generating answers"))?) {
             correct[ti][ii] = answer.text.trim() == tasks[ti].1[ii].answer;
         }
     }

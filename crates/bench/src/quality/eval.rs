@@ -5,7 +5,7 @@ use loramux_engine::{ChatMessage, Engine, EngineOptions, LoraLimits, LoraRequest
 
 use super::inputs::Item;
 use super::{ItemSample, Quality, Speed};
-use crate::BenchError;
+use crate::{engine_error, BenchError};
 
 /// Prompt tokens of the decode-speed batches (as in `bench engine`).
 const SPEED_PROMPT_LEN: usize = 64;
@@ -28,12 +28,8 @@ pub(super) fn load(model: &ModelLocation, dequantize: bool) -> Result<Engine, Be
     Engine::load(model, &options).map_err(|e| BenchError::Invalid(format!("loading {}: {e}", model.path().display())))
 }
 
-fn engine_error(what: &str) -> impl Fn(loramux_engine::EngineError) -> BenchError + '_ {
-    move |e| BenchError::Invalid(format!("{what}: {e}"))
-}
-
 /// The one-message chat of an item's prompt.
-fn chat(item: &Item) -> Prompt {
+pub(super) fn chat(item: &Item) -> Prompt {
     Prompt::Chat(vec![ChatMessage::user(item.prompt.clone())])
 }
 

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::quality::inputs::{find_tasks, read_heldout, Item, Task};
 use crate::run::{BenchContext, Metadata};
 use crate::stats::percentile;
-use crate::BenchError;
+use crate::{engine_error, BenchError};
 
 /// The result file's name in the output folder.
 pub const RESULT_FILE: &str = "route.json";
@@ -163,15 +163,11 @@ fn pct(samples: &[f64], q: f64) -> f64 {
     percentile(samples, q).unwrap_or(0.0)
 }
 
-fn invalid(what: &str) -> impl Fn(loramux_engine::EngineError) -> BenchError + '_ {
-    move |e| BenchError::Invalid(format!("{what}: {e}"))
-}
-
 fn candidate(name: String, layer: Option<usize>, embedder: Arc<dyn Embedder>, tasks: &[LabelledTask]) -> Result<Candidate, BenchError> {
     let router = Router::new(embedder, RouterConfig { cache_entries: 0, ..RouterConfig::default() }, None);
     let t = Instant::now();
     for lt in tasks {
-        let route = router.prepare(&lt.examples).map_err(invalid("embedding routing examples"))?;
+        let route = router.prepare(&lt.examples).map_err(engine_error("embedding routing examples"))?;
         router.insert(&lt.task.name, route);
     }
     let examples_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -181,7 +177,7 @@ fn candidate(name: String, layer: Option<usize>, embedder: Arc<dyn Embedder>, ta
 /// Routes `prompt`: (picked task index, margin, milliseconds).
 fn route_once(c: &Candidate, prompt: &Prompt, names: &[String]) -> Result<(usize, f32, f64), BenchError> {
     let t = Instant::now();
-    let d = c.router.route(prompt, &|_| true).map_err(invalid("routing"))?;
+    let d = c.router.route(prompt, &|_| true).map_err(engine_error("routing"))?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let best = d.best().map(|b| b.0.clone()).unwrap_or_default();
     Ok((names.iter().position(|n| *n == best).unwrap_or(0), d.confidence, ms))
@@ -191,7 +187,7 @@ fn route_once(c: &Candidate, prompt: &Prompt, names: &[String]) -> Result<(usize
 fn ttft_ms(engine: &mut Engine, adapter: &str, prompt: &Prompt) -> Result<f64, BenchError> {
     let req = Request { lora: Some(LoraRequest::new(adapter)), prompt: prompt.clone(), params: SamplingParams::greedy(1) };
     let t = Instant::now();
-    engine.generate(std::slice::from_ref(&req)).map_err(invalid("generating"))?;
+    engine.generate(std::slice::from_ref(&req)).map_err(engine_error("generating"))?;
     Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
@@ -200,7 +196,7 @@ pub fn measure(ctx: &BenchContext, s: &RouteSettings, tasks: Vec<LabelledTask>, 
     let model: &ModelLocation = ctx.model.as_ref().ok_or_else(|| BenchError::Invalid("route needs a model".into()))?;
     progress("loading the model and the task adapters");
     let options = EngineOptions { lora: LoraLimits { max_loras: tasks.len(), ..LoraLimits::default() }, ..EngineOptions::default() };
-    let mut engine = Engine::load(model, &options).map_err(invalid("loading the model"))?;
+    let mut engine = Engine::load(model, &options).map_err(engine_error("loading the model"))?;
     for lt in &tasks {
         engine.loras_mut().load(&lt.task.name, &lt.task.dir).map_err(|e| BenchError::Invalid(format!("{}: {e}", lt.task.dir.display())))?;
     }
@@ -218,7 +214,7 @@ pub fn measure(ctx: &BenchContext, s: &RouteSettings, tasks: Vec<LabelledTask>, 
     match resolve_folder_model(&s.router_model) {
         Ok(dir) => {
             progress(&format!("embedding the examples: {}", s.router_model));
-            let embedder = SentenceEmbedder::load(&dir, engine.model().device()).map_err(invalid("loading the sentence model"))?;
+            let embedder = SentenceEmbedder::load(&dir, engine.model().device()).map_err(engine_error("loading the sentence model"))?;
             candidates.push(candidate(s.router_model.clone(), None, Arc::new(embedder), &tasks)?);
         }
         Err(e) => notes.push(format!("sentence-embedding router not measured: {e}")),
