@@ -62,11 +62,9 @@ impl VirtualCounters {
         self.counters.get(key(share)).copied().unwrap_or(0.0)
     }
 
-    /// Counters of clients by name, for metrics.
-    pub fn snapshot(&self) -> Vec<(String, f64)> {
-        let mut v: Vec<(String, f64)> = self.counters.iter().map(|(k, c)| (k.to_string(), *c)).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+    /// Counters of clients by name, for metrics (no copy: read on every step).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, f64)> + '_ {
+        self.counters.iter().map(|(k, c)| (k.as_ref(), *c))
     }
 
     /// A request of `share` arrived; `waiting` are the clients with requests waiting

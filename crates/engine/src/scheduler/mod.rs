@@ -378,8 +378,8 @@ impl Scheduler {
     }
 
     /// Each client's weighted service so far ([`fair`]), by name ("" for requests without one).
-    pub fn fair_counters(&self) -> Vec<(String, f64)> {
-        self.fair.snapshot()
+    pub fn fair_counters(&self) -> impl Iterator<Item = (&str, f64)> + '_ {
+        self.fair.iter()
     }
 
     /// Requests in the running batch (preempted ones excluded).

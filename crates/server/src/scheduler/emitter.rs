@@ -279,7 +279,7 @@ impl Emitter {
         for (client, units) in scheduler.fair_counters() {
             // Requests without a tenant share the counter named "" (one queue, first come first served).
             if !client.is_empty() {
-                m.tenant_service.with_label_values(&[&client]).set(units);
+                m.tenant_service.with_label_values(&[client]).set(units);
             }
         }
         let (used, capacity) = scheduler.kv_usage_bytes();
