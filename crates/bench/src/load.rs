@@ -77,7 +77,11 @@ pub struct LoadSettings {
 pub struct LoadPoint {
     pub rate_req_per_sec: f64,
     pub requests: usize,
+    /// Failed requests, refusals included.
     pub errors: usize,
+    /// Requests the server refused at once (HTTP 429: a full queue, a latency target).
+    #[serde(default)]
+    pub refused: usize,
     /// From the first arrival to the last completion.
     pub wall_s: f64,
     pub throughput_req_per_sec: f64,
@@ -229,6 +233,7 @@ fn point(rate: f64, samples: Vec<Sample>, wall_s: f64, s: &LoadSettings) -> Load
         rate_req_per_sec: rate,
         requests: samples.len(),
         errors: samples.len() - ok.len(),
+        refused: samples.iter().filter(|x| x.error.as_deref().is_some_and(|e| e.starts_with("HTTP 429"))).count(),
         wall_s,
         throughput_req_per_sec: ok.len() as f64 / wall_s,
         output_tokens_per_sec: tokens as f64 / wall_s,
@@ -250,8 +255,8 @@ impl Report for LoadResult {
             "# Open-loop load\n\n{} · {} · {} ({} cores) · model {} · server {}\n\n\
              Poisson arrivals for {} s per rate over {} ({:?} popularity{}), {}, {} output tokens; \
              SLO: TTFT ≤ {} ms and TPOT ≤ {} ms.\n\n\
-             | Rate (req/s) | Requests | Errors | Throughput (req/s) | Tokens/s | Goodput (req/s) | SLO met | TTFT p50/p99 (ms) | TPOT p50/p99 (ms) | ITL p99 (ms) | E2E p50/p99 (ms) |\n\
-             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+             | Rate (req/s) | Requests | Refused (429) | Other errors | Throughput (req/s) | Tokens/s | Goodput (req/s) | SLO met | TTFT p50/p99 (ms) | TPOT p50/p99 (ms) | ITL p99 (ms) | E2E p50/p99 (ms) |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             m.timestamp, m.machine.hostname, m.machine.cpu_model, m.machine.logical_cores, m.base_model, m.server,
             st.duration, self.models.join(", "), st.popularity,
             if st.popularity == Popularity::Zipf { format!(", alpha {}", st.zipf_alpha) } else { String::new() },
@@ -265,10 +270,11 @@ impl Report for LoadResult {
         let pair = |s: &Option<Summary>| s.as_ref().map_or("n/a".into(), |s| format!("{:.0} / {:.0}", s.p50, s.p99));
         for p in &self.points {
             out += &format!(
-                "| {} | {} | {} | {:.2} | {:.1} | {:.2} | {:.0}% | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {:.2} | {:.1} | {:.2} | {:.0}% | {} | {} | {} | {} |\n",
                 p.rate_req_per_sec,
                 p.requests,
-                p.errors,
+                p.refused,
+                p.errors - p.refused,
                 p.throughput_req_per_sec,
                 p.output_tokens_per_sec,
                 p.goodput_req_per_sec,
@@ -300,6 +306,7 @@ impl Report for LoadResult {
             false,
         )?;
         let lat: Vec<Series> = [
+            series("TPOT p99", &|p| p.tpot.as_ref().map(|s| s.p99)),
             series("TTFT p50", &|p| p.ttft.as_ref().map(|s| s.p50)),
             series("TTFT p99", &|p| p.ttft.as_ref().map(|s| s.p99)),
             series("E2E p50", &|p| p.e2e.as_ref().map(|s| s.p50)),

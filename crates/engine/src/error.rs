@@ -43,9 +43,10 @@ pub enum EngineError {
     /// The request's deadline passed while it waited or ran; its memory is freed.
     #[error("request timed out: {0}")]
     DeadlineExceeded(String),
-    /// The admission queue is full: the caller should retry later.
-    #[error("overloaded: {0}")]
-    Overloaded(String),
+    /// The admission gate refused the request: the caller should retry later (after
+    /// `retry_after` when the gate could tell).
+    #[error("overloaded: {message}")]
+    Overloaded { reason: OverloadReason, message: String, retry_after: Option<std::time::Duration> },
     /// The forward pass failed for the sequences of this request (the batch's other
     /// sequences went on).
     #[error("generation failed: {0}")]
@@ -110,4 +111,26 @@ pub type Result<T> = std::result::Result<T, EngineError>;
 /// file parser becomes an error message).
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown panic")
+}
+
+/// Why the admission gate refused a request (a metrics label and the client's hint).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverloadReason {
+    /// `max_waiting` requests wait already.
+    QueueFull,
+    /// The queue holds what the server starts within the queue-delay bound.
+    QueueDelay,
+    /// The request's first token would come later than the TTFT target.
+    TtftTarget,
+}
+
+impl OverloadReason {
+    /// The label `/metrics` counts refusals under.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::QueueDelay => "queue_delay",
+            Self::TtftTarget => "ttft_target",
+        }
+    }
 }

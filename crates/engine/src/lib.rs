@@ -26,7 +26,7 @@ pub mod weights;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use models::config::ModelConfig;
 pub use engine::{Engine, EngineOptions};
-pub use error::{panic_message, EngineError, InputField, Result};
+pub use error::{panic_message, EngineError, InputField, OverloadReason, Result};
 pub use model_files::read_model_config;
 pub use models::Architecture;
 pub use sequence::{Completion, FinishReason, Sequence};

@@ -56,7 +56,7 @@ fn drive(auto_merge_after: Option<Duration>, requests: Vec<(usize, Request)>) ->
             if *arrival <= passes && !queued[id] {
                 queued[id] = true;
                 let processed = e.input().process(r.clone()).unwrap();
-                let ticket = sched.admission_gate().try_enter().unwrap();
+                let ticket = sched.admission_gate().try_enter(loramux_engine::scheduler::Demand::of(&processed)).unwrap();
                 sched.add_request(&mut e, ticket, id as u64, processed, None).unwrap();
             }
         }

@@ -36,7 +36,7 @@ fn run(requests: &[(u64, Option<FairShare>)], max_num_seqs: usize, max_tokens: u
         if let Some(c) = client {
             p = p.with_share(c.clone());
         }
-        let ticket = sched.admission_gate().try_enter().unwrap();
+        let ticket = sched.admission_gate().try_enter(loramux_engine::scheduler::Demand::of(&p)).unwrap();
         sched.add_request(&mut e, ticket, *id, p, None).unwrap();
     }
     let (mut started, mut finished) = (Vec::new(), Vec::new());

@@ -208,7 +208,13 @@ impl ApiError {
         match e {
             EngineError::InvalidInput { .. } => Self::from_input(e, "prompt"),
             EngineError::AdapterExists(_) => Self::bad_request(e.to_string()),
-            EngineError::Overloaded(m) => Self::overloaded(m.clone()),
+            EngineError::Overloaded { message, retry_after, .. } => {
+                let mut e = Self::overloaded(message.clone());
+                if let Some(r) = retry_after {
+                    e.retry_after = Some((r.as_secs() + u64::from(r.subsec_nanos() > 0)).max(1));
+                }
+                e
+            }
             EngineError::DeadlineExceeded(m) => Self::timeout(m.clone()),
             EngineError::StepFailed(m) => Self::internal(m.clone()),
             EngineError::Config(m) => Self::bad_request(m.clone()),

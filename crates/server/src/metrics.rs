@@ -111,6 +111,9 @@ pub struct Metrics {
     pub step_model: GaugeVec,
     /// Finished requests by latency target (`target`: ttft, tpot) and whether they met it.
     pub slo_requests: IntCounterVec,
+    /// The admission gate's decisions (`decision`: admitted, refused; `reason`: ok,
+    /// queue_full, queue_delay, ttft_target).
+    pub admissions: IntCounterVec,
     /// The scheduler's virtual token counter per tenant (fair share: weighted service so far).
     pub tenant_service: GaugeVec,
     /// Process memory (Prometheus' standard name, and the peak), set at each scrape so a
@@ -204,6 +207,7 @@ impl Metrics {
             tenant_in_flight: reg(&r, IntGaugeVec::new(Opts::new("loramux_tenant_in_flight", "Generation requests in flight (streams until their last byte), by tenant."), tenant).unwrap()),
             step_model: reg(&r, GaugeVec::new(Opts::new("loramux_step_model_seconds", "The engine's step time fitted from the steps it ran: seconds per step (term=base), per decode row, per prefill token."), &["term"]).unwrap()),
             slo_requests: reg(&r, IntCounterVec::new(Opts::new("loramux_slo_requests_total", "Finished requests by latency target (--target-ttft-ms, --target-tpot-ms) and whether they met it."), &["target", "met"]).unwrap()),
+            admissions: reg(&r, IntCounterVec::new(Opts::new("loramux_admissions_total", "Generation requests the admission gate admitted or refused (429), by decision and reason: queue_full (--max-waiting), queue_delay (--max-queue-delay-secs at the measured start rate), ttft_target (the step-time model's estimate of the first token past --target-ttft-ms)."), &["decision", "reason"]).unwrap()),
             tenant_service: reg(&r, GaugeVec::new(Opts::new("loramux_tenant_virtual_tokens", "The fair-share scheduler's virtual token counter, by tenant: (prompt tokens + 2 x generated tokens) / weight served so far (VTC, OSDI '24); admission goes to the waiting tenant with the least."), tenant).unwrap()),
             process_memory: process_memory().map(|_| {
                 (

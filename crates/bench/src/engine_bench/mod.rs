@@ -99,7 +99,7 @@ fn add_requests(sched: &mut Scheduler, engine: &mut Engine, adapters: &[Option<S
     for (i, a) in adapters.iter().enumerate() {
         let request = Request { lora: a.clone().map(LoraRequest::new), prompt: Prompt::Tokens(prompt_ids(prompt_len, i + seed)), params: params.clone() };
         let processed = engine.input().process(request).expect("benchmark request");
-        let ticket = sched.admission_gate().try_enter().expect("room for the batch");
+        let ticket = sched.admission_gate().try_enter(loramux_engine::scheduler::Demand::of(&processed)).expect("room for the batch");
         sched.add_request(engine, ticket, i as RequestId, processed, None).expect("benchmark request");
     }
 }

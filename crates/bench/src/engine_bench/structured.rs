@@ -54,7 +54,7 @@ pub fn structured(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn F
             let processed: Vec<_> = (0..STRUCTURED_BATCH).map(|i| engine.input().process(request(i, format)).expect("benchmark request")).collect();
             let mut sched = batch_scheduler(&engine, STRUCTURED_BATCH, cfg.prompt_len);
             for (i, p) in processed.into_iter().enumerate() {
-                let ticket = sched.admission_gate().try_enter().expect("room for the batch");
+                let ticket = sched.admission_gate().try_enter(loramux_engine::scheduler::Demand::of(&p)).expect("room for the batch");
                 sched.add_request(&mut engine, ticket, i as RequestId, p, None).expect("benchmark request");
             }
             let t = Instant::now();

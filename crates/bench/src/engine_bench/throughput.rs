@@ -92,7 +92,7 @@ pub fn serving_mix(cfg: &EngineBenchConfig, rows: &mut Vec<Row>, progress: &dyn 
         let chat = vec![loramux_engine::ChatMessage::user(crate::load::prompt(&mut rng, words))];
         let processed = engine.input().process(Request { lora, prompt: Prompt::Chat(chat), params }).expect("mix request");
         prompt_tokens += processed.prompt_ids().len();
-        let ticket = sched.admission_gate().try_enter().expect("room");
+        let ticket = sched.admission_gate().try_enter(loramux_engine::scheduler::Demand::of(&processed)).expect("room");
         sched.add_request(&mut engine, ticket, i as RequestId, processed, None).expect("queued");
     }
     let t = Instant::now();

@@ -19,7 +19,7 @@ fn ttft_ms(engine: &mut Engine, adapter: Option<&str>, prompt: Vec<u32>) -> f64 
     let request = Request { lora: adapter.map(LoraRequest::new), prompt: Prompt::Tokens(prompt), params: SamplingParams::greedy(2) };
     let processed = engine.input().process(request).expect("benchmark request");
     let t = Instant::now();
-    let ticket = sched.admission_gate().try_enter().expect("an empty queue");
+    let ticket = sched.admission_gate().try_enter(loramux_engine::scheduler::Demand::of(&processed)).expect("an empty queue");
     sched.add_request(engine, ticket, 0, processed, None).expect("benchmark request");
     loop {
         let report = sched.step(engine);

@@ -80,10 +80,12 @@ impl Scheduler {
             let w = self.waiting.remove(i).expect("index in range");
             let prompt_tokens = w.request.prompt_ids().len();
             let share = w.request.share().cloned();
+            self.started_tickets.push(w.ticket);
             match engine.start_sequence(w.request) {
                 Ok(seq) => {
                     committed += need;
                     self.fair.admitted(share.as_ref(), prompt_tokens);
+                    self.typical_prompt.add(prompt_tokens as f64, 0.05);
                     outputs.push(RequestOutput { id: w.id, event: RequestEvent::Started { prompt_tokens } });
                     self.running.push(Running { id: w.id, seq, share, deadline: w.deadline, sent_tokens: 0, sent_logprobs: 0, preempted: false });
                 }

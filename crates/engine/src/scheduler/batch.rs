@@ -104,6 +104,11 @@ impl Scheduler {
             }
             if self.running[i].seq.finish.is_some() {
                 let mut r = self.running.swap_remove(i);
+                let out = r.seq.output_ids.len() as f64;
+                self.typical_output.add(out, 0.05);
+                if r.seq.finish == Some(crate::sequence::FinishReason::Stop) {
+                    self.natural_output.add(out, 0.05);
+                }
                 engine.finish_sequence(&mut r.seq);
                 outputs.push(RequestOutput { id: r.id, event: RequestEvent::Finished { completion: Box::new(r.seq.into_completion()) } });
                 continue;

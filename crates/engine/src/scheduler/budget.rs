@@ -34,19 +34,14 @@ impl Scheduler {
     /// Without chunked prefill a prompt runs whole or waits for a later pass.
     pub(super) fn plan_chunks(&self) -> Vec<usize> {
         let mut take = vec![0usize; self.running.len()];
-        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut decode_rows = 0;
         for (i, r) in self.running.iter().enumerate() {
-            if is_active(r) && r.seq.pending_len() == 1 && budget > 0 {
+            if is_active(r) && r.seq.pending_len() == 1 && decode_rows < self.cfg.max_num_batched_tokens {
                 take[i] = 1;
-                budget -= 1;
+                decode_rows += 1;
             }
         }
-        // Under a TPOT target, prefill gets what the target leaves after the decode rows (at
-        // least MIN_PREFILL_CHUNK tokens, so prompts always move).
-        if let (Some(t), Some(c)) = (self.cfg.target_tpot, self.step_model.coefficients()) {
-            let decode_rows = take.iter().sum::<usize>();
-            budget = budget.min(c.prefill_room(decode_rows, t.as_secs_f64()).max(MIN_PREFILL_CHUNK));
-        }
+        let mut budget = self.prefill_budget(decode_rows);
         let mut prefills: Vec<usize> =
             (0..self.running.len()).filter(|&i| take[i] == 0 && is_active(&self.running[i]) && self.running[i].seq.pending_len() > 0).collect();
         prefills.sort_by_key(|&i| self.running[i].seq.id);
@@ -66,6 +61,17 @@ impl Scheduler {
             budget -= n;
         }
         take
+    }
+
+    /// Prompt tokens a pass with `decode_rows` decoding sequences may prefill: what the
+    /// token budget leaves, and under a TPOT target what the fitted step time leaves (at
+    /// least MIN_PREFILL_CHUNK tokens, so prompts always move).
+    pub(super) fn prefill_budget(&self, decode_rows: usize) -> usize {
+        let budget = self.cfg.max_num_batched_tokens.saturating_sub(decode_rows);
+        match (self.cfg.target_tpot, self.step_model.coefficients()) {
+            (Some(t), Some(c)) => budget.min(c.prefill_room(decode_rows, super::latency::planned_step(t)).max(MIN_PREFILL_CHUNK)),
+            _ => budget,
+        }
     }
 
     /// KV blocks the running (not preempted) sequences hold after a pass feeding `take`.

@@ -4,7 +4,8 @@
 //! stays defined while one term does not vary), so it follows the machine it runs on, its
 //! thread count and what else shares it. From it the scheduler keeps time per output token
 //! under `--target-tpot-ms`: the batch grows only while a decode step stays within the
-//! target, and each step's prefill budget is what the target leaves after the decode rows.
+//! target, and each step's prefill budget is what the target leaves after the decode rows;
+//! and the admission gate estimates a newcomer's time to first token ([`super::gate`]).
 
 /// Weight of the previous fit per new step (an effective memory of ~200 steps).
 const FORGET: f64 = 0.995;
@@ -12,6 +13,14 @@ const FORGET: f64 = 0.995;
 const MIN_STEPS: u64 = 16;
 /// Ridge on the per-row and per-token terms (seconds², tiny: only breaks ties).
 const RIDGE: f64 = 1e-9;
+/// Share of the TPOT target a step is planned to: the rest absorbs the fit's error and
+/// steps that run long (a sampler with a grammar, another process on the machine).
+const TPOT_HEADROOM: f64 = 0.9;
+
+/// Seconds a step is planned to under a TPOT target.
+pub fn planned_step(target_tpot: std::time::Duration) -> f64 {
+    TPOT_HEADROOM * target_tpot.as_secs_f64()
+}
 
 /// Fitted step-time coefficients: seconds per step, per decode row, per prefill token.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -33,6 +42,18 @@ impl StepCoefficients {
             return usize::MAX;
         }
         (((target - self.base) / self.per_decode_row).floor().max(1.0)) as usize
+    }
+
+    /// Most rows a steady batch keeps within `target` seconds a step when each decoded
+    /// token brings `prefill_per_output` prompt tokens to prefill (typical prompt over
+    /// typical output length): the decode rows and the prefill that replaces finished
+    /// rows both fit, so neither starves the other. At least 1.
+    pub fn balanced_rows(&self, target: f64, prefill_per_output: f64) -> usize {
+        let per_row = self.per_decode_row + self.per_prefill_token * prefill_per_output.max(0.0);
+        if per_row <= 0.0 {
+            return usize::MAX;
+        }
+        (((target - self.base) / per_row).floor().max(1.0)) as usize
     }
 
     /// Prefill tokens a step of `decode_rows` can add within `target` seconds.

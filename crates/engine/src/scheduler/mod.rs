@@ -22,7 +22,7 @@ mod merge;
 mod offline;
 
 pub use fair::SchedulingPolicy;
-pub use gate::{AdmissionGate, AdmissionTicket};
+pub use gate::{AdmissionGate, AdmissionTicket, Demand};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -67,6 +67,10 @@ pub struct SchedulerConfig {
     /// Time per output token to keep (`--target-tpot-ms`): the batch and each step's prefill
     /// budget follow from the fitted step time ([`latency`]); `None`: only the fixed limits.
     pub target_tpot: Option<Duration>,
+    /// Time to first token to keep (`--target-tpot-ms`): the [`AdmissionGate`] refuses a
+    /// request whose first token the fitted step time says would come later; `None`: the
+    /// queue bounds only.
+    pub target_ttft: Option<Duration>,
 }
 
 /// Default limits of a server on this engine (`loramux serve` shows them in its help).
@@ -97,6 +101,7 @@ impl Default for SchedulerConfig {
             auto_merge_after: None,
             policy: SchedulingPolicy::default(),
             target_tpot: None,
+            target_ttft: None,
         }
     }
 }
@@ -115,6 +120,7 @@ impl SchedulerConfig {
             auto_merge_after: None,
             policy: SchedulingPolicy::default(),
             target_tpot: None,
+            target_ttft: None,
         }
     }
 }
@@ -172,8 +178,9 @@ pub struct StepReport {
 }
 
 struct Waiting {
-    /// Its place in the queue, freed when it leaves the queue in any way.
-    _ticket: AdmissionTicket,
+    /// Its place in the queue, freed when it leaves the queue in any way (for a request
+    /// that starts, once the step that started it has told the gate).
+    ticket: AdmissionTicket,
     id: RequestId,
     request: ProcessedRequest,
     deadline: Option<Instant>,
@@ -212,6 +219,30 @@ pub struct Scheduler {
     fair: fair::VirtualCounters,
     /// The fitted step time: how many rows and prefill tokens keep `target_tpot`.
     step_model: latency::StepModel,
+    /// Prompt tokens of started requests, output tokens of finished ones (all, and those
+    /// that stopped by themselves before `max_tokens`) and prefill tokens per step,
+    /// averaged: the batch a TPOT target allows, and what the gate's TTFT estimate expects
+    /// of the requests ahead and of the next steps.
+    typical_prompt: Ewma,
+    typical_output: Ewma,
+    natural_output: Ewma,
+    prefill_per_step: Ewma,
+    /// Wall time of recent steps, averaged over a few: the estimate's floor when the
+    /// machine is slower right now than the fit (which remembers ~200 steps) says.
+    recent_step_seconds: Ewma,
+    /// Places of the requests started this step, freed when the gate hears of the step: a
+    /// newcomer meanwhile counts them as waiting, never as neither waiting nor running.
+    started_tickets: Vec<AdmissionTicket>,
+}
+
+/// An exponential moving average (0 until the first value).
+#[derive(Clone, Copy, Debug, Default)]
+struct Ewma(f64);
+
+impl Ewma {
+    fn add(&mut self, x: f64, weight: f64) {
+        self.0 = if self.0 == 0.0 { x } else { (1.0 - weight) * self.0 + weight * x };
+    }
 }
 
 /// Requests started since `since`, and whether some request waited all along (the window
@@ -257,7 +288,7 @@ impl Scheduler {
             return Err(EngineError::Config("max_num_seqs, max_num_batched_tokens and max_waiting must be positive".into()));
         }
         Ok(Self {
-            gate: AdmissionGate::new(cfg.max_waiting, cfg.max_queue_delay),
+            gate: AdmissionGate::new(cfg.max_waiting, cfg.max_queue_delay, cfg.target_ttft, cfg.max_num_seqs.div_ceil(4)),
             rate_window: RateWindow { since: Instant::now(), started: 0, saturated: true },
             cfg,
             budget_blocks,
@@ -269,6 +300,12 @@ impl Scheduler {
             merge: merge::MergeState::default(),
             fair: fair::VirtualCounters::default(),
             step_model: latency::StepModel::default(),
+            typical_prompt: Ewma::default(),
+            typical_output: Ewma::default(),
+            natural_output: Ewma::default(),
+            prefill_per_step: Ewma::default(),
+            recent_step_seconds: Ewma::default(),
+            started_tickets: Vec::new(),
         })
     }
 
@@ -302,7 +339,7 @@ impl Scheduler {
             engine.loras_mut().resolve(&l.lora_name)?;
         }
         self.fair.arrive(request.share(), self.waiting.iter().map(|w| w.request.share()));
-        self.waiting.push_back(Waiting { _ticket: ticket, id, request, deadline, blocked_since: None });
+        self.waiting.push_back(Waiting { ticket, id, request, deadline, blocked_since: None });
         Ok(())
     }
 
@@ -369,12 +406,43 @@ impl Scheduler {
     }
 
     /// Most sequences the batch may hold now: `max_num_seqs`, or fewer while the fitted step
-    /// time says more would break `target_tpot`.
+    /// time says more, with the prefill that keeps them replaced, would break `target_tpot`.
     fn batch_limit(&self) -> usize {
         match (self.cfg.target_tpot, self.step_model.coefficients()) {
-            (Some(t), Some(c)) => self.cfg.max_num_seqs.min(c.max_decode_rows(t.as_secs_f64())),
+            (Some(t), Some(c)) => {
+                let prefill_per_output = if self.typical_output.0 > 0.0 { self.typical_prompt.0 / self.typical_output.0 } else { 0.0 };
+                self.cfg.max_num_seqs.min(c.balanced_rows(latency::planned_step(t), prefill_per_output))
+            }
             _ => self.cfg.max_num_seqs,
         }
+    }
+
+    /// Tells the admission gate what its TTFT estimate needs (once the step time is fitted):
+    /// the rows, the steps until one frees, a step's predicted time and prefill.
+    fn publish_outlook(&self) {
+        let Some(c) = self.step_model.coefficients() else { return };
+        let rows = self.batch_limit();
+        let active = || self.running.iter().filter(|r| !r.preempted);
+        let running = active().count();
+        let natural = self.natural_output.0;
+        let first_free_steps = active()
+                .map(|r| {
+                    let done = r.seq.output_ids.len() as f64;
+                    let expected = if natural > 0.0 { natural.max(done + 1.0) } else { f64::INFINITY };
+                    expected.min(r.seq.params().max_tokens.unwrap_or(usize::MAX) as f64) - done
+                })
+                .fold(f64::INFINITY, f64::min);
+        let prefill = self.prefill_budget(rows);
+        let pending_prefill_tokens = active().map(|r| r.seq.pending_len()).filter(|&n| n > 1).sum();
+        self.gate.publish(&gate::Outlook {
+            rows,
+            running,
+            pending_prefill_tokens,
+            first_free_steps: first_free_steps.max(0.0),
+            step_seconds: c.predict(rows, self.prefill_per_step.0.min(prefill as f64).round() as usize).max(self.recent_step_seconds.0),
+            prefill_tokens_per_step: prefill as f64,
+            natural_output: natural,
+        });
     }
 
     /// Each client's weighted service so far ([`fair`]), by name ("" for requests without one).
@@ -433,6 +501,14 @@ impl Scheduler {
         report.preemptions = self.preempt_to_fit();
         self.steer_merge(engine, &mut report);
         self.run_batch(engine, &mut report);
+        if let Some(b) = &report.batch {
+            self.prefill_per_step.add((b.rows - b.decode_rows) as f64, 0.05);
+            self.recent_step_seconds.add(b.seconds, 0.2);
+        }
+        if self.cfg.target_ttft.is_some() {
+            self.publish_outlook();
+        }
+        self.started_tickets.clear();
         report
     }
 

@@ -27,7 +27,7 @@ impl Scheduler {
     pub fn run_to_completion(mut self, engine: &mut Engine, requests: Vec<ProcessedRequest>) -> Result<Vec<Completion>> {
         let n = requests.len();
         for (id, r) in requests.into_iter().enumerate() {
-            let ticket = self.gate.try_enter()?;
+            let ticket = self.gate.try_enter(super::Demand::of(&r))?;
             self.add_request(engine, ticket, id as RequestId, r, None)?;
         }
         let mut done: HashMap<RequestId, Completion> = HashMap::with_capacity(n);

@@ -61,7 +61,7 @@ pub struct ServeConfig {
     #[arg(long, value_name = "MS", help = "Keep time per output token under this: the batch grows, and each step takes prefill, only as far as the engine's fitted step time allows (off by default: only --max-num-seqs and --max-num-batched-tokens bound a step)")]
     pub target_tpot_ms: Option<f64>,
     /// Time to first token to keep: requests that would wait longer are refused at once.
-    #[arg(long, value_name = "MS", help = "Refuse (429, with Retry-After) requests that would wait longer than this for a place in the batch, instead of serving them late; replaces --max-queue-delay-secs (off by default)")]
+    #[arg(long, value_name = "MS", help = "Refuse at once (429, with Retry-After) a request whose first token would come later than this, as the engine's fitted step time estimates from the work ahead of it, its prompt and its max_tokens, instead of serving it late; replaces --max-queue-delay-secs (off by default)")]
     pub target_ttft_ms: Option<f64>,
     /// Who is admitted next when the batch has room.
     #[arg(long, value_name = "POLICY", help = "Admission order: `fair` (each tenant's weighted share of tokens, VTC; arrival order among requests without a tenant) or `fcfs` (arrival order, whoever sent it) [default: fair]")]

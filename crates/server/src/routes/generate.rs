@@ -107,7 +107,7 @@ pub(super) async fn start(st: &Arc<AppState>, caller: &Caller, bytes: &[u8], api
             None => request,
         };
         let job = Job { request, label: target.model.clone(), tenant: admission.tenant.clone(), deadline };
-        receivers.push(st.sched.submit(job)?);
+        receivers.push(st.sched.submit(job, &st.metrics)?);
     }
     let prompt_tokens = accepted(&mut receivers, req.best_of).await?;
     let meta = Meta {

@@ -20,7 +20,8 @@ use std::time::Instant;
 
 pub use loramux_engine::lora::InsertOutcome;
 use loramux_engine::lora::{AdapterReader, LoraModel, ModuleShapes};
-use loramux_engine::{AdmissionGate, FinishReason, InputProcessor, ModelLocation, ProcessedRequest};
+use loramux_engine::scheduler::Demand;
+use loramux_engine::{AdmissionGate, EngineError, FinishReason, InputProcessor, ModelLocation, ProcessedRequest};
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
 pub(crate) use startup::spawn;
@@ -140,15 +141,27 @@ fn loop_stopped() -> ApiError {
 
 impl SchedulerHandle {
     /// Queues a processed request; its events arrive on the returned stream (dropping it
-    /// cancels). Refused at once with 429 when the waiting queue is full.
-    pub fn submit(&self, job: Job) -> Result<tmpsc::UnboundedReceiver<Event>, ApiError> {
+    /// cancels). Refused at once with 429 when the waiting queue is full or the request
+    /// would miss the TTFT target; `loramux_admissions_total` counts which.
+    pub fn submit(&self, job: Job, metrics: &crate::metrics::Metrics) -> Result<tmpsc::UnboundedReceiver<Event>, ApiError> {
         if self.shared.is_draining() {
             return Err(ApiError::unavailable("the server is shutting down"));
         }
         if !self.shared.is_alive() {
             return Err(loop_stopped());
         }
-        let ticket = self.gate.try_enter().map_err(|e| ApiError::from_engine(&e))?;
+        let ticket = match self.gate.try_enter(Demand::of(&job.request)) {
+            Ok(t) => {
+                metrics.admissions.with_label_values(&["admitted", "ok"]).inc();
+                t
+            }
+            Err(e) => {
+                if let EngineError::Overloaded { reason, .. } = &e {
+                    metrics.admissions.with_label_values(&["refused", reason.as_str()]).inc();
+                }
+                return Err(ApiError::from_engine(&e));
+            }
+        };
         let (tx, rx) = tmpsc::unbounded_channel();
         match self.tx.try_send(Command::Submit { job: Box::new(job), ticket, events: tx, arrival: Instant::now() }) {
             Ok(()) => Ok(rx),

@@ -91,6 +91,7 @@ fn load(
             auto_merge_after: settings.auto_merge_after,
             policy: settings.scheduling_policy,
             target_tpot: settings.target_tpot,
+            target_ttft: settings.target_ttft,
         },
         &engine,
     )
