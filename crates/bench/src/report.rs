@@ -1,5 +1,6 @@
 //! `loramux bench report FILE.json`: re-renders a saved result's Markdown and plots, so the
-//! analysis can be redone (or restyled) without measuring again.
+//! analysis can be redone (or restyled) without measuring again; `loramux bench compare`
+//! overlays several load results (before and after a change, two machines) in one plot.
 
 use std::path::{Path, PathBuf};
 
@@ -73,4 +74,35 @@ impl AnyResult {
 pub fn rerender(path: &Path) -> Result<Vec<PathBuf>, BenchError> {
     let result = AnyResult::read(path)?;
     render_outputs(result.report(), path)
+}
+
+/// Plots the goodput and the TPOT p99 of several `load` results against the arrival rate,
+/// one line per result named by its label (`LABEL=FILE`, or the file's folder name), in
+/// `<out>_goodput` and `<out>_tpot`; returns what was written.
+pub fn compare_load(inputs: &[String], out: &Path) -> Result<Vec<PathBuf>, BenchError> {
+    let mut runs = Vec::new();
+    for input in inputs {
+        let (label, file) = match input.split_once('=') {
+            Some((l, f)) => (l.to_string(), PathBuf::from(f)),
+            None => {
+                let f = PathBuf::from(input);
+                let label = f.parent().and_then(|d| d.file_name()).map_or_else(|| input.clone(), |n| n.to_string_lossy().into_owned());
+                (label, f)
+            }
+        };
+        match AnyResult::read(&file)? {
+            AnyResult::Load(r) => runs.push((label, r)),
+            _ => return Err(BenchError::Invalid(format!("{}: not a load result (bench compare overlays load results)", file.display()))),
+        }
+    }
+    let lines = |f: &dyn Fn(&crate::load::LoadPoint) -> Option<f64>| -> Vec<crate::plot::Series> {
+        runs.iter()
+            .map(|(label, r)| crate::plot::Series { name: label.clone(), points: r.points.iter().filter_map(|p| Some((p.rate_req_per_sec, f(p)?))).collect() })
+            .collect()
+    };
+    let stem = |suffix: &str| PathBuf::from(format!("{}_{suffix}", out.display()));
+    let mut written =
+        crate::plot::line_chart(&stem("goodput"), "Goodput by arrival rate", "arrival rate (req/s)", "requests/s meeting the SLO", &lines(&|p| Some(p.goodput_req_per_sec)), false)?;
+    written.extend(crate::plot::line_chart(&stem("tpot"), "TPOT p99 by arrival rate", "arrival rate (req/s)", "ms", &lines(&|p| p.tpot.as_ref().map(|s| s.p99)), false)?);
+    Ok(written)
 }

@@ -40,6 +40,15 @@ enum Scenario {
         /// A result JSON written by a scenario.
         file: PathBuf,
     },
+    /// Overlay several load results' goodput and TPOT p99 by arrival rate (before/after a change, two machines).
+    Compare {
+        /// Load result JSONs, each as LABEL=FILE or FILE (labelled by its folder's name).
+        #[arg(required = true, num_args = 1..)]
+        files: Vec<String>,
+        /// Path stem of the plots: <OUT>_goodput.{svg,png} and <OUT>_tpot.{svg,png}.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the JSON Schema of every scenario's result file.
     Schema,
     /// Engine speed in-process: roofline, decode/prefill by batch, LoRA cost, adapter loads.
@@ -114,6 +123,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         Scenario::Report { file } => {
             for p in report::rerender(&file)? {
+                eprintln!("wrote {}", p.display());
+            }
+            Ok(())
+        }
+        Scenario::Compare { files, out } => {
+            for p in report::compare_load(&files, &out)? {
                 eprintln!("wrote {}", p.display());
             }
             Ok(())
