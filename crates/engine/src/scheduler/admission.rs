@@ -1,7 +1,8 @@
 //! Admission: which waiting requests join the running batch this step. Preempted
 //! sequences come back first, oldest first; then waiting requests in fair-share order
 //! (the client with the least weighted service first, [`super::fair`]; first come, first
-//! served without clients) while there are sequence slots and KV blocks, each only once its adapter is resident
+//! served without clients) while there are sequence slots (under a TPOT target's soft limit,
+//! past it only for a client short of its weighted share of rows) and KV blocks, each only once its adapter is resident
 //! (the adapter manager reads it off the loop meanwhile, and later requests on resident
 //! adapters go ahead). A request blocked on adapter capacity longer than `adapter_wait`
 //! stops later adapter requests from pinning more slots, so it cannot starve.
@@ -37,8 +38,10 @@ impl Scheduler {
         // Requests passed over this step (adapter loading or blocked), by id.
         let mut passed: Vec<RequestId> = Vec::new();
         let limit = self.batch_limit();
-        while self.running.len() < limit {
-            let Some(i) = self.next_candidate(&passed) else { break };
+        while self.running.len() < self.cfg.max_num_seqs {
+            let past_limit = self.running.len() >= limit;
+            let candidate = if past_limit { self.next_candidate_under_share(&passed, limit) } else { self.next_candidate(&passed) };
+            let Some(i) = candidate else { break };
             let adapter = self.waiting[i].request.lora().map(|l| l.lora_name.clone());
             if let (Some(a), Some(p)) = (&adapter, &self.panic_on_admit) {
                 if a == p {
@@ -92,6 +95,59 @@ impl Scheduler {
                 Err(e) => outputs.push(failed(w.id, e)),
             }
         }
+    }
+
+    /// Whether `share`'s client holds fewer running rows than its weighted share of `limit`
+    /// among the clients running now: under fair share, such a client may go past a TPOT
+    /// target's soft limit (never past `max_num_seqs`), so a light tenant's request starts
+    /// at once instead of waiting for a heavy tenant's row to end. Linear scans of the
+    /// running batch, no allocation.
+    fn under_row_share(&self, share: Option<&crate::input::FairShare>, limit: usize) -> bool {
+        let Some(me) = share else { return false };
+        if self.cfg.policy != SchedulingPolicy::Fair {
+            return false;
+        }
+        let same = |a: &crate::input::FairShare, b: &crate::input::FairShare| a.client == b.client;
+        let mut total_weight = me.weight;
+        let mut mine = 0usize;
+        for (k, r) in self.running.iter().enumerate() {
+            let Some(s) = &r.share else { continue };
+            if same(s, me) {
+                mine += 1;
+            } else if !self.running[..k].iter().any(|e| e.share.as_ref().is_some_and(|t| same(t, s))) {
+                total_weight += s.weight;
+            }
+        }
+        (mine as f64) < (limit as f64 * me.weight / total_weight).floor()
+    }
+
+    /// Past a TPOT target's soft limit: the waiting request whose turn it is among clients
+    /// short of their share of rows ([`Self::under_row_share`], judged once per client run).
+    fn next_candidate_under_share(&self, passed: &[RequestId], limit: usize) -> Option<usize> {
+        if self.cfg.policy != SchedulingPolicy::Fair {
+            return None;
+        }
+        let mut best: Option<(f64, usize)> = None;
+        let mut last: Option<(&crate::input::FairShare, bool)> = None;
+        for (i, w) in self.waiting.iter().enumerate() {
+            let Some(share) = w.request.share() else { continue };
+            if passed.contains(&w.id) {
+                continue;
+            }
+            let under = match last {
+                Some((s, under)) if s.client == share.client => under,
+                _ => self.under_row_share(Some(share), limit),
+            };
+            last = Some((share, under));
+            if !under {
+                continue;
+            }
+            let c = self.fair.counter(Some(share));
+            if best.is_none_or(|(bc, _)| c < bc) {
+                best = Some((c, i));
+            }
+        }
+        best.map(|(_, i)| i)
     }
 
     /// The waiting request whose turn it is: the oldest not `passed` of the client with the
