@@ -293,30 +293,67 @@ fn padded_weights(pad: usize) -> Vec<u8> {
 }
 
 /// Upload-to-first-token of a ~10 MB adapter: from the start of the upload to the answer of
-/// a one-token request on it, p50 of 5 (a new name each time). Prints the numbers; run with
+/// a one-token request on it, p50 of 5 (a new name each time); and whether another tenant's
+/// streams stall meanwhile: the gaps between their streamed chunks during the uploads
+/// against those between uploads. Prints the numbers; run with
 /// `cargo test --release -p loramux-server --test uploads -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "a measurement, not a check"]
 async fn upload_to_first_token_of_a_10_mb_adapter() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
     let tmp = tempfile::tempdir().unwrap();
-    let srv = server(tmp.path()).await;
+    let srv = Arc::new(server(tmp.path()).await);
     let (config, weights) = (adapter("a").0, padded_weights(10 << 20));
+    // Tenant beta streams all along; each gap between chunks is filed under whether an
+    // upload was in progress when it ended.
+    let (uploading, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let gaps: Arc<Mutex<(Vec<f64>, Vec<f64>)>> = Arc::default();
+    let streamer = {
+        let (srv, uploading, done, gaps) = (srv.clone(), uploading.clone(), done.clone(), gaps.clone());
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                let body = json!({"model": "a", "prompt": "Hello", "max_tokens": 64, "ignore_eos": true, "stream": true});
+                let mut r = srv.http.post(format!("{}/v1/completions", srv.url)).header("authorization", "Bearer beta-key").header("content-type", "application/json").body(body.to_string()).send().await.unwrap();
+                let mut last = std::time::Instant::now();
+                while let Some(_chunk) = r.chunk().await.unwrap() {
+                    let gap = last.elapsed().as_secs_f64() * 1e3;
+                    last = std::time::Instant::now();
+                    let mut g = gaps.lock().unwrap();
+                    if uploading.load(Ordering::Relaxed) { g.0.push(gap) } else { g.1.push(gap) }
+                }
+            }
+        })
+    };
     let mut times = Vec::new();
     for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let name = format!("big{i}");
         let t = std::time::Instant::now();
+        uploading.store(true, Ordering::Relaxed);
         let (st, v) = srv.upload("alpha-key", &[("adapter_config.json", None, &config), ("adapter_model.safetensors", None, &weights), ("name", None, name.as_bytes())]).await;
         assert_eq!(st, 200, "{v}");
         let uploaded = t.elapsed();
         let (st, body) = srv.post_key("/v1/completions", &completion_body(&format!("alpha/{name}"), "Hello", 1), Some("alpha-key")).await;
+        uploading.store(false, Ordering::Relaxed);
         assert_eq!(st, 200, "{body}");
         times.push((t.elapsed(), uploaded));
         let (st, _) = srv.call_key(Method::DELETE, &format!("/v1/adapters/{name}"), "alpha-key").await;
         assert_eq!(st, 200);
     }
+    done.store(true, Ordering::Relaxed);
+    streamer.await.unwrap();
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     eprintln!("upload of {} bytes to first token, ms (upload part): {:?}", config.len() + weights.len(), times.iter().map(|(a, u)| format!("{:.1} ({:.1})", ms(*a), ms(*u))).collect::<Vec<_>>());
     eprintln!("p50 upload-to-first-token: {:.1} ms", ms(times[2].0));
-    srv.shutdown().await;
+    let (mut during, mut between) = std::mem::take(&mut *gaps.lock().unwrap());
+    let describe = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        format!("{} gaps, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", v.len(), q(0.5), q(0.99), v[v.len() - 1])
+    };
+    eprintln!("tenant beta's stream during uploads: {}", describe(&mut during));
+    eprintln!("tenant beta's stream between uploads: {}", describe(&mut between));
+    Arc::try_unwrap(srv).ok().unwrap().shutdown().await;
 }
