@@ -187,3 +187,21 @@ async fn bad_tools_and_choices_are_400_naming_the_field() {
     srv.chat_text("tiny", "hello", 4).await;
     srv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_counts_the_tools_as_generation_prefills_them() {
+    let (srv, _dir) = server().await;
+    let messages = json!([{"role": "user", "content": "Weather in Paris?"}]);
+    let (st, bare) = srv.post("/tokenize", &json!({"messages": messages})).await;
+    assert_eq!(st, 200, "{bare}");
+    let (st, with) = srv.post("/tokenize", &json!({"messages": messages, "tools": tools()})).await;
+    assert_eq!(st, 200, "{with}");
+    assert!(with["count"].as_u64() > bare["count"].as_u64(), "the tools are rendered: {with} vs {bare}");
+    let (st, served) = srv.post("/v1/chat/completions", &json!({"messages": messages, "tools": tools(), "max_tokens": 1})).await;
+    assert_eq!(st, 200, "{served}");
+    assert_eq!(with["count"], served["usage"]["prompt_tokens"], "the same prompt as generation");
+    let (st, v) = srv.post("/tokenize", &json!({"messages": messages, "tools": [{"type": "code_interpreter"}]})).await;
+    assert_error(st, &v, 400, "a bad tool");
+    assert_eq!(v["error"]["param"], "tools[0].type");
+    srv.shutdown().await;
+}

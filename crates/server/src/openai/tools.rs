@@ -84,6 +84,21 @@ fn choice(v: Option<Value>, defs: &[Value]) -> Result<Option<ToolChoice>, ApiErr
     }
 }
 
+/// `tools`, `tool_choice` and `parallel_tool_calls` of a `/tokenize` request, read and
+/// checked as chat reads them, so the count matches what generation would prefill.
+pub(crate) fn from_tokenize_request(v: &Value) -> Result<Option<Tools>, ApiError> {
+    let mut fields = serde_json::Map::new();
+    for key in ["tools", "tool_choice", "parallel_tool_calls"] {
+        if let Some(x) = v.get(key) {
+            fields.insert(key.into(), x.clone());
+        }
+    }
+    let mut f = Fields::parse(&serde_json::to_vec(&Value::Object(fields)).unwrap_or_default())?;
+    let tools = parse_tools(&mut f)?;
+    f.finish()?;
+    Ok(tools)
+}
+
 /// Reads `tools`, `tool_choice` and `parallel_tool_calls`; `None` when the model may not call
 /// tools (no tools, or `tool_choice: "none"`).
 pub(super) fn parse_tools(f: &mut Fields) -> Result<Option<Tools>, ApiError> {

@@ -36,7 +36,7 @@ async fn body_object(st: &AppState, headers: &HeaderMap, body: Body) -> Result<V
 }
 
 /// `POST /tokenize`: `{"prompt": text, "add_special_tokens": true}` or `{"messages": [...],
-/// "add_generation_prompt": true}`; answers `{"count", "max_model_len", "tokens", "token_strs"}`.
+/// "add_generation_prompt": true, "tools": [...]}`; answers `{"count", "max_model_len", "tokens", "token_strs"}`.
 pub(super) async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         let v = body_object(&st, &headers, body).await?;
@@ -52,10 +52,11 @@ pub(super) async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap
                     .chat_template()
                     .ok_or_else(|| ApiError::bad_request("this model has no chat template: tokenize a 'prompt' instead"))?;
                 let mut messages = parse_messages(messages.clone())?;
-                // Tool turns rendered as chat renders them.
-                crate::openai::tools::prepare(&mut messages, None, template.handles_tools());
+                // Tools and tool turns rendered as chat renders them.
+                let mut tools = crate::openai::tools::from_tokenize_request(&v)?;
+                crate::openai::tools::prepare(&mut messages, tools.as_mut(), template.handles_tools());
                 let text = template
-                    .render(&messages, flag(&v, "add_generation_prompt", true)?)
+                    .render_with_tools(&messages, tools.as_ref().and_then(|t| t.template_tools()), flag(&v, "add_generation_prompt", true)?)
                     .map_err(|e| ApiError::invalid_param("messages", e.to_string()))?;
                 let special = flag(&v, "add_special_tokens", false)?;
                 tokenizer.encode(&text, special).map_err(|e| ApiError::invalid_param("messages", e.to_string()))?
