@@ -10,6 +10,7 @@ const WINDOW_MS = 5 * 60 * 1000;
 
 const state = {
   key: sessionStorage.getItem(KEY_STORE) || "",
+  triedKey: false,   // a key was submitted in this page: show the server's answer to it
   base: null,        // the base model's id
   adapters: {},      // id -> entry of /v1/lora_adapters
   listing: null,     // the last /v1/lora_adapters answer
@@ -50,19 +51,22 @@ async function api(path, options = {}) {
 
 // ---- key and models ----------------------------------------------------------------------
 
-function askForKey(message) {
+// The key form: after a 401 (with the server's message once a key was tried), or to change key.
+function askForKey(message, label = "This server needs an API key.") {
   $("key-form").hidden = false;
-  $("key-error").textContent = state.key ? message : "";
+  $("key-form").querySelector("label").textContent = label;
+  $("key-error").textContent = state.key || state.triedKey ? message : "";
   $("key-input").focus();
 }
 
 $("key-form").addEventListener("submit", (e) => {
   e.preventDefault();
   state.key = $("key-input").value.trim();
+  state.triedKey = true;
   sessionStorage.setItem(KEY_STORE, state.key);
   loadModels();
 });
-$("change-key").addEventListener("click", () => askForKey(""));
+$("change-key").addEventListener("click", () => askForKey("", "API key (the admin key adds load and unload):"));
 
 function showError(message) {
   $("error").textContent = message;
@@ -80,7 +84,7 @@ async function loadModels() {
   }
   $("key-form").hidden = true;
   $("key-error").textContent = "";
-  $("change-key").hidden = !state.key;
+  $("change-key").hidden = false;
   showError("");
   await loadAdapters();
   state.base = models.find((m) => !m.parent)?.id || models[0]?.id;
