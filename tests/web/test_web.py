@@ -154,7 +154,6 @@ def main():
 
         # Compare the three, same seed: three streams at once, three different answers.
         b.js("document.querySelectorAll('#models input').forEach(i => { i.checked = true; })")
-        b.type("#prompt", "Describe the sea in two sentences.")
         b.type("#seed", "7")
         b.type("#max_tokens", "64")
         b.click("#run")
