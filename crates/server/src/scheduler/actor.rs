@@ -200,12 +200,13 @@ impl BatchLoop {
         self.emitter.adapter_gauges(&list, self.engine.loras());
         let merged = self.engine.merged_adapter().map(str::to_string);
         let loras = self.engine.loras();
-        self.ranks.retain(|name, _| list.iter().any(|a| a.name == *name));
         let entries = list
             .into_iter()
             .map(|a| {
                 if let Some(m) = a.resident.and_then(|slot| loras.get(slot)) {
-                    self.ranks.insert(a.name.clone(), m.max_rank);
+                    if self.ranks.get(&a.name) != Some(&m.max_rank) {
+                        self.ranks.insert(a.name.clone(), m.max_rank);
+                    }
                 }
                 AdapterEntry {
                     rank: self.ranks.get(&a.name).copied(),
