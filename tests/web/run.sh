@@ -5,7 +5,7 @@
 # (or with sudo); skips itself, saying why, where they cannot be installed. Starts a server with
 # an API key on SmolLM2 with the example adapters pirate and cowboy (on the tiny fixture model
 # and its adapters when SmolLM2 is not cached) and chromedriver, on free loopback ports.
-# Screenshots go to $WEB_SCREENSHOTS (default: a temporary folder; `WEB_SCREENSHOTS=docs/figures`
+# Screenshots go to $WEB_SCREENSHOTS (default: $TMPDIR/loramux-web-screenshots; `WEB_SCREENSHOTS=docs/figures`
 # renews the README's). Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -89,7 +89,7 @@ status=0
 LORAMUX_URL="http://127.0.0.1:$PORT" LORAMUX_KEY=web-test-key LORAMUX_ADMIN_KEY=web-admin-key \
     LORAMUX_MODELS="$BASE,$A,$B" LORAMUX_LOAD_PATH="$ADAPTERS/$B" \
     WEBDRIVER_URL="http://127.0.0.1:$DRIVER_PORT" CHROMIUM="$CHROMIUM" \
-    SCREENSHOTS="${WEB_SCREENSHOTS:-$TMP/screenshots}" \
+    SCREENSHOTS="${WEB_SCREENSHOTS:-${TMPDIR:-/tmp}/loramux-web-screenshots}" \
     timeout 300 python3 tests/web/test_web.py || status=$?
 if [ "$status" -ne 0 ]; then
     echo "--- server log ---"; tail -40 "$TMP/server.log"
