@@ -14,6 +14,9 @@ cargo test --release --locked --workspace
 if [ -x tests/openai_client/run.sh ]; then
   tests/openai_client/run.sh
 fi
+# The web page (issue #25) in headless Chromium (Debian's chromium and chromium-driver, installed
+# with apt-get when missing; skips itself where they cannot be): compare, server view, keys.
+LORAMUX_BIN="$PWD/target/release/loramux" tests/web/run.sh
 # The real lm-eval-harness (PyPI lm_eval, local-completions) against a live server with two task
 # adapters, checked item by item against a reference through the server (tests/lm_eval/run.sh;
 # skips itself without network for its venv or without adapters/tasks).

@@ -106,6 +106,7 @@ impl Server {
             max_upload_bytes: settings.max_upload_bytes,
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             routing: settings.router.clone(),
+            web_ui: settings.web_ui,
         });
         let bind = format!("{}:{}", settings.host, settings.port);
         let listener = match tokio::net::TcpListener::bind(&bind).await {

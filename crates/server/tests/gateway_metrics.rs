@@ -65,7 +65,7 @@ fn parse_exposition(text: &str) -> Exposition {
 
 /// `name{k="v",...} rest` -> (name, labels, rest); label values unescaped (`\\`, `\"`, `\n`).
 fn parse_series(line: &str) -> (String, BTreeMap<String, String>, &str) {
-    let name_end = line.find(|c: char| c == '{' || c == ' ').unwrap_or_else(|| panic!("no value: {line:?}"));
+    let name_end = line.find(['{', ' ']).unwrap_or_else(|| panic!("no value: {line:?}"));
     let name = &line[..name_end];
     assert!(
         !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
@@ -75,7 +75,7 @@ fn parse_series(line: &str) -> (String, BTreeMap<String, String>, &str) {
     let mut rest = &line[name_end..];
     if let Some(mut s) = rest.strip_prefix('{') {
         loop {
-            s = s.trim_start_matches(|c: char| c == ' ' || c == ',');
+            s = s.trim_start_matches([' ', ',']);
             if let Some(after) = s.strip_prefix('}') {
                 rest = after;
                 break;

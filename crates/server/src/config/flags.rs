@@ -150,6 +150,9 @@ pub struct ServeConfig {
     /// Which decoder layer of the base model the router pools.
     #[arg(long, value_name = "LAYER", help = format!("Decoder layer of the base model whose states the router pools: deeper is slower and, on the task adapters, 100 % instead of 97.5 % right at layer 15 (BENCHMARKS.md) [default: {}]", loramux_engine::routing::BaseEmbedder::DEFAULT_LAYER))]
     pub router_layer: Option<usize>,
+    /// The comparison and monitoring page at `/` (static files; its data calls use the API's keys).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", help = "Do not serve the web page at / (compare adapters side by side, watch the server); its data calls go through the API and its keys either way [default: false]")]
+    pub disable_web_ui: Option<bool>,
     /// Drain time, so a restart does not cut off answers in flight.
     #[arg(long, value_name = "SECS", help = format!("Seconds in-flight requests get to finish on SIGINT/SIGTERM before they are cancelled [default: {}]", defaults::SHUTDOWN_TIMEOUT_SECS))]
     pub shutdown_timeout_secs: Option<f64>,
@@ -245,7 +248,7 @@ impl ServeConfig {
             max_model_len, kv_cache_gib, enable_prefix_caching, prefix_cache_gib, host, port, api_key, tenants, admin_api_key, enable_lora_updates, dequantize,
             adapter_store, max_upload_bytes, max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, max_queue_delay_secs, adapter_wait_secs,
             auto_merge, auto_merge_after_secs, router_aliases, router_min_confidence, router_fallback, router_model, router_layer,
-            shutdown_timeout_secs, debug_fault
+            disable_web_ui, shutdown_timeout_secs, debug_fault
         )
     }
 }

@@ -73,6 +73,8 @@ pub struct Settings {
     pub auto_merge_after: Option<Duration>,
     /// Semantic routing (`model: "auto"`).
     pub router: RouterSettings,
+    /// Whether `/` serves the web page (`--disable-web-ui` turns it off).
+    pub web_ui: bool,
     /// Faults injected on purpose (tests only).
     pub debug_faults: DebugFaults,
 }
@@ -209,6 +211,7 @@ impl ServeConfig {
             max_queue_delay,
             adapter_wait: timeouts.adapter_wait,
             auto_merge_after,
+            web_ui: !self.disable_web_ui.unwrap_or(false),
             debug_faults: DebugFaults::parse(&self.debug_fault.unwrap_or_default())?,
         })
     }

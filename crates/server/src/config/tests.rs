@@ -146,3 +146,11 @@ fn adapter_store_and_upload_cap_from_toml_and_flags() {
     assert_eq!(s.max_upload_bytes, defaults::MAX_UPLOAD_BYTES);
     assert!(parse(&["--max-upload-bytes", "0"]).resolve("m").is_err());
 }
+
+#[test]
+fn web_ui_is_on_unless_disabled() {
+    assert!(ServeConfig::default().resolve("m").unwrap().web_ui);
+    assert!(!parse(&["--disable-web-ui"]).resolve("m").unwrap().web_ui);
+    assert!(parse(&["--disable-web-ui", "false"]).resolve("m").unwrap().web_ui);
+    assert!(!ServeConfig::from_toml("disable-web-ui = true").unwrap().resolve("m").unwrap().web_ui);
+}

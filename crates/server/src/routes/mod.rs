@@ -20,6 +20,8 @@
 //! | `metrics.rs` | `GET /metrics` (Prometheus text) |
 //! | `route.rs` | `POST /v1/route`, and `model: "auto"` on chat and completions (semantic routing) |
 //! | `adapters.rs` | `POST /v1/adapters` (a tenant's upload), `GET /v1/adapters`, `DELETE /v1/adapters/{name}` |
+//! | `lora_list.rs` | `GET /v1/lora_adapters` (adapters' state: resident, pinned, merged, rank, bytes) |
+//! | `web.rs` | `GET /` and its assets: the web page (unless `--disable-web-ui`) |
 
 mod adapters;
 mod choices;
@@ -27,12 +29,14 @@ mod embeddings;
 mod generate;
 mod health;
 mod lora_adapters;
+mod lora_list;
 mod metrics;
 mod models;
 mod responses;
 mod route;
 mod tokenize;
 mod sse;
+mod web;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -72,11 +76,14 @@ pub struct AppState {
     pub created: u64,
     /// `--router-aliases`, `--router-fallback` (the router itself is `sched.router`).
     pub routing: crate::config::RouterSettings,
+    /// Serve the web page at `/` (not `--disable-web-ui`).
+    pub web_ui: bool,
 }
 
 /// The router over `state`: every endpoint, one line each.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let web_ui = state.web_ui;
+    let app = Router::new()
         .route("/health", get(health::health))
         .route("/ping", get(health::health))
         .route("/version", get(health::version))
@@ -90,12 +97,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/load_lora_adapter", post(lora_adapters::load_lora))
         .route("/v1/unload_lora_adapter", post(lora_adapters::unload_lora))
+        .route("/v1/lora_adapters", get(lora_list::list_lora_adapters))
         .route("/v1/adapters", post(adapters::upload).get(adapters::list))
         .route("/v1/adapters/{*id}", delete(adapters::delete))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
-        .route("/tokenizer_info", get(tokenize::tokenizer_info))
-        .fallback(fallback)
+        .route("/tokenizer_info", get(tokenize::tokenizer_info));
+    let app = if web_ui { app.merge(web::routes()) } else { app };
+    app.fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }

@@ -5,6 +5,7 @@
 //! every request gets a 500, `/health` turns 503 and the server process exits non-zero so
 //! an orchestrator restarts it, instead of a live HTTP front over a dead engine.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -41,6 +42,9 @@ pub(super) struct BatchLoop {
     /// (an adapter unloaded while in use goes when its last request ends, inside a step)
     /// publishes it again.
     last_adapter_state: (u64, u64, usize, u64),
+    /// Each adapter's rank as last seen resident, so the list still shows it after an
+    /// eviction (forgotten on unload and on a replacing load).
+    ranks: HashMap<String, usize>,
 }
 
 impl BatchLoop {
@@ -56,6 +60,7 @@ impl BatchLoop {
             drain_deadline: None,
             views_dirty: true,
             last_adapter_state: (0, 0, 0, 0),
+            ranks: HashMap::new(),
         }
     }
 
@@ -109,7 +114,7 @@ impl BatchLoop {
             self.scheduler.abort(&mut self.engine, id);
         }
         let report = self.scheduler.step(&mut self.engine);
-        if !report.adapters_loaded.is_empty() || report.adapter_load_failures > 0 {
+        if !report.adapters_loaded.is_empty() || report.adapter_load_failures > 0 || !report.merges.is_empty() || !report.unmerges.is_empty() {
             self.views_dirty = true;
         }
         // Gauges first: a client that got its answer and then scrapes sees the state after it.
@@ -124,12 +129,14 @@ impl BatchLoop {
             // The published adapter list is brought up to date before the reply, so a client
             // that lists models or sends a request right after sees the change.
             Command::Insert { model, seconds, replace, reply } => {
+                self.ranks.remove(&model.name);
                 let r = self.insert(*model, seconds, replace);
                 self.publish_adapters();
                 let _ = reply.send(r);
             }
             Command::Unload { name, reply } => {
                 let r = self.unload(&name);
+                self.ranks.remove(&name);
                 self.publish_adapters();
                 let _ = reply.send(r);
             }
@@ -191,9 +198,27 @@ impl BatchLoop {
     pub(super) fn publish_adapters(&mut self) {
         let list = self.engine.loras().adapters();
         self.emitter.adapter_gauges(&list, self.engine.loras());
+        let merged = self.engine.merged_adapter().map(str::to_string);
+        let loras = self.engine.loras();
         let entries = list
             .into_iter()
-            .map(|a| AdapterEntry { name: a.name, resident: a.resident.is_some(), bytes: a.bytes, active: a.active })
+            .map(|a| {
+                if let Some(m) = a.resident.and_then(|slot| loras.get(slot)) {
+                    if self.ranks.get(&a.name) != Some(&m.max_rank) {
+                        self.ranks.insert(a.name.clone(), m.max_rank);
+                    }
+                }
+                AdapterEntry {
+                    rank: self.ranks.get(&a.name).copied(),
+                    merged: merged.as_deref() == Some(a.name.as_str()),
+                    resident: a.resident.is_some(),
+                    bytes: a.bytes,
+                    active: a.active,
+                    pinned: a.pinned,
+                    requests: a.requests,
+                    name: a.name,
+                }
+            })
             .collect();
         if let Ok(mut v) = self.shared.adapters.write() {
             *v = entries;

@@ -60,13 +60,21 @@ pub(crate) enum Command {
     Drain { deadline: Instant },
 }
 
-/// One adapter as `/v1/models` shows it.
+/// One adapter as `/v1/models` and `/v1/lora_adapters` show it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdapterEntry {
     pub name: String,
     pub resident: bool,
     pub bytes: usize,
+    /// Running sequences on it.
     pub active: usize,
+    /// Largest rank over its projections, once it has been resident (`None` before).
+    pub rank: Option<usize>,
+    pub pinned: bool,
+    /// Folded into the base weights by `--auto-merge` now.
+    pub merged: bool,
+    /// Requests started on it since it became known.
+    pub requests: u64,
 }
 
 /// What the loop publishes for handlers: a snapshot of the adapter list, and whether the
