@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::{ClientOptions, ObjectStore, RetryConfig};
+use object_store::{ObjectStore, RetryConfig};
 use sha2::{Digest, Sha256};
 
 use super::uri::{AdapterUri, Location, Shape};
@@ -68,7 +68,8 @@ impl Fetcher {
 
     /// The S3 client of a bucket: `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_ALLOW_HTTP` and the rest of
-    /// object_store's `AWS_*` keys; few retries, so a dead store fails fast.
+    /// object_store's `AWS_*` keys (its client options too: `AWS_ALLOW_HTTP` is one, so they
+    /// are not replaced here); few retries, so a dead store fails fast.
     fn s3(&self, uri: &str, bucket: &str) -> Result<Arc<AmazonS3>, SourceError> {
         let mut clients = self.s3.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get(bucket) {
@@ -78,7 +79,6 @@ impl Fetcher {
         let client = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_retry(retry)
-            .with_client_options(ClientOptions::new().with_connect_timeout(Duration::from_secs(10)))
             .build()
             .map_err(|e| SourceError::Invalid { uri: uri.into(), message: format!("S3 client: {e}") })?;
         let client = Arc::new(client);
@@ -143,7 +143,8 @@ impl Fetcher {
         let too_large = || SourceError::TooLarge { uri: shown.clone(), limit };
         let broken = |message: String| SourceError::Unavailable { uri: shown.clone(), store, message };
         let cache_err = |e: std::io::Error| SourceError::Cache { path: dest.display().to_string(), message: e.to_string() };
-        let mut out = File::create(dest).map_err(cache_err)?;
+        // Created once the store answers with the object: a missing optional file leaves none.
+        let mut out: Option<File> = None;
         let mut n = 0u64;
         let mut sink = |chunk: &[u8]| -> Result<(), SourceError> {
             n += chunk.len() as u64;
@@ -153,7 +154,11 @@ impl Fetcher {
             if let Some(h) = hash.as_deref_mut() {
                 h.update(chunk);
             }
-            out.write_all(chunk).map_err(cache_err)
+            let f = match &mut out {
+                Some(f) => f,
+                None => out.insert(File::create(dest).map_err(cache_err)?),
+            };
+            f.write_all(chunk).map_err(cache_err)
         };
         match self.object(uri, file) {
             Object::S3 { bucket, key } => {
@@ -197,7 +202,11 @@ impl Fetcher {
                 }
             }
         }
-        out.sync_all().map_err(cache_err)?;
+        let file = match out {
+            Some(f) => f,
+            None => File::create(dest).map_err(cache_err)?,
+        };
+        file.sync_all().map_err(cache_err)?;
         Ok(n)
     }
 }
