@@ -141,6 +141,8 @@ enum Reply {
     Slow { body: Vec<u8>, delay: Duration },
     /// Sends the body slowly (for a SIGKILL mid-fetch).
     Trickle(Vec<u8>),
+    /// Sends the body without a length (it ends when the connection closes).
+    Unannounced(Vec<u8>),
     Status(u16),
 }
 
@@ -216,6 +218,10 @@ fn serve_one(mut conn: TcpStream, routes: &Mutex<HashMap<String, Reply>>, reques
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+        }
+        Reply::Unannounced(body) => {
+            let _ = write!(conn, "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+            let _ = conn.write_all(&body);
         }
         Reply::Status(code) => {
             let _ = write!(conn, "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
@@ -311,6 +317,18 @@ fn hub_and_https_sources() {
     assert_eq!(st, 502, "{body}");
     assert_eq!(cache_contents(&cache), before);
     assert_eq!(cache_contents(&cache).2, 0, "no temporary left");
+
+    // --max-lora-bytes caps a download before it completes: announced or not, 413, nothing kept.
+    plain.put("/big.gguf", Reply::Body(vec![0u8; 100_000]));
+    plain.put("/big-unannounced.gguf", Reply::Unannounced(vec![0u8; 100_000]));
+    let small = tmp.path().join("cache-small");
+    let capped = Server::start(&["--max-lora-bytes".into(), "30000".into()], &[], &small, &tmp.path().join("capped.log"));
+    for path in ["/big.gguf", "/big-unannounced.gguf"] {
+        let (st, body) = capped.load("big", &plain.url(path));
+        assert_eq!(st, 413, "{body}");
+        assert!(body.contains("--max-lora-bytes"), "{body}");
+    }
+    assert_eq!(cache_contents(&small), (0, 0, 0));
 }
 
 #[test]
@@ -330,6 +348,11 @@ fn killed_fetch_leaves_no_half_adapter_and_ready_waits_for_startup_adapters() {
         common::http(port, "POST", "/v1/load_lora_adapter", "Authorization: Bearer adm\r\n", body.as_bytes(), Duration::from_secs(30))
     });
     wait_for("a fetch in progress", 20, || cache_contents(&cache).2 > 0);
+    // Other requests are not held by the fetch (it runs in tokio, off the batch loop).
+    let t = Instant::now();
+    assert_eq!(s.complete("tiny").0, 200);
+    assert!(t.elapsed() < Duration::from_secs(2), "a base-model request waited {:?} behind a fetch", t.elapsed());
+    assert!(cache_contents(&cache).2 > 0, "the fetch is still in progress");
     s.child.kill().unwrap();
     s.child.wait().unwrap();
     let _ = loader.join();

@@ -64,6 +64,8 @@ pub struct Server {
     batch_thread: Option<std::thread::JoinHandle<()>>,
     /// Re-reads the tenants file (on SIGHUP and when it changes), if there is one.
     tenants_reloader: Option<JoinHandle<()>>,
+    /// Fetches the remote startup adapters; reconciles `--lora-sync` (stopped at shutdown).
+    adapter_tasks: Vec<JoinHandle<()>>,
     shutdown_timeout: Duration,
 }
 
@@ -146,9 +148,9 @@ impl Server {
             tracing::info!(tenants = tenant_store.current().len(), file = %file, "API keys required on /v1");
         }
         let tenants_reloader = tenants::spawn_reloader(tenant_store, TENANTS_POLL);
-        state.sources.spawn_startup(state.sched.clone(), settings.remote_lora_modules.clone(), remote_pins);
+        let mut adapter_tasks = vec![state.sources.spawn_startup(state.sched.clone(), settings.remote_lora_modules.clone(), remote_pins)];
         if let Some(file) = &settings.lora_sync {
-            sources::spawn_sync(state.sources.clone(), state.sched.clone(), file.clone(), settings.served_model_name.clone());
+            adapter_tasks.push(sources::spawn_sync(state.sources.clone(), state.sched.clone(), file.clone(), settings.served_model_name.clone()));
         }
         tracing::info!("serving {} at http://{addr}/v1 (OpenAI API; /health, /metrics)", settings.served_model_name);
         Ok(Self {
@@ -158,6 +160,7 @@ impl Server {
             http,
             batch_thread: Some(batch_thread),
             tenants_reloader,
+            adapter_tasks,
             shutdown_timeout: settings.shutdown_timeout,
         })
     }
@@ -182,6 +185,9 @@ impl Server {
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
         if let Some(r) = self.tenants_reloader.take() {
             r.abort();
+        }
+        for t in self.adapter_tasks.drain(..) {
+            t.abort();
         }
         let deadline = Instant::now() + self.shutdown_timeout;
         self.state.sched.drain(deadline);

@@ -17,7 +17,7 @@ const WANTED: [&str; 3] = [PEFT_FILES[0], PEFT_FILES[1], ROUTING_FILE];
 /// Which wanted file an entry is: its last path component, at depth 0 or 1.
 fn wanted(entry: &str) -> Option<&'static str> {
     let parts: Vec<&str> = entry.trim_start_matches("./").split('/').filter(|p| !p.is_empty()).collect();
-    if parts.is_empty() || parts.len() > 2 {
+    if parts.is_empty() || parts.len() > 2 || parts.iter().any(|p| *p == "." || *p == "..") {
         return None;
     }
     WANTED.into_iter().find(|w| parts.last() == Some(w))
@@ -73,8 +73,7 @@ pub(crate) fn unpack(archive: &Path, shape: Shape, dir: &Path, max_bytes: u64) -
                     continue;
                 }
                 if let Some(name) = wanted(entry.name()) {
-                    let name = name.to_string();
-                    total += copy_capped(entry, dir, &name, max_bytes.saturating_sub(total))?;
+                    total += copy_capped(entry, dir, name, max_bytes.saturating_sub(total))?;
                 }
             }
         }
@@ -97,6 +96,7 @@ mod tests {
         assert_eq!(wanted("adapter_config.json"), Some("adapter_config.json"));
         assert_eq!(wanted("./pirate/adapter_model.safetensors"), Some("adapter_model.safetensors"));
         assert_eq!(wanted("../../etc/adapter_config.json"), None);
+        assert_eq!(wanted("../adapter_config.json"), None);
         assert_eq!(wanted("a/b/adapter_config.json"), None);
         assert_eq!(wanted("README.md"), None);
     }

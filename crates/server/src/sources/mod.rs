@@ -135,10 +135,6 @@ impl Sources {
         })
     }
 
-    pub fn cache_dir(&self) -> &Path {
-        self.cache.root()
-    }
-
     /// The local folder or file of `uri`: from the cache (verified), else fetched, checked
     /// against its pin, unpacked and cached. One fetch per URI at a time.
     pub async fn fetch(&self, uri: &AdapterUri) -> Result<PathBuf, SourceError> {
@@ -297,8 +293,8 @@ impl Sources {
 
     /// Serves the remote `--lora-modules` (and pins the `--pin-lora` ones among them), one
     /// after the other, retrying each with backoff until it is loaded; `/ready` answers 503
-    /// until all are.
-    pub fn spawn_startup(self: &Arc<Self>, sched: SchedulerHandle, modules: Vec<(String, AdapterUri)>, pins: HashSet<String>) {
+    /// until all are. Runs until done or aborted (at shutdown).
+    pub fn spawn_startup(self: &Arc<Self>, sched: SchedulerHandle, modules: Vec<(String, AdapterUri)>, pins: HashSet<String>) -> tokio::task::JoinHandle<()> {
         for (name, uri) in &modules {
             self.readiness.set(name, format!("{uri}: not fetched yet"));
         }
@@ -327,7 +323,7 @@ impl Sources {
                     }
                 }
             }
-        });
+        })
     }
 }
 

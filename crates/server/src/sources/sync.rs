@@ -93,8 +93,8 @@ fn parse(text: &str) -> Result<(Vec<Model>, Vec<Model>), String> {
     Ok((take(f.config.ensure_exist), take(f.config.ensure_not_exist)))
 }
 
-/// Starts the reconciler of `file`; it runs until the process ends.
-pub fn spawn_sync(sources: Arc<Sources>, sched: SchedulerHandle, file: PathBuf, base_name: String) {
+/// Starts the reconciler of `file`; it runs until aborted (at shutdown).
+pub fn spawn_sync(sources: Arc<Sources>, sched: SchedulerHandle, file: PathBuf, base_name: String) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut seen: Option<(SystemTime, u64)> = None;
         // id -> the source it was loaded from by this reconciler.
@@ -110,7 +110,7 @@ pub fn spawn_sync(sources: Arc<Sources>, sched: SchedulerHandle, file: PathBuf, 
             }
             tokio::time::sleep(POLL).await;
         }
-    });
+    })
 }
 
 /// One pass over the file; returns whether anything failed (to be tried again).
