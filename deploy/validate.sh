@@ -10,7 +10,8 @@
 # Extension objects (InferencePool, InferenceObjective) are checked against the trimmed CRD
 # schemas committed in deploy/schemas/ (see deploy/schemas/README.md), with jsonschema. An object
 # of any other kind is an error. Then the objects are checked against each other: selectors
-# select the Deployment's pods, ports and references resolve, probes hit /health, labels agree,
+# select the Deployment's pods, ports and references resolve, the liveness probe hits /health and
+# the readiness probe /ready (503 until remote startup adapters are loaded), labels agree,
 # the ConfigMap's loramux.toml is TOML.
 #
 # Needs python3 with venv and pip. The packages go into a venv outside the repository
@@ -50,6 +51,7 @@ SCHEMAS = ROOT / "deploy" / "schemas"
 CORE = {("v1", "ConfigMap"), ("v1", "Service"), ("v1", "PersistentVolumeClaim"), ("apps/v1", "Deployment")}
 PART_OF = {"app.kubernetes.io/name": "loramux", "app.kubernetes.io/part-of": "loramux"}
 HEALTH = "/health"
+READY = "/ready"
 
 
 def load_gie_schemas():
@@ -170,12 +172,12 @@ def check_references(docs, errors):
         ports = container_ports(containers)
         spec = ((dep.get("spec") or {}).get("template") or {}).get("spec") or {}
         for c in containers:
-            for probe in ("readinessProbe", "livenessProbe"):
+            for probe, path in (("readinessProbe", READY), ("livenessProbe", HEALTH)):
                 get = ((c.get(probe) or {}).get("httpGet")) or {}
                 port = get.get("port")
                 port = ports.get(port, port) if isinstance(port, str) else port
-                if get.get("path") != HEALTH or port not in ports.values():
-                    errors.append(f"{where(dep)}: container {c.get('name')}: {probe} must be an httpGet of {HEALTH} on a container port")
+                if get.get("path") != path or port not in ports.values():
+                    errors.append(f"{where(dep)}: container {c.get('name')}: {probe} must be an httpGet of {path} on a container port")
         for v in spec.get("volumes") or []:
             cm = (v.get("configMap") or {}).get("name")
             if cm is not None and cm not in names.get("ConfigMap", set()):
@@ -266,8 +268,8 @@ def main():
         ("inferenceobjectives.yaml", "    name: loramux\n---", "    name: loramux-typo\n---", "loramux-typo"),
         ("service.yaml", "targetPort: http", "targetPort: htpp", "htpp"),
         ("inferencepool.yaml", "app.kubernetes.io/component: model-server", "app.kubernetes.io/component: model-servers", "selects no"),
-        ("deployment.yaml", "path: /health\n              port: http\n            periodSeconds: 5\n            timeoutSeconds: 2\n            failureThreshold: 2",
-         "path: /healthz\n              port: http\n            periodSeconds: 5\n            timeoutSeconds: 2\n            failureThreshold: 2", "readinessProbe"),
+        ("deployment.yaml", "path: /ready\n              port: http\n            periodSeconds: 5\n            timeoutSeconds: 2\n            failureThreshold: 2",
+         "path: /health\n              port: http\n            periodSeconds: 5\n            timeoutSeconds: 2\n            failureThreshold: 2", "readinessProbe"),
     ]
     failures = 0
     with tempfile.TemporaryDirectory(prefix="loramux-validate-") as tmp:

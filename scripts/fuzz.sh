@@ -3,7 +3,7 @@
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     default: 30 s, every target
 #
-# Targets: gguf, adapter, chat_template, openai_request, tenants_file. Needs a nightly toolchain
+# Targets: gguf, adapter, chat_template, openai_request, tenants_file, adapter_uri. Needs a nightly toolchain
 # (`cargo +nightly`); installs cargo-fuzz from crates.io into ~/.cargo/bin if missing.
 # Each target starts from its committed seeds (fuzz/corpus/<target>/, never written to) plus
 # the corpus earlier runs grew (results/fuzz/corpus/<target>/, where new inputs go), so long
@@ -20,7 +20,7 @@ ROOT=$(pwd)
 
 SECS=${1:-30}
 [ $# -gt 0 ] && shift
-ALL=(gguf adapter chat_template openai_request routing_json tenants_file upload_multipart)
+ALL=(gguf adapter chat_template openai_request routing_json tenants_file upload_multipart adapter_uri)
 if [ $# -gt 0 ]; then TARGETS=("$@"); else TARGETS=("${ALL[@]}"); fi
 case "$SECS" in ''|*[!0-9]*) echo "usage: $0 [SECONDS_PER_TARGET] [TARGET...]" >&2; exit 2 ;; esac
 for t in "${TARGETS[@]}"; do

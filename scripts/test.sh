@@ -32,6 +32,14 @@ if command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/n
 else
   echo "skipped deploy/validate.sh: needs python3 with venv"
 fi
+# Remote adapter sources (issue #23): a loopback S3 server (moto, PyPI, in a venv under the
+# cache) with credentials enforced, then crates/loramux/tests/sources.rs against it (errors,
+# single flight, the disk cache across a restart, a fleet of three replicas sharing one bucket).
+if command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  tests/sources/run.sh
+else
+  echo "skipped tests/sources/run.sh: needs python3 with venv"
+fi
 # Reliability (issue #11, RELIABILITY.md): the short forms of the soak (8 clients, 60 s, with
 # adapter churn, disconnects and over-long prompts; fails on any unexpected error, a server
 # that does not return to idle, or RSS growth past its bound), the injected faults, and each

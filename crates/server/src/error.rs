@@ -154,6 +154,11 @@ impl ApiError {
         Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", message).with_code("request_timeout")
     }
 
+    /// 502 a store the server fetches from (S3, the hub, a URL) failed or broke off.
+    pub fn bad_gateway(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "server_error", message).with_code("source_unavailable")
+    }
+
     /// 500 something broke inside.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)

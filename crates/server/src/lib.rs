@@ -11,6 +11,8 @@
 //!   logprobs and model cards; [`error`]: OpenAI-style errors.
 //! - [`tenants`]: keys bound to adapters, per-tenant limits, reload of `--tenants FILE`.
 //! - [`uploads`]: tenants' adapter uploads (multipart parsing, the durable adapter store).
+//! - [`sources`]: adapters from `s3://`, `hf://` and `https://` (fetch, disk cache,
+//!   `--lora-dir URI` lookups on a miss, `--lora-sync`, what `/ready` waits for).
 //! - [`auth`], [`adapters`] (adapter roots and `--lora-dir`), [`metrics`], [`config`].
 //!
 //! [`Server::start`] binds and serves; [`Server::shutdown`] drains gracefully. The server
@@ -20,6 +22,7 @@
 pub mod adapters;
 pub mod auth;
 pub mod config;
+mod durable;
 pub mod error;
 mod http;
 pub mod metrics;
@@ -27,6 +30,7 @@ pub mod openai;
 pub mod protocol;
 pub mod routes;
 pub mod scheduler;
+pub mod sources;
 pub mod tenants;
 pub mod uploads;
 
@@ -60,6 +64,8 @@ pub struct Server {
     batch_thread: Option<std::thread::JoinHandle<()>>,
     /// Re-reads the tenants file (on SIGHUP and when it changes), if there is one.
     tenants_reloader: Option<JoinHandle<()>>,
+    /// Fetches the remote startup adapters; reconciles `--lora-sync` (stopped at shutdown).
+    adapter_tasks: Vec<JoinHandle<()>>,
     shutdown_timeout: Duration,
 }
 
@@ -70,11 +76,20 @@ fn mib(bytes: usize) -> String {
 impl Server {
     /// Loads the model and adapters, binds `settings.host:settings.port` (port 0 picks a free
     /// one) and starts serving. Must be called inside a multi-threaded Tokio runtime.
-    pub async fn start(location: ModelLocation, settings: Settings) -> Result<Self, ServerError> {
+    pub async fn start(location: ModelLocation, mut settings: Settings) -> Result<Self, ServerError> {
+        let metrics = Arc::new(Metrics::new(&settings.served_model_name, settings.lora.max_loras));
+        let sources = Arc::new(open_sources(&settings, metrics.clone())?);
+        if let Some(uri) = settings.merge_lora_uri.take() {
+            let path = sources.fetch(&uri).await.map_err(|e| ServerError::Config(format!("--merge-lora: {e}")))?;
+            settings.merge_lora = Some(path);
+        }
+        // Remote startup adapters are pinned once fetched, after the server listens.
+        let remote_pins: std::collections::HashSet<String> =
+            settings.pinned_loras.iter().filter(|p| settings.remote_lora_modules.iter().any(|(n, _)| n == *p)).cloned().collect();
+        settings.pinned_loras.retain(|p| !remote_pins.contains(p));
         // Checked before the model loads, which can take a while (the engine refuses a
         // quantized base too, later).
         check_merge_lora(&location, &settings)?;
-        let metrics = Arc::new(Metrics::new(&settings.served_model_name, settings.lora.max_loras));
         let tenant_store = Arc::new(
             TenantStore::new(&settings.api_keys, settings.tenants_file.clone()).map_err(|e| ServerError::Config(e.to_string()))?,
         );
@@ -107,6 +122,7 @@ impl Server {
             created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             routing: settings.router.clone(),
             web_ui: settings.web_ui,
+            sources,
         });
         let bind = format!("{}:{}", settings.host, settings.port);
         let listener = match tokio::net::TcpListener::bind(&bind).await {
@@ -133,6 +149,10 @@ impl Server {
             tracing::info!(tenants = tenant_store.current().len(), file = %file, "API keys required on /v1");
         }
         let tenants_reloader = tenants::spawn_reloader(tenant_store, TENANTS_POLL);
+        let mut adapter_tasks = vec![state.sources.spawn_startup(state.sched.clone(), settings.remote_lora_modules.clone(), remote_pins)];
+        if let Some(file) = &settings.lora_sync {
+            adapter_tasks.push(sources::spawn_sync(state.sources.clone(), state.sched.clone(), file.clone(), settings.served_model_name.clone()));
+        }
         tracing::info!("serving {} at http://{addr}/v1 (OpenAI API; /health, /metrics)", settings.served_model_name);
         Ok(Self {
             addr,
@@ -141,6 +161,7 @@ impl Server {
             http,
             batch_thread: Some(batch_thread),
             tenants_reloader,
+            adapter_tasks,
             shutdown_timeout: settings.shutdown_timeout,
         })
     }
@@ -165,6 +186,9 @@ impl Server {
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
         if let Some(r) = self.tenants_reloader.take() {
             r.abort();
+        }
+        for t in self.adapter_tasks.drain(..) {
+            t.abort();
         }
         let deadline = Instant::now() + self.shutdown_timeout;
         self.state.sched.drain(deadline);
@@ -247,8 +271,23 @@ fn check_merge_lora(location: &ModelLocation, settings: &Settings) -> Result<(),
     Ok(())
 }
 
-/// The `--lora-dir`s, canonical and deduplicated, and the roots `load_lora_adapter` may read
-/// from: those plus the `--allowed-lora-root`s.
+/// The remote sources: the disk cache (cleaned of what a killed fetch left) and the clients.
+fn open_sources(settings: &Settings, metrics: Arc<Metrics>) -> Result<sources::Sources, ServerError> {
+    let source_settings = sources::SourceSettings {
+        cache_dir: settings.lora_cache_dir.clone(),
+        cache_bytes: settings.lora_cache_bytes,
+        max_bytes: settings.lora.max_bytes as u64,
+        timeout: settings.lora_fetch_timeout,
+        prefixes: settings.lora_prefixes.clone(),
+        local_dirs: settings.lora_dirs.clone(),
+    };
+    let s = sources::Sources::new(source_settings, metrics).map_err(|e| ServerError::Config(e.to_string()))?;
+    for p in &settings.lora_prefixes {
+        tracing::info!(prefix = %p, "adapter prefix: an unknown adapter name is fetched from here on its first request");
+    }
+    Ok(s)
+}
+
 /// The adapter store, when there are tenants to upload (cleaned of what a crash left).
 fn open_adapter_store(settings: &Settings, tenants: &TenantStore) -> Result<Option<Arc<uploads::AdapterStore>>, ServerError> {
     if !tenants.required() {
@@ -259,6 +298,8 @@ fn open_adapter_store(settings: &Settings, tenants: &TenantStore) -> Result<Opti
     Ok(Some(Arc::new(store)))
 }
 
+/// The `--lora-dir`s, canonical and deduplicated, and the roots `load_lora_adapter` may read
+/// from: those plus the `--allowed-lora-root`s.
 fn adapter_dirs(settings: &Settings) -> Result<(Vec<PathBuf>, Vec<PathBuf>), ServerError> {
     let mut lora_dirs = Vec::new();
     for d in &settings.lora_dirs {

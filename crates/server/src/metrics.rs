@@ -82,6 +82,12 @@ pub struct Metrics {
     pub adapter_load_latency: Histogram,
     pub adapter_load_failures: IntCounter,
     pub adapters_known: IntGauge,
+    /// Remote adapter downloads (`store`: s3, hub, http; `outcome`: ok, not_found, denied, error).
+    pub lora_fetches: IntCounterVec,
+    pub lora_fetch_bytes: IntCounter,
+    pub lora_fetch_seconds: Histogram,
+    /// Remote adapters found in the disk cache (no download).
+    pub lora_cache_hits: IntCounter,
     pub adapters_resident: IntGauge,
     pub adapters_resident_bytes: IntGauge,
     pub adapter_resident: GaugeVec,
@@ -182,6 +188,10 @@ impl Metrics {
             adapter_load_seconds: reg(&r, Counter::new("loramux_adapter_load_seconds_total", "Seconds spent reading and validating adapters (off the batch loop).").unwrap()),
             adapter_load_latency: reg(&r, Histogram::with_opts(h("loramux_adapter_load_seconds", "Time to read and validate one adapter.", LOAD_BUCKETS)).unwrap()),
             adapter_load_failures: reg(&r, IntCounter::new("loramux_adapter_load_failures_total", "Adapter loads that failed (broken or mismatched adapters).").unwrap()),
+            lora_fetches: reg(&r, IntCounterVec::new(Opts::new("loramux_lora_fetches_total", "Remote adapter downloads (S3, hub, URL) by store and outcome; a disk-cache hit is not one."), &["store", "outcome"]).unwrap()),
+            lora_fetch_bytes: reg(&r, IntCounter::new("loramux_lora_fetch_bytes_total", "Bytes of remote adapters downloaded.").unwrap()),
+            lora_fetch_seconds: reg(&r, Histogram::with_opts(h("loramux_lora_fetch_seconds", "Time to download, verify and cache one remote adapter.", TTFT_BUCKETS)).unwrap()),
+            lora_cache_hits: reg(&r, IntCounter::new("loramux_lora_cache_hits_total", "Remote adapters served from the disk cache without a download.").unwrap()),
             adapters_known: reg(&r, IntGauge::new("loramux_adapters_known", "Adapters the server knows (resident or loadable).").unwrap()),
             adapters_resident: reg(&r, IntGauge::new("loramux_adapters_resident", "Adapters resident in memory.").unwrap()),
             adapters_resident_bytes: reg(&r, IntGauge::new("loramux_adapters_resident_bytes", "Bytes of all resident adapters.").unwrap()),

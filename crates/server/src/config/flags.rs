@@ -29,15 +29,15 @@ pub struct ServeConfig {
     /// Name clients use for the base model [default: the --model argument].
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
-    /// Adapters loaded at startup, as NAME=PATH (PEFT directories or llama.cpp GGUF adapter files). Repeatable, or several after one flag.
-    #[arg(long, value_name = "NAME=PATH", num_args = 1..)]
+    /// Adapters loaded at startup, as NAME=PATH (PEFT directories or llama.cpp GGUF adapter files) or NAME=URI (s3://, hf://, https://, fetched before /ready). Repeatable, or several after one flag.
+    #[arg(long, value_name = "NAME=PATH|URI", num_args = 1..)]
     #[serde(default, deserialize_with = "deserialize_lora_modules")]
     pub lora_modules: Option<Vec<LoraModule>>,
-    /// Adapter (PEFT folder or GGUF adapter file) folded into the base weights at startup: the served model name answers with the merged model (a GGUF base needs --dequantize).
-    #[arg(long, value_name = "PATH")]
+    /// Adapter (PEFT folder or GGUF adapter file, or a URI fetched first) folded into the base weights at startup: the served model name answers with the merged model (a GGUF base needs --dequantize).
+    #[arg(long, value_name = "PATH|URI")]
     pub merge_lora: Option<PathBuf>,
-    /// Directory whose adapters (PEFT subfolders, or NAME.gguf files) are served by name, loaded on first use. Repeatable.
-    #[arg(long, value_name = "DIR")]
+    /// Directory whose adapters (PEFT subfolders, or NAME.gguf files) are served by name, loaded on first use; or a URI prefix (s3://bucket/adapters/, hf://org/repo, https://host/dir) under which an unknown name is fetched on its first request. Repeatable.
+    #[arg(long, value_name = "DIR|URI")]
     pub lora_dir: Option<Vec<PathBuf>>,
     /// Extra directory /v1/load_lora_adapter may read adapters from (besides --lora-dir). Repeatable.
     #[arg(long, value_name = "DIR")]
@@ -54,6 +54,18 @@ pub struct ServeConfig {
     /// Bounds the memory of the resident adapters together.
     #[arg(long, value_name = "BYTES", help = format!("Bytes all resident adapters may occupy [default: {} = {} GiB]", defaults::MAX_LORA_BYTES, defaults::MAX_LORA_BYTES as f64 / GIB))]
     pub max_lora_bytes: Option<usize>,
+    /// Where fetched adapters are kept, so a restart does not fetch them again.
+    #[arg(long, value_name = "DIR", help = "Disk cache of adapters fetched from s3://, hf:// and https:// sources [default: <cache>/lora-cache]")]
+    pub lora_cache_dir: Option<PathBuf>,
+    /// Bounds the disk the cache of fetched adapters takes.
+    #[arg(long, value_name = "BYTES", help = format!("Bytes the disk cache of fetched adapters may hold; least recently used adapters that are not resident are evicted [default: {} = {} GiB]", defaults::LORA_CACHE_BYTES, defaults::LORA_CACHE_BYTES >> 30))]
+    pub lora_cache_bytes: Option<u64>,
+    /// A store that hangs must not hold requests (or readiness) forever.
+    #[arg(long, value_name = "SECS", help = format!("Seconds one adapter fetch may take [default: {}]", defaults::LORA_FETCH_TIMEOUT_SECS))]
+    pub lora_fetch_timeout_secs: Option<f64>,
+    /// The GIE lora syncer's ConfigMap, reconciled in-process.
+    #[arg(long, value_name = "FILE", help = "YAML file in the Gateway API Inference Extension lora syncer's format (vLLMLoRAConfig: ensureExist / ensureNotExist models with id and source); re-read when it changes: ensureExist adapters are fetched and loaded, ensureNotExist ones unloaded")]
+    pub lora_sync: Option<PathBuf>,
     /// Bounds the running batch.
     #[arg(long, value_name = "N", help = format!("Sequences in the running batch at once [default: {}]", defaults::MAX_NUM_SEQS))]
     pub max_num_seqs: Option<usize>,
@@ -244,7 +256,7 @@ impl ServeConfig {
         }
         pick!(
             config, model, served_model_name, lora_modules, merge_lora, lora_dir, allowed_lora_root, pin_lora, max_loras,
-            max_lora_rank, max_lora_bytes, max_num_seqs, scheduling_policy, target_tpot_ms, target_ttft_ms, max_num_batched_tokens, enable_chunked_prefill,
+            max_lora_rank, max_lora_bytes, lora_cache_dir, lora_cache_bytes, lora_fetch_timeout_secs, lora_sync, max_num_seqs, scheduling_policy, target_tpot_ms, target_ttft_ms, max_num_batched_tokens, enable_chunked_prefill,
             max_model_len, kv_cache_gib, enable_prefix_caching, prefix_cache_gib, host, port, api_key, tenants, admin_api_key, enable_lora_updates, dequantize,
             adapter_store, max_upload_bytes, max_request_bytes, http_read_timeout_secs, request_timeout_secs, max_waiting, max_queue_delay_secs, adapter_wait_secs,
             auto_merge, auto_merge_after_secs, router_aliases, router_min_confidence, router_fallback, router_model, router_layer,

@@ -35,6 +35,8 @@ pub mod defaults {
     pub const PREFIX_CACHE_GIB: f64 = loramux_engine::prefix_cache::DEFAULT_PREFIX_CACHE_BYTES as f64 / super::GIB;
     pub const MAX_REQUEST_BYTES: usize = 4 << 20;
     pub const MAX_UPLOAD_BYTES: usize = 256 << 20;
+    pub const LORA_CACHE_BYTES: u64 = 10 << 30;
+    pub const LORA_FETCH_TIMEOUT_SECS: f64 = 300.0;
     pub const HTTP_READ_TIMEOUT_SECS: f64 = 30.0;
     pub const SHUTDOWN_TIMEOUT_SECS: f64 = 30.0;
     pub const MAX_WAITING: usize = scheduler::MAX_WAITING;

@@ -9,19 +9,34 @@ use loramux_engine::LoraLimits;
 use super::{defaults, ServeConfig, GIB};
 use crate::auth::ApiKey;
 use crate::error::ServerError;
+use crate::sources::AdapterUri;
 
 /// Everything the server needs, resolved.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub served_model_name: String,
-    /// Adapters loaded at startup (`--lora-modules`).
+    /// Adapters loaded at startup (`--lora-modules` with a local path).
     pub lora_modules: Vec<(String, PathBuf)>,
+    /// `--lora-modules` with a URI: fetched and loaded after the server listens; `/ready`
+    /// waits for them.
+    pub remote_lora_modules: Vec<(String, AdapterUri)>,
     /// Adapter merged into the base weights at startup (`--merge-lora`): the served model
     /// name then answers with the merged model, the "fully fine-tuned" deployment that
     /// unmerged LoRA serving is compared against. Other adapters still apply on top.
     pub merge_lora: Option<PathBuf>,
+    /// `--merge-lora` given as a URI: fetched before the model loads, then `merge_lora`.
+    pub merge_lora_uri: Option<AdapterUri>,
     /// Directories whose adapter subdirectories are known by folder name and loaded lazily.
     pub lora_dirs: Vec<PathBuf>,
+    /// `--lora-dir` URIs: prefixes an unknown adapter name is fetched from.
+    pub lora_prefixes: Vec<AdapterUri>,
+    /// `--lora-cache-dir`, `--lora-cache-bytes`: the disk cache of fetched adapters.
+    pub lora_cache_dir: PathBuf,
+    pub lora_cache_bytes: u64,
+    /// `--lora-fetch-timeout-secs`.
+    pub lora_fetch_timeout: Duration,
+    /// `--lora-sync`: the lora syncer's ConfigMap file.
+    pub lora_sync: Option<PathBuf>,
     /// Extra directories `load_lora_adapter` may read from (besides `lora_dirs`).
     pub allowed_lora_roots: Vec<PathBuf>,
     /// Adapters resident from startup and never evicted (`--pin-lora`).
@@ -146,6 +161,29 @@ fn bad<T>(message: String) -> Result<T, ServerError> {
     Err(ServerError::Config(message))
 }
 
+/// A path argument that may be a URI: `Some` for a URI, `None` for a path; a malformed URI
+/// (or an empty path) is refused naming the flag.
+fn uri_arg(flag: &str, p: &std::path::Path) -> Result<Option<AdapterUri>, ServerError> {
+    if p.as_os_str().is_empty() {
+        return bad(format!("{flag}: an empty path"));
+    }
+    match p.to_str() {
+        Some(s) => AdapterUri::parse(s).map_err(|e| ServerError::Config(format!("{flag}: {e}"))),
+        None => Ok(None),
+    }
+}
+
+/// What [`ServeConfig::sources`] resolves.
+struct SourceFlags {
+    merge_lora: Option<PathBuf>,
+    merge_lora_uri: Option<AdapterUri>,
+    lora_dirs: Vec<PathBuf>,
+    lora_prefixes: Vec<AdapterUri>,
+    cache_dir: PathBuf,
+    cache_bytes: u64,
+    fetch_timeout: Duration,
+}
+
 /// The request, read and shutdown deadlines, and the adapter-capacity wait.
 struct Timeouts {
     request: Option<Duration>,
@@ -159,7 +197,8 @@ impl ServeConfig {
     /// The steps run in a fixed order, so a configuration with several faults is always
     /// refused for the same one.
     pub fn resolve(mut self, model_spec: &str) -> Result<Settings, ServerError> {
-        let lora_modules = self.lora_modules()?;
+        let (lora_modules, remote_lora_modules) = self.lora_modules()?;
+        let sources = self.sources()?;
         let lora = self.lora_limits()?;
         let (max_num_seqs, max_num_batched_tokens) = self.batch_limits()?;
         let (kv_cache_bytes, prefix_cache_bytes) = self.cache_bytes()?;
@@ -167,8 +206,9 @@ impl ServeConfig {
         let (max_waiting, max_queue_delay) = self.admission()?;
         let timeouts = self.timeouts()?;
         let auto_merge_after = self.auto_merge_after()?;
-        let served_model_name = self.names(model_spec, &lora_modules)?;
-        let router = self.router(&served_model_name, &lora_modules)?;
+        let module_names: Vec<&str> = lora_modules.iter().map(|(n, _)| n.as_str()).chain(remote_lora_modules.iter().map(|(n, _)| n.as_str())).collect();
+        let served_model_name = self.names(model_spec, &module_names)?;
+        let router = self.router(&served_model_name, &module_names)?;
         let max_upload_bytes = match self.max_upload_bytes {
             Some(0) => return bad("--max-upload-bytes: must be at least 1".into()),
             b => b.unwrap_or(defaults::MAX_UPLOAD_BYTES),
@@ -177,8 +217,15 @@ impl ServeConfig {
             router,
             served_model_name,
             lora_modules,
-            merge_lora: self.merge_lora,
-            lora_dirs: self.lora_dir.unwrap_or_default(),
+            remote_lora_modules,
+            merge_lora: sources.merge_lora,
+            merge_lora_uri: sources.merge_lora_uri,
+            lora_dirs: sources.lora_dirs,
+            lora_prefixes: sources.lora_prefixes,
+            lora_cache_dir: sources.cache_dir,
+            lora_cache_bytes: sources.cache_bytes,
+            lora_fetch_timeout: sources.fetch_timeout,
+            lora_sync: self.lora_sync.take().filter(|p| !p.as_os_str().is_empty()),
             allowed_lora_roots: self.allowed_lora_root.unwrap_or_default(),
             pinned_loras: self.pin_lora.unwrap_or_default(),
             lora,
@@ -217,13 +264,13 @@ impl ServeConfig {
     }
 
     /// `--router-aliases`, `--router-min-confidence`, `--router-fallback`, `--router-model`, `--router-layer`.
-    fn router(&mut self, served_model_name: &str, lora_modules: &[(String, PathBuf)]) -> Result<RouterSettings, ServerError> {
+    fn router(&mut self, served_model_name: &str, lora_modules: &[&str]) -> Result<RouterSettings, ServerError> {
         let aliases = self.router_aliases.take().unwrap_or_else(|| vec![defaults::ROUTER_ALIAS.to_string()]);
         for a in &aliases {
             if a.is_empty() {
                 return bad("--router-aliases: an alias is empty".into());
             }
-            if a == served_model_name || lora_modules.iter().any(|(n, _)| n == a) {
+            if a == served_model_name || lora_modules.contains(&a.as_str()) {
                 return bad(format!("--router-aliases: '{a}' is already the name of the base model or an adapter"));
             }
         }
@@ -245,14 +292,48 @@ impl ServeConfig {
         Ok(RouterSettings { aliases, min_confidence, fallback, model, layer })
     }
 
-    /// `--lora-modules` as (name, path) pairs, each name checked.
-    fn lora_modules(&mut self) -> Result<Vec<(String, PathBuf)>, ServerError> {
-        let lora_modules: Vec<(String, PathBuf)> =
-            self.lora_modules.take().unwrap_or_default().into_iter().map(|m| (m.name, m.path)).collect();
-        for (name, _) in &lora_modules {
-            crate::adapters::check_adapter_name(name).map_err(|e| ServerError::Config(format!("--lora-modules {name}: {}", e.message)))?;
+    /// `--lora-modules` as (name, path) pairs and (name, URI) pairs, each name checked.
+    #[allow(clippy::type_complexity)]
+    fn lora_modules(&mut self) -> Result<(Vec<(String, PathBuf)>, Vec<(String, AdapterUri)>), ServerError> {
+        let (mut local, mut remote) = (Vec::new(), Vec::new());
+        for m in self.lora_modules.take().unwrap_or_default() {
+            crate::adapters::check_adapter_name(&m.name).map_err(|e| ServerError::Config(format!("--lora-modules {}: {}", m.name, e.message)))?;
+            match uri_arg("--lora-modules", &m.path)? {
+                Some(uri) => remote.push((m.name, uri)),
+                None => local.push((m.name, m.path)),
+            }
         }
-        Ok(lora_modules)
+        Ok((local, remote))
+    }
+
+    /// `--merge-lora`, `--lora-dir` (paths or URIs), `--lora-cache-dir`, `--lora-cache-bytes`,
+    /// `--lora-fetch-timeout-secs`.
+    fn sources(&mut self) -> Result<SourceFlags, ServerError> {
+        let (mut merge_lora, mut merge_lora_uri) = (None, None);
+        if let Some(p) = self.merge_lora.clone() {
+            if p.as_os_str().is_empty() {
+                return bad("--merge-lora needs an adapter directory".into());
+            }
+            match uri_arg("--merge-lora", &p)? {
+                Some(uri) => merge_lora_uri = Some(uri),
+                None => merge_lora = Some(p),
+            }
+        }
+        let (mut lora_dirs, mut lora_prefixes) = (Vec::new(), Vec::new());
+        for d in self.lora_dir.take().unwrap_or_default() {
+            match uri_arg("--lora-dir", &d)? {
+                Some(uri) if uri.sha256.is_some() => return bad(format!("--lora-dir {uri}: a prefix cannot be pinned with #sha256=")),
+                Some(uri) if uri.shape() != crate::sources::Shape::Folder && !matches!(uri.location, crate::sources::Location::Http { .. }) => {
+                    return bad(format!("--lora-dir {uri}: a prefix (a folder), not one adapter file"))
+                }
+                Some(uri) => lora_prefixes.push(uri),
+                None => lora_dirs.push(d),
+            }
+        }
+        let cache_bytes = self.lora_cache_bytes.unwrap_or(defaults::LORA_CACHE_BYTES);
+        let fetch_timeout = positive_seconds("--lora-fetch-timeout-secs", self.lora_fetch_timeout_secs.unwrap_or(defaults::LORA_FETCH_TIMEOUT_SECS))?;
+        let cache_dir = self.lora_cache_dir.take().unwrap_or_else(|| loramux_engine::registry::cache_dir().join("lora-cache"));
+        Ok(SourceFlags { merge_lora, merge_lora_uri, lora_dirs, lora_prefixes, cache_dir, cache_bytes, fetch_timeout })
     }
 
     /// `--max-loras`, `--max-lora-rank`, `--max-lora-bytes`.
@@ -358,15 +439,12 @@ impl ServeConfig {
 
     /// The last checks: the served model name (not empty, and no adapter's) and `--merge-lora`
     /// (not empty). Returns the served model name.
-    fn names(&mut self, model_spec: &str, lora_modules: &[(String, PathBuf)]) -> Result<String, ServerError> {
+    fn names(&mut self, model_spec: &str, lora_modules: &[&str]) -> Result<String, ServerError> {
         let served_model_name = self.served_model_name.take().unwrap_or_else(|| model_spec.to_string());
         if served_model_name.is_empty() {
             return bad("--served-model-name must not be empty".into());
         }
-        if self.merge_lora.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
-            return bad("--merge-lora needs an adapter directory".into());
-        }
-        if lora_modules.iter().any(|(n, _)| *n == served_model_name) {
+        if lora_modules.contains(&served_model_name.as_str()) {
             return bad(format!("adapter name '{served_model_name}' is the base model's name"));
         }
         Ok(served_model_name)

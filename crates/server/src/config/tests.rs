@@ -154,3 +154,33 @@ fn web_ui_is_on_unless_disabled() {
     assert!(parse(&["--disable-web-ui", "false"]).resolve("m").unwrap().web_ui);
     assert!(!ServeConfig::from_toml("disable-web-ui = true").unwrap().resolve("m").unwrap().web_ui);
 }
+
+#[test]
+fn adapter_uris_where_paths_go() {
+    let s = parse(&[
+        "--lora-modules", "a=/x/a", "r=s3://bucket/adapters/r",
+        "--lora-dir", "/l1", "--lora-dir", "s3://bucket/adapters/",
+        "--merge-lora", "hf://org/repo@v1",
+        "--lora-cache-dir", "/c", "--lora-cache-bytes", "1000", "--lora-fetch-timeout-secs", "5",
+        "--lora-sync", "/etc/sync.yaml",
+    ])
+    .resolve("m")
+    .unwrap();
+    assert_eq!(s.lora_modules, vec![module("a", "/x/a")]);
+    assert_eq!(s.remote_lora_modules.len(), 1);
+    assert_eq!(s.remote_lora_modules[0].1.to_string(), "s3://bucket/adapters/r");
+    assert_eq!(s.lora_dirs, vec![PathBuf::from("/l1")]);
+    assert_eq!(s.lora_prefixes.iter().map(|u| u.to_string()).collect::<Vec<_>>(), ["s3://bucket/adapters"]);
+    assert_eq!((s.merge_lora.clone(), s.merge_lora_uri.as_ref().map(|u| u.to_string())), (None, Some("hf://org/repo@v1".into())));
+    assert_eq!((s.lora_cache_dir.clone(), s.lora_cache_bytes, s.lora_fetch_timeout), (PathBuf::from("/c"), 1000, Duration::from_secs(5)));
+    assert_eq!(s.lora_sync, Some(PathBuf::from("/etc/sync.yaml")));
+    let d = parse(&[]).resolve("m").unwrap();
+    assert!(d.lora_cache_dir.ends_with("lora-cache") && d.lora_prefixes.is_empty() && d.lora_sync.is_none());
+    let refusal = |args: &[&str]| parse(args).resolve("m").unwrap_err().to_string();
+    assert!(refusal(&["--lora-modules", "r=s3://B/x"]).contains("--lora-modules"));
+    assert!(refusal(&["--lora-dir", "s3://bucket/a.gguf"]).contains("--lora-dir"));
+    assert!(refusal(&["--lora-dir", &format!("s3://bucket/p#sha256={}", "0".repeat(64))]).contains("pinned"));
+    assert!(refusal(&["--merge-lora", "https://h/folder"]).contains("--merge-lora"));
+    assert!(refusal(&["--lora-fetch-timeout-secs", "0"]).contains("--lora-fetch-timeout-secs"));
+    assert!(refusal(&["--lora-modules", "m=s3://bucket/k"]).contains("base model"));
+}

@@ -98,6 +98,11 @@ pub(super) async fn start(st: &Arc<AppState>, caller: &Caller, bytes: &[u8], api
         st.metrics.tenant_refusals.with_label_values(&[caller.label(), "adapter_not_allowed"]).inc();
         return Err(ApiError::model_not_found(&target.model));
     }
+    // An adapter nobody knows yet may be under a `--lora-dir` URI: fetched and loaded now
+    // (one fetch however many requests wait for it), off the batch loop.
+    if let Some(lora) = &target.lora {
+        st.sources.resolve_unknown(&st.sched, &lora.lora_name).await?;
+    }
     let deadline = st.request_timeout.map(|t| Instant::now() + t);
     let mut receivers = Vec::with_capacity(requests.len());
     let share = caller.tenant.as_ref().map(|t| FairShare { client: Arc::from(t.name.as_str()), weight: t.weight });

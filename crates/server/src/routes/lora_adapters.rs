@@ -1,7 +1,8 @@
 //! vLLM's runtime adapter endpoints, `POST /v1/load_lora_adapter` and
 //! `POST /v1/unload_lora_adapter`: admin key and `--enable-lora-updates` required. The path
-//! checks (adapter roots, names) are in [`crate::adapters`]; the read runs off the batch
-//! loop, the insert and the unload go through the scheduler actor.
+//! checks (adapter roots, names) are in [`crate::adapters`]; a `lora_path` that is a URI
+//! (`s3://`, `hf://`, `https://`) is fetched through [`crate::sources`]; the read runs off
+//! the batch loop, the insert and the unload go through the scheduler actor.
 
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use loramux_engine::routing::{parse_routing_value, read_routing_file};
 use crate::adapters::{check_adapter_name, resolve_adapter_path};
 use crate::error::ApiError;
 use crate::openai::Fields;
+use crate::sources::AdapterUri;
 use crate::scheduler::InsertOutcome;
 
 pub(super) async fn load_lora(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -61,7 +63,14 @@ async fn load_lora_inner(st: &Arc<AppState>, headers: &HeaderMap, body: Body) ->
     let routing = f.take("routing").filter(|v| !v.is_null());
     f.finish()?;
     check_adapter_name(&name)?;
-    let dir = resolve_adapter_path(&st.adapter_roots, &path)?;
+    // A URI is fetched (or found in the disk cache); a path must lie inside the adapter roots.
+    let dir = match AdapterUri::parse(&path).map_err(|e| ApiError::invalid_param("lora_path", e.to_string()))? {
+        Some(uri) => st.sources.fetch(&uri).await.map_err(|e| {
+            tracing::warn!(adapter = %name, "load_lora_adapter: {e}");
+            e.api_error("lora_path")
+        })?,
+        None => resolve_adapter_path(&st.adapter_roots, &path)?,
+    };
     // Routing data: the request's "routing" object, else a routing file beside the adapter;
     // checked (and its examples embedded) before anything changes.
     let spec = match &routing {
@@ -101,6 +110,7 @@ async fn load_lora_inner(st: &Arc<AppState>, headers: &HeaderMap, body: Body) ->
             st.sched.router.remove(&name);
         }
     }
+    st.sources.note_served(&st.sched, &name, &dir).await;
     tracing::info!(adapter = %name, path = %dir.display(), ms = format!("{:.1}", seconds * 1e3), ?outcome, "load_lora_adapter");
     Ok(success(match outcome {
         InsertOutcome::Resident => format!("Success: LoRA adapter '{name}' added successfully."),

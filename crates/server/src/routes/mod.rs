@@ -16,7 +16,7 @@
 //! | `responses.rs` | `POST /v1/responses` (OpenAI's Responses API, stateless), on the chat path |
 //! | `models.rs` | `GET /v1/models`, `GET /v1/models/{id}` |
 //! | `lora_adapters.rs` | `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter` |
-//! | `health.rs` | `GET /health`, `GET /ping`, `GET /version` |
+//! | `health.rs` | `GET /health`, `GET /ping`, `GET /ready`, `GET /version` |
 //! | `metrics.rs` | `GET /metrics` (Prometheus text) |
 //! | `route.rs` | `POST /v1/route`, and `model: "auto"` on chat and completions (semantic routing) |
 //! | `adapters.rs` | `POST /v1/adapters` (a tenant's upload), `GET /v1/adapters`, `DELETE /v1/adapters/{name}` |
@@ -78,6 +78,8 @@ pub struct AppState {
     pub routing: crate::config::RouterSettings,
     /// Serve the web page at `/` (not `--disable-web-ui`).
     pub web_ui: bool,
+    /// Remote adapter sources: fetches, the disk cache, `--lora-dir URI` lookups, readiness.
+    pub sources: Arc<crate::sources::Sources>,
 }
 
 /// The router over `state`: every endpoint, one line each.
@@ -86,6 +88,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let app = Router::new()
         .route("/health", get(health::health))
         .route("/ping", get(health::health))
+        .route("/ready", get(health::ready))
         .route("/version", get(health::version))
         .route("/metrics", get(metrics::metrics))
         .route("/v1/models", get(models::list_models))

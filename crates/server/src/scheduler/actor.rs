@@ -140,6 +140,11 @@ impl BatchLoop {
                 self.publish_adapters();
                 let _ = reply.send(r);
             }
+            Command::Pin { name, reply } => {
+                let r = self.engine.loras_mut().pin(&name).map_err(|e| ApiError::from_engine(&e));
+                self.publish_adapters();
+                let _ = reply.send(r);
+            }
             Command::Drain { deadline } => {
                 tracing::info!(
                     running = self.scheduler.num_running(),
@@ -168,7 +173,7 @@ impl BatchLoop {
             return Err(ApiError::invalid_param("lora_name", format!("'{name}' is the base model's name")));
         }
         let outcome = self.scheduler.load_adapter(&mut self.engine, model, seconds, replace).map_err(|e| match e {
-            EngineError::AdapterExists(_) => ApiError::invalid_param("lora_name", e.to_string()),
+            EngineError::AdapterExists(_) => ApiError::invalid_param("lora_name", e.to_string()).with_code("adapter_exists"),
             e => ApiError::from_engine(&e),
         })?;
         match outcome {

@@ -57,6 +57,7 @@ pub(crate) enum Command {
     Submit { job: Box<Job>, ticket: loramux_engine::AdmissionTicket, events: tmpsc::UnboundedSender<Event>, arrival: Instant },
     Insert { model: Box<LoraModel>, seconds: f64, replace: bool, reply: oneshot::Sender<Result<InsertOutcome, ApiError>> },
     Unload { name: String, reply: oneshot::Sender<Result<(), ApiError>> },
+    Pin { name: String, reply: oneshot::Sender<Result<(), ApiError>> },
     Drain { deadline: Instant },
 }
 
@@ -197,6 +198,14 @@ impl SchedulerHandle {
     pub async fn unload_adapter(&self, name: &str) -> Result<(), ApiError> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Unload { name: name.to_string(), reply })?;
+        rx.await.map_err(|_| loop_stopped())?
+    }
+
+    /// Makes a known adapter resident and never evicted (`--pin-lora` of a remote adapter,
+    /// once it is fetched).
+    pub async fn pin_adapter(&self, name: &str) -> Result<(), ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Pin { name: name.to_string(), reply })?;
         rx.await.map_err(|_| loop_stopped())?
     }
 

@@ -16,13 +16,13 @@
 //! NUL, its length (u64 little-endian) and its bytes.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+
+use crate::durable::{self, ContentHash};
 
 use super::multipart::AdapterFiles;
 
@@ -93,17 +93,12 @@ pub struct AdapterStore {
 
 /// Writes `data` to `path` and fsyncs it.
 fn write_synced(path: &Path, data: &[u8]) -> Result<(), StoreError> {
-    let mut f = File::create(path).map_err(io_err(path))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(io_err(path))
+    durable::write_synced(path, data).map_err(io_err(path))
 }
 
 /// Fsyncs a directory, so the renames and creations in it survive a crash.
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
-}
-
-fn random_suffix() -> String {
-    format!("{:016x}", rand::random::<u64>())
+    durable::sync_dir(dir).map_err(io_err(dir))
 }
 
 /// The files of an upload as they are stored, in name order.
@@ -214,20 +209,17 @@ impl AdapterStore {
         let (format, files) = blob_files(files, routing);
         let tmp = self.root.join("tmp");
         fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        let dir = tmp.join(random_suffix());
+        let dir = tmp.join(durable::random_suffix());
         fs::create_dir(&dir).map_err(io_err(&dir))?;
         let mut staged = Staged { dir, sha256: String::new(), format, bytes: 0 };
-        let mut hash = Sha256::new();
+        let mut hash = ContentHash::default();
         for (name, data) in files {
             write_synced(&staged.dir.join(name), data)?;
-            hash.update(name.as_bytes());
-            hash.update([0]);
-            hash.update((data.len() as u64).to_le_bytes());
-            hash.update(data);
+            hash.file(name, data);
             staged.bytes += data.len() as u64;
         }
         sync_dir(&staged.dir)?;
-        staged.sha256 = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        staged.sha256 = hash.finish();
         Ok(staged)
     }
 
@@ -249,7 +241,7 @@ impl AdapterStore {
         let dir = self.root.join("tenants").join(&entry.tenant);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         sync_dir(&self.root.join("tenants"))?;
-        let tmp = dir.join(format!(".{}.json.{}", entry.name, random_suffix()));
+        let tmp = dir.join(format!(".{}.json.{}", entry.name, durable::random_suffix()));
         let json = serde_json::to_vec_pretty(&entry).unwrap_or_default();
         write_synced(&tmp, &json)?;
         let path = dir.join(format!("{}.json", entry.name));
