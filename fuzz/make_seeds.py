@@ -296,6 +296,20 @@ def upload_seeds():
     put("upload_multipart", "path", part("lora_path", b"/etc") + b"--XyZ--\r\n")
 
 
+def uri_seeds():
+    """Adapter URIs (issue #23): each form, a pin, a local path."""
+    for name, uri in [
+        ("s3_folder", "s3://bucket/adapters/pirate"),
+        ("s3_pinned_gguf", "s3://my-bucket/a.gguf#sha256=" + "0123456789abcdef" * 4),
+        ("hub_revision", "hf://org/repo/sub@v1"),
+        ("hub", "hf://org/repo"),
+        ("https_tar", "https://example.com/x/a.tar.gz"),
+        ("http_zip", "http://127.0.0.1:9000/a.zip"),
+        ("path", "adapters/pirate"),
+    ]:
+        put("adapter_uri", name, uri.encode())
+
+
 def main():
     gguf_seeds()
     adapter_seeds()
@@ -303,6 +317,7 @@ def main():
     openai_seeds()
     tenants_seeds()
     upload_seeds()
+    uri_seeds()
     total = 0
     for dirpath, _, files in os.walk(CORPUS):
         total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
