@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,17 +34,7 @@ fn adapter_dir(name: &str) -> PathBuf {
 }
 
 /// A `loramux serve` process on the tiny model.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+type Server = common::ServeProcess;
 
 impl Server {
     /// Starts with `args` and `env`, its own `--lora-cache-dir` `cache`; waits for `/health`.
@@ -67,14 +57,7 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut server = Self { child: cmd.spawn().expect("loramux runs"), port };
-        let t = Instant::now();
-        while !matches!(server.get("/health"), (200, _)) {
-            assert!(server.child.try_wait().unwrap().is_none(), "the server exited during startup");
-            assert!(t.elapsed() < Duration::from_secs(60), "no /health within 60 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
+        Self::spawn_healthy(cmd, port)
     }
 
     fn get(&self, path: &str) -> (u16, String) {

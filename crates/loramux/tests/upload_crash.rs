@@ -8,25 +8,15 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 mod common;
 
 use common::{free_port, repo};
 
 /// `loramux serve` on the tiny model with adapter a, tenant `t` (key `k`), the given store.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+type Server = common::ServeProcess;
 
 impl Server {
     fn start(dir: &Path) -> Self {
@@ -35,8 +25,8 @@ impl Server {
         std::fs::write(&tenants, "[[tenants]]\nname = \"t\"\napi_keys = [\"k\"]\nadapters = [\"a\"]\n").unwrap();
         let port = free_port();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("serve.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_loramux"))
-            .args(["serve", "--model", tiny.to_str().unwrap(), "--served-model-name", "tiny"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loramux"));
+        cmd.args(["serve", "--model", tiny.to_str().unwrap(), "--served-model-name", "tiny"])
             .arg("--lora-modules")
             .arg(format!("a={}", tiny.join("adapters/a").display()))
             .arg("--tenants")
@@ -47,17 +37,8 @@ impl Server {
             .env("LORAMUX_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("loramux runs");
-        let mut server = Self { child, port };
-        let t = Instant::now();
-        while !matches!(http(port, "GET", "/health", "", &[]), Ok((200, _))) {
-            assert!(server.child.try_wait().unwrap().is_none(), "the server exited during startup");
-            assert!(t.elapsed() < Duration::from_secs(60), "no /health within 60 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
+            .stderr(log);
+        Self::spawn_healthy(cmd, port)
     }
 }
 

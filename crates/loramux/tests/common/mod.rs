@@ -7,7 +7,8 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -31,4 +32,31 @@ pub fn http(port: u16, method: &str, path: &str, headers: &str, body: &[u8], tim
     let text = String::from_utf8_lossy(&out).to_string();
     let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     Ok((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+/// A `loramux serve` process on `port`, killed when dropped.
+pub struct ServeProcess {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl ServeProcess {
+    /// Spawns `cmd` (a `loramux serve` listening on `port`) and waits up to 60 s for `/health`.
+    pub fn spawn_healthy(mut cmd: Command, port: u16) -> Self {
+        let mut server = Self { child: cmd.spawn().expect("loramux runs"), port };
+        let t = Instant::now();
+        while !matches!(http(port, "GET", "/health", "", &[], Duration::from_secs(60)), Ok((200, _))) {
+            assert!(server.child.try_wait().unwrap().is_none(), "the server exited during startup");
+            assert!(t.elapsed() < Duration::from_secs(60), "no /health within 60 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
