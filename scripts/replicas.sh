@@ -16,6 +16,16 @@
 #
 #   scripts/replicas.sh          (needs target/release/loramux: cargo build --release -p loramux)
 #
+# With `s3` (issue #23), a fleet sharing one S3 bucket instead: three replicas started with
+# `--lora-dir s3://BUCKET/PREFIX/` and a disk cache each; an adapter is uploaded to the bucket
+# once, after they started. Fails unless each replica serves it on its first request with the
+# same tokens as the same adapter loaded from local disk (one download each), and a replica
+# restarted serves it again from its disk cache without a download.
+#
+#   LORAMUX_TEST_S3_ENDPOINT=... LORAMUX_TEST_S3_KEY_ID=... LORAMUX_TEST_S3_SECRET=... \
+#   LORAMUX_TEST_S3_BUCKET=... LORAMUX_S3_PYTHON=python-with-boto3 scripts/replicas.sh s3
+#   (tests/sources/run.sh starts an S3 server, moto, and runs this)
+#
 # Bounded: servers listen on 127.0.0.1 only (port 0: the kernel picks free ports), each load
 # lasts LORAMUX_REPLICAS_SECONDS (default 4) seconds, the whole check is killed after 180 s, and
 # the servers are always stopped (trap).
@@ -47,6 +57,78 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# Starts `loramux serve` on the fixture model as replica $1 with the rest as its arguments
+# (logging to $WORK/$1.log); sets URL once it listens.
+URL=""
+start_replica() {
+  local name="$1" log="$WORK/$1.log"
+  shift
+  : > "$log"
+  LORAMUX_LOG=info "$BIN" serve --model "$MODEL" --served-model-name tiny --host 127.0.0.1 --port 0 "$@" > "$log" 2>&1 &
+  PIDS+=("$!")
+  URL=""
+  for _ in $(seq 200); do
+    URL="$(sed -n 's|.* at \(http://127\.0\.0\.1:[0-9]*\)/v1 .*|\1|p' "$log" | head -n 1 || true)"
+    [ -n "$URL" ] && return 0
+    kill -0 "${PIDS[-1]}" 2>/dev/null || { echo "replicas: $name exited:" >&2; cat "$log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "replicas: $name did not start within 20 s:" >&2
+  cat "$log" >&2
+  exit 1
+}
+
+if [ "${1:-}" = s3 ]; then
+  for v in LORAMUX_TEST_S3_ENDPOINT LORAMUX_TEST_S3_KEY_ID LORAMUX_TEST_S3_SECRET LORAMUX_TEST_S3_BUCKET; do
+    [ -n "${!v:-}" ] || { echo "replicas s3: $v is not set (tests/sources/run.sh starts an S3 server and sets it)" >&2; exit 2; }
+  done
+  PY="${LORAMUX_S3_PYTHON:-python3}"
+  "$PY" -c 'import boto3' 2>/dev/null || { echo "replicas s3: $PY has no boto3 (set LORAMUX_S3_PYTHON)" >&2; exit 2; }
+  export AWS_ENDPOINT_URL="$LORAMUX_TEST_S3_ENDPOINT" AWS_ACCESS_KEY_ID="$LORAMUX_TEST_S3_KEY_ID" \
+    AWS_SECRET_ACCESS_KEY="$LORAMUX_TEST_S3_SECRET" AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true
+  PREFIX="fleet-$$-$(date +%s)"
+  URLS=()
+  for i in 0 1 2; do
+    start_replica "r$i" --lora-dir "s3://$LORAMUX_TEST_S3_BUCKET/$PREFIX/" --lora-cache-dir "$WORK/cache-r$i" --lora-modules "local=$ADAPTERS/b"
+    URLS+=("$URL")
+    echo "replicas s3: r$i at $URL: --lora-dir s3://$LORAMUX_TEST_S3_BUCKET/$PREFIX/, its own disk cache"
+  done
+  # Uploaded once, after the replicas started: nothing is copied to or called on any replica.
+  "$PY" - "$ADAPTERS/b" "$LORAMUX_TEST_S3_BUCKET" "$PREFIX/trained" <<'PY'
+import os, sys, boto3
+folder, bucket, key = sys.argv[1:]
+s3 = boto3.client("s3")
+for f in ("adapter_config.json", "adapter_model.safetensors"):
+    s3.upload_file(os.path.join(folder, f), bucket, f"{key}/{f}")
+print(f"replicas s3: uploaded {folder} once as s3://{bucket}/{key}/")
+PY
+  # Each replica: `trained` on its first request, one download, the tokens of the local copy.
+  check() {
+    python3 - "$1" "$2" <<'PY'
+import json, re, sys, urllib.request
+url, downloads = sys.argv[1], float(sys.argv[2])
+def text(model):
+    body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"content-type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=120))["choices"][0]["text"]
+remote, local = text("trained"), text("local")
+metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+fetched = sum(float(l.rsplit(" ", 1)[1]) for l in metrics.splitlines() if l.startswith("loramux_lora_fetches_total{") and 'outcome="ok"' in l)
+if remote != local or fetched != downloads:
+    sys.exit(f"replicas s3: FAIL at {url}: remote {remote!r} vs local {local!r}; {fetched:g} downloads, expected {downloads:g}")
+print(f"replicas s3: {url}: served `trained` on its first request, {fetched:g} download(s), same tokens as the local copy: {remote!r}")
+PY
+  }
+  for url in "${URLS[@]}"; do check "$url" 1; done
+  # r1 restarted on its disk cache: served again without a download.
+  kill -TERM "${PIDS[1]}"
+  wait "${PIDS[1]}" 2>/dev/null || true
+  start_replica r1-restarted --lora-dir "s3://$LORAMUX_TEST_S3_BUCKET/$PREFIX/" --lora-cache-dir "$WORK/cache-r1" --lora-modules "local=$ADAPTERS/b"
+  check "$URL" 0
+  echo "replicas s3: OK: 3 replicas served an adapter stored once in S3; a restarted one from its disk cache"
+  exit 0
+fi
+
 # name | --max-loras | adapters (fixture adapters a, b, c, d; b is on two replicas)
 REPLICAS=(
   "r0|2|a b"
@@ -61,19 +143,8 @@ for entry in "${REPLICAS[@]}"; do
   IFS='|' read -r name max_loras adapters <<< "$entry"
   modules=()
   for a in $adapters; do modules+=("$a=$ADAPTERS/$a"); done
-  log="$WORK/$name.log"
-  : > "$log"
-  LORAMUX_LOG=info "$BIN" serve --model "$MODEL" --served-model-name tiny --host 127.0.0.1 --port 0 \
-    --max-num-seqs 1 --max-loras "$max_loras" --lora-modules "${modules[@]}" > "$log" 2>&1 &
-  PIDS+=("$!")
-  url=""
-  for _ in $(seq 200); do
-    url="$(sed -n 's|.* at \(http://127\.0\.0\.1:[0-9]*\)/v1 .*|\1|p' "$log" | head -n 1 || true)"
-    [ -n "$url" ] && break
-    kill -0 "${PIDS[-1]}" 2>/dev/null || { echo "replicas: $name exited:" >&2; cat "$log" >&2; exit 1; }
-    sleep 0.1
-  done
-  [ -n "$url" ] || { echo "replicas: $name did not start within 20 s:" >&2; cat "$log" >&2; exit 1; }
+  start_replica "$name" --max-num-seqs 1 --max-loras "$max_loras" --lora-modules "${modules[@]}"
+  url="$URL"
   echo "replicas: $name at $url: adapters [$adapters], --max-loras $max_loras, --max-num-seqs 1"
   # shellcheck disable=SC2086  # word splitting wanted: one quoted name per adapter
   list="$(printf '"%s",' $adapters)"

@@ -34,7 +34,8 @@ else
 fi
 # Remote adapter sources (issue #23): a loopback S3 server (moto, PyPI, in a venv under the
 # cache) with credentials enforced, then crates/loramux/tests/sources.rs against it (errors,
-# single flight, the disk cache across a restart, a fleet of three replicas sharing one bucket).
+# single flight, the disk cache across a restart, AWS profile files) and scripts/replicas.sh s3
+# (a fleet of three replicas sharing one bucket).
 if command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null; then
   tests/sources/run.sh
 else

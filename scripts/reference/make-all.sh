@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate every golden fixture and the example adapters, in order:
 #   1. reference venv (outside the repo), 2. real models into the cache,
-#   3. tiny random-model fixtures, 4. SentencePiece GGUF tokenizer fixture,
+#   3. tiny random-model fixtures (and their embedding reference), 4. SentencePiece GGUF tokenizer fixture,
 #   5. example adapters (trained), 6. GGUF LoRA adapters (llama.cpp's converter),
 #   7. real-model fixtures, 7b. all-MiniLM-L6-v2 router embeddings, 8. task adapters with exact answers + rank sweep (trained, ~40 min).
 # Environment: LORAMUX_CACHE (default ~/.cache/loramux). Steps can be skipped with
@@ -23,6 +23,10 @@ fi
 if [ "${SKIP_SPM:-0}" != 1 ]; then
   echo "== SentencePiece GGUF fixture" >&2
   "$PY" "$HERE/make_spm_fixture.py" --out "$REPO/fixtures/tiny/spm"
+fi
+if [ "${SKIP_TINY:-0}" != 1 ]; then
+  echo "== embedding requests (pooled last-layer states, base and adapters)" >&2
+  "$PY" "$HERE/make_embedding_fixture.py"
 fi
 if [ "${SKIP_SAMPLER:-0}" != 1 ]; then
   echo "== logits controls (transformers' logits processors)" >&2

@@ -228,9 +228,13 @@ def test_embeddings(client):
     assert r.usage.prompt_tokens > 0
     floats = client.embeddings.create(model="tiny", input="The quick brown fox", encoding_format="float")
     assert all(abs(x - y) < 1e-6 for x, y in zip(floats.data[0].embedding, r.data[0].embedding))
-    with pytest.raises(openai.BadRequestError) as e:
-        client.embeddings.create(model="a", input="x")
-    assert e.value.body["param"] == "model"
+    # An adapter's vectors: batched through the engine with its LoRA, not the base's.
+    adapter = client.embeddings.create(model="a", input=["The quick brown fox", "a lazy dog"])
+    assert adapter.model == "a" and len(adapter.data) == 2
+    assert abs(sum(x * x for x in adapter.data[0].embedding) - 1.0) < 1e-4
+    assert max(abs(x - y) for x, y in zip(adapter.data[0].embedding, floats.data[0].embedding)) > 1e-3
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="nope", input="x")
 
 
 SMOLLM2 = os.environ.get("LORAMUX_SMOLLM2_URL")

@@ -2,8 +2,9 @@
 # Remote adapter sources (issue #23) for real: starts an S3-compatible server (moto, from PyPI,
 # in its own venv under the cache) on a free loopback port with credentials enforced, then runs
 # crates/loramux/tests/sources.rs against it (S3 with right and wrong credentials, a missing key,
-# a checksum mismatch, single flight, a restart served from the disk cache, a fleet of three
-# replicas sharing the bucket) along with its hub/https tests against a local HTTP server.
+# a checksum mismatch, single flight, a restart served from the disk cache, credentials from the
+# AWS profile files) along with its hub/https tests against a local HTTP server; then
+# `scripts/replicas.sh s3`: a fleet of three replicas sharing the bucket.
 #
 #   tests/sources/run.sh            (what scripts/test.sh runs)
 #
@@ -44,3 +45,5 @@ echo "sources: S3 (moto) at $ENDPOINT, credentials enforced"
 
 export LORAMUX_TEST_S3_ENDPOINT="$ENDPOINT" LORAMUX_TEST_S3_KEY_ID="$KEY_ID" LORAMUX_TEST_S3_SECRET="$SECRET" LORAMUX_TEST_S3_BUCKET=loramux-test
 timeout 300 cargo test --release --locked -p loramux --test sources -- --test-threads 2
+# The test build above also built target/release/loramux, which the fleet check runs.
+LORAMUX_S3_PYTHON="$VENV/bin/python" scripts/replicas.sh s3

@@ -22,6 +22,7 @@ use crate::lora::manager::LoraLimits;
 use crate::lora::{LoraBatch, LoraManager, LoraModel, ModuleShapes};
 use crate::model_files::{gguf_config, read_chat_template, read_eos_ids};
 use crate::models::{LogitsFor, Transformer};
+use crate::pooling::PoolState;
 use crate::prefix_cache::{PrefixCache, PrefixCacheStats};
 use crate::registry::ModelLocation;
 use crate::sampling::{token_logprobs, SampledToken, Sampler};
@@ -166,9 +167,10 @@ impl Engine {
     /// Copies the cached blocks a sequence's prompt starts with (on its weights) into its
     /// empty cache: a new sequence, or one preempted and resumed. Returns the tokens reused.
     /// A sequence that asked for its prompt's log-probabilities reuses nothing: they are
-    /// computed from the logits of every prompt position.
+    /// computed from the logits of every prompt position; nor does an embedding request,
+    /// whose vector needs every position's last-layer state.
     pub fn reuse_cached_prefix(&mut self, seq: &mut Sequence) -> usize {
-        if seq.params().prompt_logprobs.is_some() {
+        if seq.params().prompt_logprobs.is_some() || seq.pooled.is_some() {
             return 0;
         }
         self.prefix_cache.fill(seq.prefix_root, &seq.prompt_ids, &mut seq.cache)
@@ -190,7 +192,7 @@ impl Engine {
     /// an adapter merged for now still pins it, to run unmerged when it is unfolded.
     pub fn start_sequence(&mut self, request: ProcessedRequest) -> Result<Sequence> {
         let max_tokens = request.max_tokens();
-        let (lora, prompt_ids, params) = request.into_parts();
+        let (lora, prompt_ids, params, pooling) = request.into_parts();
         let slot = match &lora {
             Some(l) if self.permanent_merge.as_deref() == Some(l.lora_name.as_str()) => None,
             Some(l) => Some(self.loras.acquire(&l.lora_name)?),
@@ -202,6 +204,7 @@ impl Engine {
             PrefixCache::root(lora.as_ref().map(|l| (l.lora_name.as_str(), self.loras.generation(&l.lora_name))));
         let detokenizer = Detokenizer::new(&params.stop);
         let sampler = Sampler::for_sequence(params, &prompt_ids, &self.eos_ids);
+        let pooled = pooling.map(|p| PoolState::new(p, prompt_ids.len(), self.model.config().hidden_size));
         let mut seq = Sequence {
             id: self.next_id,
             lora,
@@ -216,6 +219,7 @@ impl Engine {
             finish: None,
             max_len,
             prefix_root,
+            pooled,
         };
         self.reuse_cached_prefix(&mut seq);
         Ok(seq)
@@ -266,23 +270,43 @@ impl Engine {
             s.cache.reserve(span.pos + span.len);
         }
         // Logits of the last row of each span, and of every row of a sequence that asked
-        // for its prompt's log-probabilities (`first_row[k]`: where span k's rows start).
+        // for its prompt's log-probabilities (`first_row[k]`: where span k's rows start);
+        // none for an embedding request, which samples nothing but wants the last layer's
+        // state of the rows its pooling counts (`hidden_rows`, in span order).
         let mut wanted: Vec<u32> = Vec::with_capacity(spans.len());
         let mut first_row = Vec::with_capacity(spans.len());
+        let mut hidden_rows: Vec<u32> = Vec::new();
         for (s, span) in ordered.iter().zip(&spans) {
             first_row.push(wanted.len());
+            if let Some(pooled) = &s.pooled {
+                hidden_rows.extend((0..span.len).filter(|&r| pooled.wants(span.pos + r)).map(|r| (span.start + r) as u32));
+                continue;
+            }
             let from = if s.params().prompt_logprobs.is_some() { span.start } else { span.start + span.len - 1 };
             wanted.extend((from..span.start + span.len).map(|r| r as u32));
         }
-        let logits = {
+        let (logits, hidden) = {
             let mut caches: Vec<&mut KvCache> = ordered.iter_mut().map(|s| &mut s.cache).collect();
-            self.model.forward(&tokens, &spans, &mut caches, &lora, LogitsFor::Rows(&wanted))?
+            self.model.forward_with_hidden(&tokens, &spans, &mut caches, &lora, LogitsFor::Rows(&wanted), &hidden_rows)?
         };
         let vocab = logits.dim(1)?;
         let logits = logits.flatten_all()?.to_vec1::<f32>()?;
         let row = |i: usize| &logits[i * vocab..(i + 1) * vocab];
+        let hidden_size = self.model.config().hidden_size;
+        let hidden = match hidden {
+            Some(h) => h.flatten_all()?.to_vec1::<f32>()?,
+            None => Vec::new(),
+        };
+        let mut hidden_states = hidden.chunks_exact(hidden_size.max(1));
         for ((seq, span), &first) in ordered.into_iter().zip(&spans).zip(&first_row) {
             let prompt_len = seq.prompt_ids.len();
+            if let Some(pooled) = &mut seq.pooled {
+                for pos in span.pos..span.pos + span.len {
+                    if pooled.wants(pos) {
+                        pooled.add(pos, hidden_states.next().expect("one state per wanted row"));
+                    }
+                }
+            }
             if span.pos < prompt_len && span.pos + span.len >= prompt_len {
                 self.prefix_cache.insert(seq.prefix_root, &seq.prompt_ids, &seq.cache);
             }

@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{EngineError, InputField, Result};
 use crate::lora::LoraRequest;
+use crate::pooling::Pooling;
 use crate::sampling::SamplingParams;
 use crate::structured::{Grammar, GrammarCompiler, ResponseFormat};
 use crate::tokenizer::Tokenizer;
@@ -42,6 +43,8 @@ pub struct ProcessedRequest {
     prompt_ids: Vec<u32>,
     params: SamplingParams,
     share: Option<FairShare>,
+    /// Set for an embedding request: prefill only, its pooled last-layer state is the answer.
+    pooling: Option<Pooling>,
 }
 
 /// Whose request it is, for the scheduler's fair share between clients (tenants): the
@@ -85,8 +88,13 @@ impl ProcessedRequest {
         self.params.max_tokens.expect("resolved by the input processor")
     }
 
-    pub(crate) fn into_parts(self) -> (Option<LoraRequest>, Vec<u32>, SamplingParams) {
-        (self.lora, self.prompt_ids, self.params)
+    /// How an embedding request pools its states (`None` for generation).
+    pub fn pooling(&self) -> Option<Pooling> {
+        self.pooling
+    }
+
+    pub(crate) fn into_parts(self) -> (Option<LoraRequest>, Vec<u32>, SamplingParams, Option<Pooling>) {
+        (self.lora, self.prompt_ids, self.params, self.pooling)
     }
 }
 
@@ -202,7 +210,27 @@ impl InputProcessor {
         params.validate()?;
         self.check_controls(&mut params)?;
         params.grammar = self.grammar(&params.response_format)?;
-        Ok(ProcessedRequest { lora, prompt_ids, params, share: None })
+        Ok(ProcessedRequest { lora, prompt_ids, params, share: None, pooling: None })
+    }
+
+    /// An embedding request (`/v1/embeddings`): `prompt_ids` prefilled through the batch like
+    /// any prompt, with `lora`'s adapter, generating nothing; it finishes with its `pooling`
+    /// of the last decoder layer's states ([`crate::Completion::embedding`]). The prompt may
+    /// fill the whole context (no token is left to generate).
+    pub fn process_embedding(&self, lora: Option<LoraRequest>, prompt_ids: Vec<u32>, pooling: Pooling) -> Result<ProcessedRequest> {
+        let invalid = |message: String, context_length_exceeded| EngineError::InvalidInput { field: InputField::Prompt, message, context_length_exceeded };
+        let (n, max_len) = (prompt_ids.len(), self.max_model_len);
+        if n == 0 {
+            return Err(invalid("the input is empty".into(), false));
+        }
+        if n > max_len {
+            return Err(invalid(format!("the input has {n} tokens; this model's context is {max_len}"), true));
+        }
+        if let Some(bad) = prompt_ids.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(invalid(format!("token id {bad} is outside the vocabulary (size {})", self.vocab_size), false));
+        }
+        let params = SamplingParams { max_tokens: Some(0), ..SamplingParams::default() };
+        Ok(ProcessedRequest { lora, prompt_ids, params, share: None, pooling: Some(pooling) })
     }
 
     /// The compiled grammar of a format (`None` for text); one that cannot compile is an

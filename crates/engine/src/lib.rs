@@ -13,6 +13,7 @@ pub mod lora;
 pub mod model_files;
 pub mod models;
 pub mod permute;
+pub mod pooling;
 pub mod prefix_cache;
 pub mod registry;
 pub mod routing;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::detokenizer::Detokenizer;
 use crate::kv::KvCache;
 use crate::lora::{LoraRequest, LoraSlot};
+use crate::pooling::PoolState;
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
 
 /// Why a sequence stopped.
@@ -52,6 +53,8 @@ pub struct Sequence {
     pub(crate) max_len: usize,
     /// Root of the prefix-cache chains of the weights it runs on.
     pub(crate) prefix_root: u64,
+    /// An embedding request's vector so far (it generates nothing).
+    pub(crate) pooled: Option<PoolState>,
 }
 
 impl Sequence {
@@ -136,6 +139,7 @@ impl Sequence {
             logprobs: self.logprobs,
             prompt_logprobs: self.sampler.params().prompt_logprobs.map(|_| self.prompt_logprobs),
             prompt_token_ids: self.prompt_ids,
+            embedding: self.pooled.map(PoolState::into_vector),
         }
     }
 }
@@ -164,4 +168,7 @@ pub struct Completion {
     /// The prompt's tokens (what `echo` and prompt logprobs are reported against).
     #[serde(skip)]
     pub prompt_token_ids: Vec<u32>,
+    /// An embedding request's pooled vector (not normalised).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<Vec<f32>>,
 }

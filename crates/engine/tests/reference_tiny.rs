@@ -265,3 +265,72 @@ fn prompt_logprobs_match_transformers() {
         }
     }
 }
+
+#[derive(Deserialize)]
+struct EmbeddingCase {
+    adapter: Option<String>,
+    prompt_ids: Vec<u32>,
+    embedding: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct EmbeddingFixture {
+    cases: Vec<EmbeddingCase>,
+}
+
+/// Embedding requests (prefill only, pooled last-layer states: `/v1/embeddings`) against
+/// transformers + peft (fixtures/tiny/llama/embeddings.json, by
+/// scripts/reference/make_embedding_fixture.py): the base and every adapter, all in one
+/// scheduler run, prefilled in chunks of 4 tokens, beside a generating request on another
+/// adapter; and a prompt cached by a generation is pooled whole (no prefix reuse).
+#[test]
+fn embedding_requests_match_peft() {
+    use loramux_engine::pooling::Pooling;
+    use loramux_engine::{Scheduler, SchedulerConfig};
+    let dir = fixture_dir("llama");
+    let options = EngineOptions {
+        lora: LoraLimits { max_loras: 8, max_rank: 16, ..LoraLimits::default() },
+        prefix_cache_bytes: 1 << 20,
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::load(&ModelLocation::HfDir(dir.clone()), &options).unwrap();
+    for a in ADAPTERS {
+        engine.loras_mut().load(a, &dir.join("adapters").join(a)).unwrap();
+    }
+    let fixture: EmbeddingFixture =
+        serde_json::from_str(&std::fs::read_to_string(fixture_dir("llama").join("embeddings.json")).unwrap()).unwrap();
+    let mut processed: Vec<_> = fixture
+        .cases
+        .iter()
+        .map(|c| engine.input().process_embedding(c.adapter.as_deref().map(LoraRequest::new), c.prompt_ids.clone(), Pooling::MeanSkipFirst).unwrap())
+        .collect();
+    let generating = Request { lora: Some(LoraRequest::new("c")), prompt: Prompt::Tokens(fixture.cases[2].prompt_ids.clone()), params: SamplingParams::greedy(5) };
+    processed.push(engine.input().process(generating).unwrap());
+    let cfg = SchedulerConfig { max_num_batched_tokens: 4, ..SchedulerConfig::for_batch(processed.len()) };
+    let done = Scheduler::new(cfg, &engine).unwrap().run_to_completion(&mut engine, processed).unwrap();
+    for (c, got) in fixture.cases.iter().zip(&done) {
+        let what = format!("adapter {:?}, {} tokens", c.adapter, c.prompt_ids.len());
+        assert!(got.token_ids.is_empty(), "{what}: an embedding request generates nothing");
+        let v = got.embedding.as_ref().expect("an embedding request finishes with its vector");
+        assert_eq!(v.len(), c.embedding.len(), "{what}");
+        let worst = v.iter().zip(&c.embedding).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{what}: off by {worst}");
+    }
+    assert_eq!(done.last().unwrap().token_ids.len(), 5, "the generating request ran in the same passes");
+    assert!(done.last().unwrap().embedding.is_none());
+
+    // A prompt whose KV a generation left in the prefix cache: an embedding request of it
+    // still computes (and pools) every position, so its vector is the one from before.
+    let long: Vec<u32> = fixture.cases.iter().flat_map(|c| c.prompt_ids.clone()).cycle().take(80).collect();
+    let embed = |engine: &mut Engine| {
+        let r = engine.input().process_embedding(None, long.clone(), Pooling::MeanSkipFirst).unwrap();
+        let done = Scheduler::new(SchedulerConfig::for_batch(1), engine).unwrap().run_to_completion(engine, vec![r]).unwrap();
+        done[0].embedding.clone().unwrap()
+    };
+    let before = embed(&mut engine);
+    let generation = engine.input().process(Request { lora: None, prompt: Prompt::Tokens(long.clone()), params: SamplingParams::greedy(1) }).unwrap();
+    Scheduler::new(SchedulerConfig::for_batch(1), &engine).unwrap().run_to_completion(&mut engine, vec![generation]).unwrap();
+    assert!(engine.prefix_cache_stats().blocks > 0, "the prompt's KV is cached");
+    let after = embed(&mut engine);
+    assert!(before.iter().zip(&after).all(|(x, y)| (x - y).abs() <= 1e-5 * y.abs().max(1.0)), "no prefix reuse for pooling");
+}

@@ -5,8 +5,9 @@
 //!   sets `LORAMUX_TEST_S3_*`; without them these tests print why and pass vacuously):
 //!   credentials, a wrong credential (403 naming S3), a missing key (404 as an unknown adapter),
 //!   a checksum mismatch (refused, nothing cached), single flight (16 concurrent first requests,
-//!   one download), a restart served from the disk cache without a download, and a fleet of 3
-//!   replicas sharing one bucket;
+//!   one download), a restart served from the disk cache without a download, and credentials
+//!   from the AWS profile files (an unknown profile: a 500 naming it); the fleet of 3 replicas
+//!   sharing one bucket is `scripts/replicas.sh s3`, which the same script runs;
 //! - against a local HTTP server in this test (no hub is reachable here): the hub's
 //!   file-resolution layout with a token, https-style `.tar.gz`/`.zip`/`.gguf` files, a store
 //!   that dies mid-download, a fetch SIGKILLed mid-way, `/ready` while a startup adapter is
@@ -51,7 +52,22 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        for k in ["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ALLOW_HTTP", "HF_ENDPOINT", "HF_TOKEN"] {
+        for k in [
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_ALLOW_HTTP",
+            "AWS_PROFILE",
+            "AWS_DEFAULT_PROFILE",
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_CONFIG_FILE",
+            "HF_ENDPOINT",
+            "HF_TOKEN",
+        ] {
             cmd.env_remove(k);
         }
         for (k, v) in env {
@@ -504,6 +520,31 @@ fn s3_sources_credentials_errors_single_flight_and_cache() {
     assert_eq!(st, 403, "{body}");
     assert!(body.contains("S3 refused access"), "{body}");
     assert_eq!(cache_contents(&tmp.path().join("cache-wrong")), (0, 0, 0));
+    drop(wrong);
+
+    // No AWS_* keys in the environment: the profile AWS_PROFILE names, from the shared
+    // credentials file (keys) and config file (region, endpoint), as `aws configure` writes them.
+    let credentials = tmp.path().join("credentials");
+    let config = tmp.path().join("config");
+    std::fs::write(&credentials, format!("[default]\naws_access_key_id = nobody\naws_secret_access_key = wrong\n\n[loramux-test]\naws_access_key_id = {}\naws_secret_access_key = {}\n", s3.key_id, s3.secret)).unwrap();
+    std::fs::write(&config, format!("[profile loramux-test]\nregion = us-east-1\nendpoint_url = {}\n", s3.endpoint)).unwrap();
+    let files = |profile: &str| {
+        vec![
+            ("AWS_SHARED_CREDENTIALS_FILE", credentials.display().to_string()),
+            ("AWS_CONFIG_FILE", config.display().to_string()),
+            ("AWS_PROFILE", profile.to_string()),
+        ]
+    };
+    let from_files = Server::start(&args, &files("loramux-test"), &tmp.path().join("cache-files"), &tmp.path().join("files.log"));
+    assert_eq!(from_files.complete("a1"), (200, reference["a"].clone()));
+    assert_eq!(from_files.fetches(), 1.0);
+    drop(from_files);
+    // A profile in neither file: a 500 naming it (the operator's setting), nothing cached.
+    let unknown = Server::start(&args, &files("nobody"), &tmp.path().join("cache-unknown"), &tmp.path().join("unknown.log"));
+    let (st, body) = unknown.complete("a1");
+    assert_eq!(st, 500, "{body}");
+    assert!(body.contains("AWS profile `nobody`"), "{body}");
+    assert_eq!(cache_contents(&tmp.path().join("cache-unknown")), (0, 0, 0));
 }
 
 #[test]
@@ -528,25 +569,4 @@ fn s3_store_dying_mid_download_leaves_nothing() {
     assert!(body.contains("S3"), "{body}");
     assert_eq!(cache_contents(&cache), (0, 0, 0), "no half adapter in the cache");
     assert!(fake.requests.load(Ordering::SeqCst) >= 1);
-}
-
-#[test]
-fn fleet_of_three_replicas_sharing_one_bucket() {
-    let Some(s3) = S3::from_env("fleet_of_three_replicas_sharing_one_bucket") else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    let reference = reference_texts(tmp.path());
-    let prefix = run_prefix("fleet");
-    let args = ["--lora-dir".to_string(), format!("s3://{}/{prefix}/", s3.bucket)];
-    let start = |i: usize| Server::start(&args, &s3.env(&s3.secret), &tmp.path().join(format!("cache{i}")), &tmp.path().join(format!("r{i}.log")));
-    let mut replicas: Vec<Server> = (0..3).map(start).collect();
-    // Uploaded once, after the replicas started: each serves it on its first request.
-    s3.put_adapter(&format!("{prefix}/trained"), "b");
-    for r in &replicas {
-        assert_eq!(r.complete("trained"), (200, reference["b"].clone()));
-        assert_eq!(r.fetches(), 1.0);
-    }
-    // A replica restarted serves it from its disk cache, without a fetch.
-    replicas[1] = start(1);
-    assert_eq!(replicas[1].complete("trained"), (200, reference["b"].clone()));
-    assert_eq!(replicas[1].fetches(), 0.0);
 }

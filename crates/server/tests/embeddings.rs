@@ -1,7 +1,9 @@
 //! `/v1/embeddings` over HTTP on the tiny fixture model: OpenAI's shape for a string, a list
 //! of strings, token ids and lists of them; unit-length vectors of the hidden size; base64
 //! the same floats; the same text as string or as its ids the same vector; usage counted;
-//! adapters and bad inputs refused with 400s naming the field.
+//! an adapter's vectors (batched through the engine with its LoRA) equal the reference's and
+//! differ from the base's; an unknown adapter a 404; bad inputs refused with 400s naming the
+//! field.
 
 mod common;
 
@@ -11,6 +13,11 @@ use serde_json::{json, Value};
 
 fn floats(v: &Value) -> Vec<f32> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn normalized(v: &[f32]) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter().map(|x| x / norm).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,8 +54,25 @@ async fn embeddings_answer_in_openai_shape() {
     let decoded: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     assert_eq!(decoded, a);
 
+    // An adapter: its vectors, unit length, against transformers + peft's (the fixture of the
+    // engine's reference test), with several inputs in one request, and not the base's.
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(fixture("llama").join("embeddings.json")).unwrap()).unwrap();
+    let cases: Vec<&Value> = fixture["cases"].as_array().unwrap().iter().filter(|c| c["adapter"] == "a").collect();
+    let inputs: Vec<Value> = cases.iter().map(|c| c["prompt_ids"].clone()).collect();
+    let (status, v) = srv.post("/v1/embeddings", &json!({"model": "a", "input": inputs})).await;
+    assert_eq!((status, v["model"].as_str()), (200, Some("a")), "{v}");
+    for (c, d) in cases.iter().zip(v["data"].as_array().unwrap()) {
+        let want = normalized(&floats(&c["embedding"]));
+        let got = floats(&d["embedding"]);
+        assert!(got.iter().zip(&want).all(|(x, y)| (x - y).abs() < 1e-4), "adapter a: {got:?} vs {want:?}");
+    }
+    let (_, base) = srv.post("/v1/embeddings", &json!({"model": "tiny", "input": inputs})).await;
+    assert_ne!(base["data"][2]["embedding"], v["data"][2]["embedding"], "the adapter changes the vector");
+    // An adapter nobody has: the 404 of any unknown model.
+    let (status, v) = srv.post("/v1/embeddings", &json!({"model": "nope", "input": "x"})).await;
+    assert_error(status, &v, 404, "unknown adapter");
+
     for (body, param) in [
-        (json!({"model": "a", "input": "x"}), "model"),
         (json!({"input": ""}), "input[0]"),
         (json!({"input": []}), "input"),
         (json!({"input": 5}), "input"),

@@ -337,12 +337,28 @@ impl Transformer {
         lora: &LoraBatch<'_>,
         logits_for: LogitsFor<'_>,
     ) -> Result<Tensor> {
+        Ok(self.forward_with_hidden(tokens, spans, caches, lora, logits_for, &[])?.0)
+    }
+
+    /// [`Transformer::forward`], and also the last decoder layer's output (the residual
+    /// stream before the final norm) at `hidden_rows`, `[hidden_rows.len(), hidden]` (`None`
+    /// when no row is asked for): what an embedding request pools. With no logits row asked
+    /// for, the final norm and LM head are skipped (logits `[0, vocab]`).
+    pub fn forward_with_hidden(
+        &self,
+        tokens: &[u32],
+        spans: &[SeqSpan],
+        caches: &mut [&mut KvCache],
+        lora: &LoraBatch<'_>,
+        logits_for: LogitsFor<'_>,
+        hidden_rows: &[u32],
+    ) -> Result<(Tensor, Option<Tensor>)> {
         // A parallel kernel started from outside rayon's pool blocks its caller on a latch
         // until a worker has run it: a sleep and a wake-up per operation, hundreds a step.
         // Run the whole pass on a pool thread instead, where kernels fork and join by work
         // stealing.
         if rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.forward(tokens, spans, caches, lora, logits_for));
+            return rayon::scope(|_| self.forward_with_hidden(tokens, spans, caches, lora, logits_for, hidden_rows));
         }
         if spans.len() != caches.len() {
             return Err(EngineError::InvalidRequest("one cache per span".into()));
@@ -386,8 +402,13 @@ impl Transformer {
         for (c, s) in ctx.caches.iter_mut().zip(spans) {
             c.commit(s.len);
         }
+        let hidden = match hidden_rows {
+            [] => None,
+            rows => Some(x.index_select(&Tensor::from_slice(rows, rows.len(), &self.device)?, 0)?.to_dtype(DType::F32)?),
+        };
         let x = match logits_for {
             LogitsFor::AllRows => x,
+            LogitsFor::Rows([]) => return Ok((Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?, hidden)),
             LogitsFor::Rows(rows) => x.index_select(&Tensor::from_slice(rows, rows.len(), &self.device)?, 0)?,
             LogitsFor::LastOfEachSpan => {
                 let last: Vec<u32> = spans.iter().map(|s| (s.start + s.len - 1) as u32).collect();
@@ -396,7 +417,7 @@ impl Transformer {
         };
         let x = self.norm.forward(&x.contiguous()?)?;
         let logits = self.lm_head.forward(&x)?;
-        Ok(logits.to_dtype(DType::F32)?)
+        Ok((logits.to_dtype(DType::F32)?, hidden))
     }
 
     /// A second handle on the same weights (shared, not copied: every weight is reference

@@ -7,12 +7,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
-
 use crate::chat::ChatMessage;
 use crate::error::{EngineError, Result};
 use crate::input::{InputProcessor, Prompt};
 use crate::models::Transformer;
+pub use crate::pooling::{pool, Pooling};
 
 /// A model that maps a prompt to one vector.
 pub trait Embedder: Send + Sync {
@@ -24,30 +23,6 @@ pub trait Embedder: Send + Sync {
     fn example_prompt(&self, text: &str) -> Prompt;
     /// The vector of tokenized input (not normalised: the router compares by cosine).
     fn embed(&self, ids: &[u32]) -> Result<Vec<f32>>;
-}
-
-/// How a layer's `[tokens, hidden]` states become one vector.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pooling {
-    Mean,
-    /// The mean without the first token, whose state (the attention sink's massive
-    /// activations) dominates every plain mean alike.
-    MeanSkipFirst,
-    LastToken,
-}
-
-/// Pools `[tokens, hidden]` into one vector.
-pub fn pool(hidden: &Tensor, pooling: Pooling) -> Result<Vec<f32>> {
-    let hidden = hidden.to_dtype(DType::F32)?;
-    let v = match pooling {
-        Pooling::Mean => hidden.mean(0)?,
-        Pooling::MeanSkipFirst => match hidden.dim(0)? {
-            n if n > 1 => hidden.narrow(0, 1, n - 1)?.mean(0)?,
-            _ => hidden.mean(0)?,
-        },
-        Pooling::LastToken => hidden.get(hidden.dim(0)? - 1)?,
-    };
-    Ok(v.to_vec1::<f32>()?)
 }
 
 /// The default embedder: the pooled residual stream of one middle layer of a base-only

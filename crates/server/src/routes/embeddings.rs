@@ -1,9 +1,10 @@
-//! `POST /v1/embeddings` (OpenAI's shape): one vector per input, the L2-normalised mean of
-//! the base model's last decoder layer over the input's tokens, the first skipped (the
-//! router's `Pooling::MeanSkipFirst`: the first token's attention-sink state would dominate
-//! every mean alike). The pass runs on a blocking thread over a base-only view of the model
-//! that shares the batch loop's weights, never on the loop. Adapters are refused: that view
-//! runs no LoRA, and an adapter's vectors from the base would be wrong, not approximate.
+//! `POST /v1/embeddings` (OpenAI's shape; `model` may be an adapter): one vector per input,
+//! the L2-normalised mean of the last decoder layer's states (before the final norm) over
+//! the input's tokens, the first skipped (the router's `Pooling::MeanSkipFirst`: the first
+//! token's attention-sink state would dominate every mean alike). Each input is a
+//! prefill-only request of the batch loop, like vLLM's pooling requests: it is admitted,
+//! fair-shared and batched with generation, runs with its adapter through the same mixed
+//! batch (LoRA rows and all), and finishes with its pooled vector instead of a token.
 
 use std::sync::Arc;
 
@@ -12,13 +13,17 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use base64::Engine as _;
-use loramux_engine::routing::Embedder;
+use loramux_engine::pooling::Pooling;
 use loramux_engine::Prompt;
 use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
 
+use super::generate::{accepted, admit, resolve_target, submit_all};
 use super::{json_response, AppState};
 use crate::error::ApiError;
 use crate::openai::Fields;
+use crate::scheduler::Event;
+use crate::tenants::Cost;
 
 /// Most inputs one request may embed (OpenAI's limit is 2048).
 const MAX_INPUTS: usize = 2048;
@@ -37,18 +42,14 @@ pub(super) async fn embeddings(State(st): State<Arc<AppState>>, headers: HeaderM
 }
 
 async fn embed(st: &Arc<AppState>, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
-    st.auth.check(headers)?;
+    let caller = st.auth.check(headers)?;
     let bytes = st.read_body(headers, body).await?;
     let mut f = Fields::parse(&bytes)?;
-    let model = f.string("model")?.unwrap_or_else(|| st.base_name.clone());
-    if model != st.base_name {
+    let requested = f.string("model")?;
+    if st.is_router_alias(requested.as_deref()) {
         return Err(ApiError::invalid_param(
             "model",
-            format!(
-                "embeddings are served for the base model '{}' only: the embedding pass runs on a base-only view of the \
-                 weights that applies no adapter, so '{model}' cannot be embedded",
-                st.base_name
-            ),
+            "embeddings need a named model: 'auto' routes a generation request by its prompt; name the base model or an adapter",
         ));
     }
     let inputs = inputs(f.take("input").ok_or_else(|| ApiError::invalid_param("input", "'input' is required"))?)?;
@@ -60,24 +61,45 @@ async fn embed(st: &Arc<AppState>, headers: &HeaderMap, body: Body) -> Result<Re
     f.unsupported_unless("dimensions", |_| false, "vectors have the model's hidden size")?;
     f.ignore(&["user"]);
     f.finish()?;
+    let target = resolve_target(st, requested.as_deref(), &caller);
     let ids = tokenized(st, inputs)?;
-    let embedder = st.sched.embedder.clone();
     let prompt_tokens: usize = ids.iter().map(Vec::len).sum();
-    let vectors = tokio::task::spawn_blocking(move || ids.iter().map(|i| embedder.embed(i)).collect::<Result<Vec<_>, _>>())
-        .await
-        .map_err(|e| ApiError::internal(format!("the embedding pass failed: {e}")))?
-        .map_err(|e| ApiError::from_engine(&e))?;
-    let data: Vec<Value> = vectors
+    let input = &st.sched.input;
+    let requests = ids
         .into_iter()
         .enumerate()
-        .map(|(index, v)| json!({"object": "embedding", "index": index, "embedding": encode(normalized(v), encoding)}))
-        .collect();
+        .map(|(i, ids)| {
+            input.process_embedding(target.lora.clone(), ids, Pooling::MeanSkipFirst).map_err(|e| ApiError::from_input(&e, &format!("input[{i}]")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let admission = admit(st, &caller, &target, Cost { prompt: prompt_tokens as u64, completion: 0 }).await?;
+    let mut receivers = submit_all(st, &caller, &target, &admission, requests)?;
+    accepted(&mut receivers, 1).await?;
+    let mut data = Vec::with_capacity(receivers.len());
+    for (index, rx) in receivers.iter_mut().enumerate() {
+        let vector = pooled(rx).await?;
+        data.push(json!({"object": "embedding", "index": index, "embedding": encode(normalized(vector), encoding)}));
+    }
+    drop(admission);
     Ok(json_response(&json!({
         "object": "list",
         "data": data,
-        "model": model,
+        "model": target.model,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     })))
+}
+
+/// An embedding request's vector, once the batch loop finished its prefill.
+async fn pooled(rx: &mut UnboundedReceiver<Event>) -> Result<Vec<f32>, ApiError> {
+    loop {
+        match rx.recv().await {
+            Some(Event::Done { embedding: Some(v), .. }) => return Ok(v),
+            Some(Event::Done { embedding: None, .. }) => return Err(ApiError::internal("an embedding request finished without its vector")),
+            Some(Event::Accepted { .. } | Event::Delta { .. }) => {}
+            Some(Event::Error(e)) => return Err(e),
+            None => return Err(ApiError::unavailable("the request was cancelled")),
+        }
+    }
 }
 
 /// `input`: a string, a list of strings, a list of token ids, or a list of such lists.
@@ -108,26 +130,16 @@ fn inputs(v: Value) -> Result<Vec<Prompt>, ApiError> {
     Ok(out)
 }
 
-/// Each input's ids: not empty, inside the vocabulary, shorter than the context.
+/// Each input's ids (the engine checks them against the vocabulary and the context).
 fn tokenized(st: &AppState, inputs: Vec<Prompt>) -> Result<Vec<Vec<u32>>, ApiError> {
     let input = &st.sched.input;
-    let vocab = input.tokenizer().vocab_size();
-    let max = input.max_model_len();
     let mut out = Vec::with_capacity(inputs.len());
     for (i, p) in inputs.iter().enumerate() {
         let param = format!("input[{i}]");
-        let ids = input.tokenize(p).map_err(|e| ApiError::from_input(&e, &param))?;
-        if ids.is_empty() || matches!(p, Prompt::Text(t) if t.is_empty()) {
+        if matches!(p, Prompt::Text(t) if t.is_empty()) {
             return Err(ApiError::invalid_param(&param, "the input is empty"));
         }
-        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ApiError::invalid_param(&param, format!("token id {bad} is outside the vocabulary (size {vocab})")));
-        }
-        if ids.len() > max {
-            return Err(ApiError::invalid_param(&param, format!("the input has {} tokens; this model's context is {max}", ids.len()))
-                .with_code("context_length_exceeded"));
-        }
-        out.push(ids);
+        out.push(input.tokenize(p).map_err(|e| ApiError::from_input(&e, &param))?);
     }
     Ok(out)
 }

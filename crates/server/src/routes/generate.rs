@@ -35,13 +35,13 @@ pub(super) async fn completions(State(st): State<Arc<AppState>>, headers: Header
 
 /// Which adapter a request runs with: the one `model` names, else the caller's default,
 /// else the base model. Whether the adapter exists is the batch loop's answer.
-struct Target {
-    lora: Option<LoraRequest>,
+pub(super) struct Target {
+    pub lora: Option<LoraRequest>,
     /// Name echoed in responses and used as the metrics label.
-    model: String,
+    pub model: String,
 }
 
-fn resolve_target(st: &AppState, requested: Option<&str>, caller: &Caller) -> Target {
+pub(super) fn resolve_target(st: &AppState, requested: Option<&str>, caller: &Caller) -> Target {
     let named = requested.filter(|m| *m != st.base_name);
     match named.map(str::to_string).or_else(|| caller.default_adapter.clone()) {
         Some(a) => Target { lora: Some(LoraRequest::new(a.clone())), model: a },
@@ -92,28 +92,8 @@ pub(super) async fn start(st: &Arc<AppState>, caller: &Caller, bytes: &[u8], api
         (resolve_target(st, req.model.as_deref(), caller), None)
     };
     let requests = processed(st, &req, &target, api)?;
-    let admission = st.auth.tenants().admit(caller, cost(&requests, req.best_of), &st.metrics)?;
-    // After the same checks and admission as a name nobody knows, and answered the same.
-    if target.lora.is_some() && !caller.may_use(&target.model) {
-        st.metrics.tenant_refusals.with_label_values(&[caller.label(), "adapter_not_allowed"]).inc();
-        return Err(ApiError::model_not_found(&target.model));
-    }
-    // An adapter nobody knows yet may be under a `--lora-dir` URI: fetched and loaded now
-    // (one fetch however many requests wait for it), off the batch loop.
-    if let Some(lora) = &target.lora {
-        st.sources.resolve_unknown(&st.sched, &lora.lora_name).await?;
-    }
-    let deadline = st.request_timeout.map(|t| Instant::now() + t);
-    let mut receivers = Vec::with_capacity(requests.len());
-    let share = caller.tenant.as_ref().map(|t| FairShare { client: Arc::from(t.name.as_str()), weight: t.weight });
-    for request in requests {
-        let request = match &share {
-            Some(s) => request.with_share(s.clone()),
-            None => request,
-        };
-        let job = Job { request, label: target.model.clone(), tenant: admission.tenant.clone(), deadline };
-        receivers.push(st.sched.submit(job, &st.metrics)?);
-    }
+    let admission = admit(st, caller, &target, cost(&requests, req.best_of)).await?;
+    let mut receivers = submit_all(st, caller, &target, &admission, requests)?;
     let prompt_tokens = accepted(&mut receivers, req.best_of).await?;
     let meta = Meta {
         api,
@@ -123,6 +103,45 @@ pub(super) async fn start(st: &Arc<AppState>, caller: &Caller, bytes: &[u8], api
         prompt_tokens,
     };
     Ok(Started { req, meta, receivers, admission, route_header })
+}
+
+/// Admits `caller`'s request for `target` (its tenant's limits), then checks that the tenant
+/// may use the adapter (after the same checks and admission as a name nobody knows, and
+/// answered the same), and finds an adapter nobody knows yet under a `--lora-dir` URI
+/// (fetched and loaded now, one fetch however many requests wait for it, off the batch loop).
+pub(super) async fn admit(st: &AppState, caller: &Caller, target: &Target, cost: Cost) -> Result<Admission, ApiError> {
+    let admission = st.auth.tenants().admit(caller, cost, &st.metrics)?;
+    if target.lora.is_some() && !caller.may_use(&target.model) {
+        st.metrics.tenant_refusals.with_label_values(&[caller.label(), "adapter_not_allowed"]).inc();
+        return Err(ApiError::model_not_found(&target.model));
+    }
+    if let Some(lora) = &target.lora {
+        st.sources.resolve_unknown(&st.sched, &lora.lora_name).await?;
+    }
+    Ok(admission)
+}
+
+/// Submits each request to the batch loop as `caller`'s (its tenant's fair share), with the
+/// server's request deadline; returns each one's event stream.
+pub(super) fn submit_all(
+    st: &AppState,
+    caller: &Caller,
+    target: &Target,
+    admission: &Admission,
+    requests: Vec<ProcessedRequest>,
+) -> Result<Vec<UnboundedReceiver<Event>>, ApiError> {
+    let deadline = st.request_timeout.map(|t| Instant::now() + t);
+    let share = caller.tenant.as_ref().map(|t| FairShare { client: Arc::from(t.name.as_str()), weight: t.weight });
+    let mut receivers = Vec::with_capacity(requests.len());
+    for request in requests {
+        let request = match &share {
+            Some(s) => request.with_share(s.clone()),
+            None => request,
+        };
+        let job = Job { request, label: target.model.clone(), tenant: admission.tenant.clone(), deadline };
+        receivers.push(st.sched.submit(job, &st.metrics)?);
+    }
+    Ok(receivers)
 }
 
 /// A streamed answer that holds the tenant's admission until its last byte is sent or the
@@ -204,7 +223,7 @@ fn forced_call_error(e: ApiError, req: &GenRequest) -> ApiError {
 
 /// Waits until the batch loop accepted every choice (so errors still get a status) and
 /// returns the prompt tokens, counted once per prompt whatever `n`.
-async fn accepted(receivers: &mut [UnboundedReceiver<Event>], n: usize) -> Result<usize, ApiError> {
+pub(super) async fn accepted(receivers: &mut [UnboundedReceiver<Event>], n: usize) -> Result<usize, ApiError> {
     let mut prompt_tokens = 0;
     for (i, rx) in receivers.iter_mut().enumerate() {
         match rx.recv().await {

@@ -186,7 +186,7 @@ impl Emitter {
                         let _ = s.events.send(Event::Delta { text, tokens: new_tokens, logprobs });
                     }
                 }
-                RequestEvent::Finished { completion } => {
+                RequestEvent::Finished { mut completion } => {
                     let Some(s) = self.streams.remove(&out.id) else { continue };
                     let finish = completion.finish_reason;
                     let e2e = now.duration_since(s.arrival).as_secs_f64();
@@ -200,6 +200,7 @@ impl Emitter {
                         prompt_tokens: completion.prompt_tokens,
                         completion_tokens: completion.token_ids.len(),
                         prompt_logprobs: self.prompt_logprobs(&completion),
+                        embedding: completion.embedding.take(),
                     });
                 }
                 RequestEvent::Failed(e) => self.reject(out.id, ApiError::from_engine(&e)),

@@ -36,8 +36,14 @@ pub enum Event {
     Accepted { prompt_tokens: usize },
     /// New output: text that can no longer change, and the tokens generated since the last delta.
     Delta { text: String, tokens: usize, logprobs: Vec<TokenLogprob> },
-    /// The request finished.
-    Done { finish: FinishReason, prompt_tokens: usize, completion_tokens: usize, prompt_logprobs: Option<Box<PromptLogprobs>> },
+    /// The request finished; an embedding request with its pooled vector (not normalised).
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        prompt_logprobs: Option<Box<PromptLogprobs>>,
+        embedding: Option<Vec<f32>>,
+    },
     /// The request failed (before or during generation).
     Error(ApiError),
 }
@@ -140,8 +146,6 @@ pub struct SchedulerHandle {
     pub reader: AdapterReader,
     /// The semantic router (`model: "auto"`), run on the handler's side, off the loop.
     pub router: Arc<loramux_engine::routing::Router>,
-    /// `/v1/embeddings`' pass (the base model's last layer), run on the handler's side.
-    pub embedder: Arc<loramux_engine::routing::BaseEmbedder>,
 }
 
 fn loop_stopped() -> ApiError {

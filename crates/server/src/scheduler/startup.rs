@@ -42,11 +42,10 @@ pub(crate) async fn spawn(
                 let gate = scheduler.admission_gate().clone();
                 let input = engine.input().clone();
                 let reader = engine.loras().reader().clone();
-                let embedder = embeddings_embedder(&engine);
                 let mut batch_loop = BatchLoop::new(engine, scheduler, rx, thread_shared, metrics, &settings);
                 // The adapter views are current before the first request or scrape can come.
                 batch_loop.publish_adapters();
-                let _ = ready_tx.send(Ok((info, gate, input, reader, router, embedder)));
+                let _ = ready_tx.send(Ok((info, gate, input, reader, router)));
                 batch_loop.run();
             }
             Err(e) => {
@@ -55,8 +54,8 @@ pub(crate) async fn spawn(
         })
         .map_err(|e| ServerError::io("spawning the batch thread", e))?;
     match ready_rx.await {
-        Ok(Ok((info, gate, input, reader, router, embedder))) => {
-            Ok((SchedulerHandle { tx, gate, shared, info: Arc::new(info), input, reader, router, embedder }, join))
+        Ok(Ok((info, gate, input, reader, router))) => {
+            Ok((SchedulerHandle { tx, gate, shared, info: Arc::new(info), input, reader, router }, join))
         }
         Ok(Err(e)) => {
             let _ = join.join();
@@ -123,14 +122,6 @@ fn load(
     };
     let router = make_router(&engine, &info.location, settings)?;
     Ok((engine, scheduler, info, router))
-}
-
-/// What `/v1/embeddings` runs: the base model's last decoder layer, mean-pooled without the
-/// first token, on a base-only view that shares the engine's weights (no copy).
-fn embeddings_embedder(engine: &Engine) -> Arc<BaseEmbedder> {
-    let layers = engine.model().config().num_hidden_layers;
-    let view = Arc::new(engine.model().base_view());
-    Arc::new(BaseEmbedder::with_layer(view, engine.input().clone(), "embeddings", layers, Pooling::MeanSkipFirst))
 }
 
 /// The semantic router: by default a base-only view of the model that shares the engine's

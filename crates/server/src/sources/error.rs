@@ -28,6 +28,10 @@ pub enum SourceError {
     /// The store could not be reached, failed, or the transfer broke off.
     #[error("{uri}: {store} failed: {message}")]
     Unavailable { uri: String, store: &'static str, message: String },
+    /// The server's own S3 settings are broken (an `AWS_PROFILE` in neither AWS file, a file
+    /// that does not parse): the operator's to fix, not the client's.
+    #[error("{uri}: the server's S3 settings: {message}")]
+    Settings { uri: String, message: String },
     /// The local cache could not be written or read.
     #[error("adapter cache {path}: {message}")]
     Cache { path: String, message: String },
@@ -36,7 +40,7 @@ pub enum SourceError {
 impl SourceError {
     /// The OpenAI-style answer: 404 for a missing adapter, 403 for refused credentials, 413
     /// past the size cap, 400 for a pin mismatch or a broken adapter, 504 for a timeout,
-    /// 502 when the store failed, 500 for the local cache. `param` is the request field
+    /// 502 when the store failed, 500 for the local cache or the server's own settings. `param` is the request field
     /// that named the source.
     pub fn api_error(&self, param: &str) -> ApiError {
         let message = self.to_string();
@@ -48,7 +52,7 @@ impl SourceError {
             Self::Invalid { .. } => ApiError::invalid_param(param, message),
             Self::Timeout { .. } => ApiError::timeout(message).with_param(param).with_code("source_timeout"),
             Self::Unavailable { .. } => ApiError::bad_gateway(message).with_param(param),
-            Self::Cache { .. } => ApiError::internal(message),
+            Self::Cache { .. } | Self::Settings { .. } => ApiError::internal(message),
         }
     }
 }

@@ -17,6 +17,7 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::{ObjectStore, RetryConfig};
 use sha2::{Digest, Sha256};
 
+use super::aws_profile::AwsProfile;
 use super::uri::{AdapterUri, Location, Shape};
 use super::SourceError;
 use crate::durable::hex;
@@ -69,16 +70,20 @@ impl Fetcher {
     /// The S3 client of a bucket: `AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
     /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_ALLOW_HTTP` and the rest of
     /// object_store's `AWS_*` keys (its client options too: `AWS_ALLOW_HTTP` is one, so they
-    /// are not replaced here); few retries, so a dead store fails fast.
+    /// are not replaced here), then what they leave unset from the AWS profile files
+    /// ([`AwsProfile`]); few retries, so a dead store fails fast.
     fn s3(&self, uri: &str, bucket: &str) -> Result<Arc<AmazonS3>, SourceError> {
         let mut clients = self.s3.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get(bucket) {
             return Ok(c.clone());
         }
         let retry = RetryConfig { max_retries: 2, retry_timeout: Duration::from_secs(15), ..RetryConfig::default() };
-        let client = AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .with_retry(retry)
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry);
+        let profile = AwsProfile::load().map_err(|message| SourceError::Settings { uri: uri.into(), message })?;
+        if let Some(profile) = profile {
+            builder = with_profile(builder, profile);
+        }
+        let client = builder
             .build()
             .map_err(|e| SourceError::Invalid { uri: uri.into(), message: format!("S3 client: {e}") })?;
         let client = Arc::new(client);
@@ -212,6 +217,36 @@ impl Fetcher {
 }
 
 /// An object_store error as a [`SourceError`]: 404, 403/401, or the store failing.
+/// `builder` (from the environment) with what the environment leaves unset taken from
+/// `profile`, the precedence of the AWS SDKs. An `http://` endpoint from the profile is allowed
+/// (with a warning), as the SDKs allow it.
+fn with_profile(mut builder: AmazonS3Builder, profile: AwsProfile) -> AmazonS3Builder {
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty());
+    if !set("AWS_ACCESS_KEY_ID") {
+        if let (Some(id), Some(secret)) = (profile.access_key_id, profile.secret_access_key) {
+            builder = builder.with_access_key_id(id).with_secret_access_key(secret);
+            if let Some(token) = profile.session_token {
+                builder = builder.with_token(token);
+            }
+        }
+    }
+    if !set("AWS_REGION") && !set("AWS_DEFAULT_REGION") {
+        if let Some(region) = profile.region {
+            builder = builder.with_region(region);
+        }
+    }
+    if !set("AWS_ENDPOINT_URL") && !set("AWS_ENDPOINT") {
+        if let Some(endpoint) = profile.endpoint_url {
+            if endpoint.starts_with("http://") && !set("AWS_ALLOW_HTTP") {
+                tracing::warn!(endpoint = %endpoint, "the AWS profile's S3 endpoint is plain http://: use https:// outside loopback and tests");
+                builder = builder.with_allow_http(true);
+            }
+            builder = builder.with_endpoint(endpoint);
+        }
+    }
+    builder
+}
+
 fn s3_error(uri: &str, e: object_store::Error) -> SourceError {
     match e {
         object_store::Error::NotFound { .. } => SourceError::NotFound { uri: uri.into(), store: "S3" },

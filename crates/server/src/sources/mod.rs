@@ -5,6 +5,7 @@
 //!   `#sha256=` pin, parsed where it is given;
 //! - `fetch.rs`: the clients (object_store for S3, reqwest for the hub and URLs), streaming
 //!   to disk under the size cap;
+//! - `aws_profile.rs`: the AWS shared credentials and config files, for S3 without `AWS_*` keys;
 //! - `archive.rs`: a PEFT folder packed as `.tar.gz` / `.zip`, unpacked safely;
 //! - `cache.rs`: [`LoraCache`], the content-addressed disk cache, atomic and verified;
 //! - `sync.rs`: `--lora-sync`, the GIE lora syncer's ConfigMap file reconciled in-process;
@@ -13,6 +14,7 @@
 //!   served (read off the batch loop, inserted through the actor); and [`Readiness`].
 
 mod archive;
+mod aws_profile;
 mod cache;
 mod error;
 mod fetch;
@@ -28,6 +30,7 @@ use std::time::{Duration, Instant};
 use loramux_engine::routing::read_routing_file;
 use tokio::sync::OnceCell;
 
+pub use aws_profile::AwsProfile;
 pub use cache::LoraCache;
 pub use error::SourceError;
 pub use sync::spawn_sync;
