@@ -88,11 +88,6 @@ impl ProcessedRequest {
         self.params.max_tokens.expect("resolved by the input processor")
     }
 
-    /// How an embedding request pools its states (`None` for generation).
-    pub fn pooling(&self) -> Option<Pooling> {
-        self.pooling
-    }
-
     pub(crate) fn into_parts(self) -> (Option<LoraRequest>, Vec<u32>, SamplingParams, Option<Pooling>) {
         (self.lora, self.prompt_ids, self.params, self.pooling)
     }

@@ -28,18 +28,16 @@ impl Pooling {
     }
 }
 
-/// Pools `[tokens, hidden]` into one vector.
+/// Pools `[tokens, hidden]` into one vector (the same sum a [`PoolState`] keeps, at once).
 pub fn pool(hidden: &Tensor, pooling: Pooling) -> Result<Vec<f32>> {
-    let hidden = hidden.to_dtype(DType::F32)?;
-    let v = match pooling {
-        Pooling::Mean => hidden.mean(0)?,
-        Pooling::MeanSkipFirst => match hidden.dim(0)? {
-            n if n > 1 => hidden.narrow(0, 1, n - 1)?.mean(0)?,
-            _ => hidden.mean(0)?,
-        },
-        Pooling::LastToken => hidden.get(hidden.dim(0)? - 1)?,
-    };
-    Ok(v.to_vec1::<f32>()?)
+    let rows = hidden.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let mut state = PoolState::new(pooling, rows.len(), rows.first().map_or(0, Vec::len));
+    for (pos, row) in rows.iter().enumerate() {
+        if state.wants(pos) {
+            state.add(pos, row);
+        }
+    }
+    Ok(state.into_vector())
 }
 
 /// The vector a prefill-only sequence (an embedding request) is building: the running sum
@@ -87,7 +85,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunked_sums_equal_the_pooled_tensor_and_count_each_position_once() {
+    fn chunked_and_whole_pooling_equal_the_mean_and_count_each_position_once() {
         let (len, hidden) = (7usize, 5usize);
         let data: Vec<f32> = (0..len * hidden).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
         let t = Tensor::from_vec(data.clone(), (len, hidden), &candle_core::Device::Cpu).unwrap();
@@ -102,9 +100,16 @@ mod tests {
                 }
             }
             let got = state.into_vector();
-            let want = pool(&t, pooling).unwrap();
-            for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() < 1e-5, "{pooling:?}: {got:?} vs {want:?}");
+            let rows: Vec<u32> = match pooling {
+                Pooling::Mean => (0..len as u32).collect(),
+                Pooling::MeanSkipFirst => (1..len as u32).collect(),
+                Pooling::LastToken => vec![len as u32 - 1],
+            };
+            let want = t.index_select(&Tensor::new(rows.as_slice(), t.device()).unwrap(), 0).unwrap().mean(0).unwrap().to_vec1::<f32>().unwrap();
+            let whole = pool(&t, pooling).unwrap();
+            assert_eq!(whole.len(), hidden);
+            for ((g, w), p) in got.iter().zip(&want).zip(whole) {
+                assert!((g - w).abs() < 1e-5 && (p - w).abs() < 1e-5, "{pooling:?}: {got:?} vs {want:?}");
             }
         }
         // A one-token prompt pools its only state, skip-first or not.
