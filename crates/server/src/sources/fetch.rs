@@ -216,7 +216,6 @@ impl Fetcher {
     }
 }
 
-/// An object_store error as a [`SourceError`]: 404, 403/401, or the store failing.
 /// `builder` (from the environment) with what the environment leaves unset taken from
 /// `profile`, the precedence of the AWS SDKs. An `http://` endpoint from the profile is allowed
 /// (with a warning), as the SDKs allow it.
@@ -247,6 +246,7 @@ fn with_profile(mut builder: AmazonS3Builder, profile: AwsProfile) -> AmazonS3Bu
     builder
 }
 
+/// An object_store error as a [`SourceError`]: 404, 403/401, or the store failing.
 fn s3_error(uri: &str, e: object_store::Error) -> SourceError {
     match e {
         object_store::Error::NotFound { .. } => SourceError::NotFound { uri: uri.into(), store: "S3" },
