@@ -5,6 +5,11 @@
 //! and every projection an adapter may target is a [`LoraLinear`] that applies each row's
 //! adapter itself. Structure and tensor names follow Hugging Face's `modeling_llama.py`;
 //! the kernels are the [`Backend`]'s.
+//!
+//! The file is a little longer than our ~500-line guide on purpose: the layers, the batched
+//! forward pass, the base-only pass (routing) and merging all work on [`Transformer`]'s
+//! private weights, and like candle-transformers' `llama.rs` the model reads top to bottom
+//! in one place.
 
 use std::sync::Arc;
 
