@@ -41,7 +41,8 @@ impl Server {
     /// Starts with `args` and `env`, its own `--lora-cache-dir` `cache`; waits for `/health`.
     fn start(args: &[String], env: &[(&str, String)], cache: &Path, log: &Path) -> Self {
         let port = free_port();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let log_path = log;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_loramux"));
         cmd.args(["serve", "--model", tiny().to_str().unwrap(), "--served-model-name", "tiny"])
             .args(args)
@@ -73,7 +74,7 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        Self::spawn_healthy(cmd, port)
+        Self::spawn_healthy(cmd, port, log_path)
     }
 
     fn get(&self, path: &str) -> (u16, String) {

@@ -24,7 +24,8 @@ impl Server {
         let tenants = dir.join("tenants.toml");
         std::fs::write(&tenants, "[[tenants]]\nname = \"t\"\napi_keys = [\"k\"]\nadapters = [\"a\"]\n").unwrap();
         let port = free_port();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("serve.log")).unwrap();
+        let log_path = dir.join("serve.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_loramux"));
         cmd.args(["serve", "--model", tiny.to_str().unwrap(), "--served-model-name", "tiny"])
             .arg("--lora-modules")
@@ -38,7 +39,7 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        Self::spawn_healthy(cmd, port)
+        Self::spawn_healthy(cmd, port, &log_path)
     }
 }
 

@@ -5,19 +5,16 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 mod common;
 
-use common::{free_port, repo};
+use common::{free_port, repo, ServeProcess};
 
 /// A `loramux serve` on the tiny fixture model with adapter `a` and an API key, killed on drop.
 struct Server {
-    child: Child,
-    port: u16,
-    log: PathBuf,
+    process: ServeProcess,
     _dir: tempfile::TempDir,
 }
 
@@ -30,8 +27,8 @@ impl Server {
         let port = free_port();
         let tiny = repo().join("fixtures/tiny/llama");
         let adapter = format!("a={}", tiny.join("adapters/a").display());
-        let child = Command::new(env!("CARGO_BIN_EXE_loramux"))
-            .args(["serve", "--model", tiny.to_str().unwrap(), "--served-model-name", "tiny", "--lora-modules", &adapter])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_loramux"));
+        cmd.args(["serve", "--model", tiny.to_str().unwrap(), "--served-model-name", "tiny", "--lora-modules", &adapter])
             .args(["--api-key", "web-key", "--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--adapter-store", dir.path().join("store").to_str().unwrap()])
             .args(extra)
@@ -39,26 +36,13 @@ impl Server {
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("loramux runs");
-        let mut server = Server { child, port, log, _dir: dir };
-        let t = Instant::now();
-        loop {
-            if let Some(status) = server.child.try_wait().unwrap() {
-                panic!("the server exited during startup ({status}):\n{}", std::fs::read_to_string(&server.log).unwrap_or_default());
-            }
-            if matches!(server.get("/health", ""), Ok(r) if r.status == 200) {
-                return server;
-            }
-            assert!(t.elapsed() < Duration::from_secs(60), "no /health within 60 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            .stderr(err);
+        Server { process: ServeProcess::spawn_healthy(cmd, port, &log), _dir: dir }
     }
 
     /// `GET path` with extra header lines: status, headers (lower-cased names) and body.
     fn get(&self, path: &str, headers: &str) -> std::io::Result<Reply> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        let mut s = TcpStream::connect(("127.0.0.1", self.process.port))?;
         s.set_read_timeout(Some(Duration::from_secs(20)))?;
         write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{headers}\r\n")?;
         let mut out = Vec::new();
@@ -68,13 +52,6 @@ impl Server {
         let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
         let headers = head.lines().skip(1).filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
         Ok(Reply { status, headers, body: body.to_string() })
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

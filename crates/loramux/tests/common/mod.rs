@@ -41,12 +41,15 @@ pub struct ServeProcess {
 }
 
 impl ServeProcess {
-    /// Spawns `cmd` (a `loramux serve` listening on `port`) and waits up to 60 s for `/health`.
-    pub fn spawn_healthy(mut cmd: Command, port: u16) -> Self {
+    /// Spawns `cmd` (a `loramux serve` listening on `port`, writing to `log`) and waits up to
+    /// 60 s for `/health`; a server that exits first fails the test with its log.
+    pub fn spawn_healthy(mut cmd: Command, port: u16, log: &Path) -> Self {
         let mut server = Self { child: cmd.spawn().expect("loramux runs"), port };
         let t = Instant::now();
         while !matches!(http(port, "GET", "/health", "", &[], Duration::from_secs(60)), Ok((200, _))) {
-            assert!(server.child.try_wait().unwrap().is_none(), "the server exited during startup");
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("the server exited during startup ({status}):\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            }
             assert!(t.elapsed() < Duration::from_secs(60), "no /health within 60 s");
             std::thread::sleep(Duration::from_millis(20));
         }
