@@ -1,7 +1,8 @@
 //! `loramux bench fairness`: two tenants sharing one server past saturation (issue #21).
 //! A server is started with a tenants file of two tenants (`heavy`, `light`, with the given
-//! weights) once per scheduling policy (`fcfs`, `fair`). First `light` alone, at its rate,
-//! gives its TTFT with the server to itself; then both at once, each an open-loop Poisson
+//! weights) once per scheduling policy (`fcfs`, `fair`). First `light` alone, at its rate
+//! for `--duration` seconds, gives its TTFT with the server to itself; then both at once,
+//! each an open-loop Poisson
 //! stream of the same request mix (`heavy` offering many times `light`'s rate). Per tenant:
 //! requests served, generated tokens/s, TTFT p50/p99, and the weighted service each
 //! received (prompt tokens + 2 x generated tokens, over its weight: what VTC equalises),
@@ -77,7 +78,8 @@ pub struct TenantRun {
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 pub struct PolicyRun {
     pub policy: String,
-    /// The light tenant alone, before.
+    /// The light tenant alone, before, for as long as the shared run (its p99 rests on as
+    /// many requests as the shared run's).
     pub light_alone_ttft: Option<Summary>,
     pub heavy: TenantRun,
     pub light: TenantRun,
@@ -190,7 +192,7 @@ async fn run_policy(ctx: &BenchContext, s: &FairnessSettings, policy: &str, tena
     let (heavy, light) = (ep("heavy"), ep("light"));
     let model = light.base_model().await?;
     let mut rng = StdRng::seed_from_u64(s.seed);
-    let alone_offsets = arrivals(&mut rng, s.light_rate, s.duration.min(15.0));
+    let alone_offsets = arrivals(&mut rng, s.light_rate, s.duration);
     let alone = stream(light.clone(), model.clone(), alone_offsets, s.prompt_words, s.output_tokens, Instant::now()).await;
     let light_alone_ttft = stats::summarize(&alone.iter().filter(|x| x.ok).filter_map(|x| x.ttft_ms).collect::<Vec<_>>());
     let (h_off, l_off) = (arrivals(&mut rng, s.heavy_rate, s.duration), arrivals(&mut rng, s.light_rate, s.duration));

@@ -2,16 +2,19 @@
 //! sequences come back first, oldest first; then waiting requests in fair-share order
 //! (the client with the least weighted service first, [`super::fair`]; first come, first
 //! served without clients) while there are sequence slots (under a TPOT target's soft limit,
-//! past it only for a client short of its weighted share of rows) and KV blocks, each only once its adapter is resident
-//! (the adapter manager reads it off the loop meanwhile, and later requests on resident
-//! adapters go ahead). A request blocked on adapter capacity longer than `adapter_wait`
-//! stops later adapter requests from pinning more slots, so it cannot starve.
+//! past it only for a client below its weighted share of rows and not a request ahead in
+//! service) and KV blocks, each only once its adapter is resident (the adapter
+//! manager reads it off the loop meanwhile, and later requests on resident adapters go
+//! ahead). A request blocked on adapter capacity longer than `adapter_wait` stops later
+//! adapter requests from pinning more slots, so it cannot starve.
 
 use std::time::Instant;
 
 use super::budget::blocks;
 use super::{failed, RequestEvent, RequestId, RequestOutput, Running, Scheduler, SchedulingPolicy};
 use crate::engine::Engine;
+use super::fair::{W_OUTPUT, W_PROMPT};
+use crate::input::FairShare;
 use crate::lora::Readiness;
 
 impl Scheduler {
@@ -40,7 +43,7 @@ impl Scheduler {
         let limit = self.batch_limit();
         while self.running.len() < self.cfg.max_num_seqs {
             let past_limit = self.running.len() >= limit;
-            let candidate = if past_limit { self.next_candidate_under_share(&passed, limit) } else { self.next_candidate(&passed) };
+            let candidate = if past_limit { self.next_candidate_past_limit(&passed, limit) } else { self.next_candidate(&passed) };
             let Some(i) = candidate else { break };
             let adapter = self.waiting[i].request.lora().map(|l| l.lora_name.clone());
             if let (Some(a), Some(p)) = (&adapter, &self.panic_on_admit) {
@@ -97,53 +100,74 @@ impl Scheduler {
         }
     }
 
-    /// Whether `share`'s client holds fewer running rows than its weighted share of `limit`
-    /// among the clients running now: under fair share, such a client may go past a TPOT
-    /// target's soft limit (never past `max_num_seqs`), so a light tenant's request starts
-    /// at once instead of waiting for a heavy tenant's row to end. Linear scans of the
-    /// running batch, no allocation.
-    fn under_row_share(&self, share: Option<&crate::input::FairShare>, limit: usize) -> bool {
-        let Some(me) = share else { return false };
+    /// Each client's rows in the running batch and its weighted share of `limit` rows among
+    /// the clients running now (and `newcomer`'s, holding none yet if it runs nothing).
+    /// Empty unless the policy is fair share. Scans of the running batch; clients are few.
+    pub(super) fn row_standings(&self, limit: usize, newcomer: Option<&FairShare>) -> Vec<RowStanding> {
+        let mut out: Vec<RowStanding> = Vec::new();
         if self.cfg.policy != SchedulingPolicy::Fair {
-            return false;
+            return out;
         }
-        let same = |a: &crate::input::FairShare, b: &crate::input::FairShare| a.client == b.client;
-        let mut total_weight = me.weight;
-        let mut mine = 0usize;
-        for (k, r) in self.running.iter().enumerate() {
-            let Some(s) = &r.share else { continue };
-            if same(s, me) {
-                mine += 1;
-            } else if !self.running[..k].iter().any(|e| e.share.as_ref().is_some_and(|t| same(t, s))) {
-                total_weight += s.weight;
+        let mut weights: Vec<f64> = Vec::new();
+        for s in self.running.iter().filter_map(|r| r.share.as_ref()).chain(newcomer) {
+            match out.iter().position(|c| c.client == s.client) {
+                Some(k) => out[k].rows += 1,
+                None => {
+                    out.push(RowStanding { client: s.client.clone(), rows: 1, fair_rows: 0 });
+                    weights.push(s.weight);
+                }
             }
         }
-        (mine as f64) < (limit as f64 * me.weight / total_weight).floor()
+        if let Some(me) = newcomer {
+            // The newcomer was counted once above as if it already held a row.
+            if let Some(c) = out.iter_mut().find(|c| c.client == me.client) {
+                c.rows -= 1;
+            }
+        }
+        let total: f64 = weights.iter().sum();
+        for (c, w) in out.iter_mut().zip(&weights) {
+            c.fair_rows = (limit as f64 * w / total - 1e-9).ceil() as usize;
+        }
+        out
     }
 
-    /// Past a TPOT target's soft limit: the waiting request whose turn it is among clients
-    /// short of their share of rows ([`Self::under_row_share`], judged once per client run).
-    fn next_candidate_under_share(&self, passed: &[RequestId], limit: usize) -> Option<usize> {
+    /// Past a TPOT target's soft limit: the waiting request, in counter order, of a client
+    /// that holds fewer running rows than its weighted share of `limit` (rounded up) among
+    /// the clients running now, and whose counter is at most one such request's service
+    /// above the smallest counter of the other clients waiting. So a light tenant's request
+    /// starts at once instead of waiting for a heavy tenant's row to end (never past
+    /// `max_num_seqs`), while a backlogged client cannot keep more rows than its share:
+    /// once the extra row puts it a request ahead in service, the counters alone decide
+    /// again, so service still follows the weights (VTC's bound grows by one request).
+    fn next_candidate_past_limit(&self, passed: &[RequestId], limit: usize) -> Option<usize> {
         if self.cfg.policy != SchedulingPolicy::Fair {
             return None;
         }
         let mut best: Option<(f64, usize)> = None;
-        let mut last: Option<(&crate::input::FairShare, bool)> = None;
+        let mut last: Option<(&FairShare, bool)> = None;
         for (i, w) in self.waiting.iter().enumerate() {
             let Some(share) = w.request.share() else { continue };
             if passed.contains(&w.id) {
                 continue;
             }
-            let under = match last {
-                Some((s, under)) if s.client == share.client => under,
-                _ => self.under_row_share(Some(share), limit),
+            let below = match last {
+                Some((s, below)) if s.client == share.client => below,
+                _ => self.row_standings(limit, Some(share)).iter().any(|c| c.client == share.client && c.rows < c.fair_rows),
             };
-            last = Some((share, under));
-            if !under {
+            last = Some((share, below));
+            let c = self.fair.counter(Some(share));
+            if !below || best.is_some_and(|(bc, _)| c >= bc) {
                 continue;
             }
-            let c = self.fair.counter(Some(share));
-            if best.is_none_or(|(bc, _)| c < bc) {
+            let request_service = (W_PROMPT * w.request.prompt_ids().len() as f64 + W_OUTPUT * w.request.max_tokens() as f64) / share.weight;
+            let others_min = self
+                .waiting
+                .iter()
+                .filter_map(|o| o.request.share())
+                .filter(|o| o.client != share.client)
+                .map(|o| self.fair.counter(Some(o)))
+                .fold(f64::INFINITY, f64::min);
+            if c <= others_min + request_service {
                 best = Some((c, i));
             }
         }
@@ -169,4 +193,14 @@ impl Scheduler {
         }
         best.map(|(_, i)| i)
     }
+}
+
+/// One client's place in the running batch's rows ([`Scheduler::row_standings`]).
+pub(super) struct RowStanding {
+    pub client: std::sync::Arc<str>,
+    /// Running sequences it holds (preempted ones keep their place).
+    pub rows: usize,
+    /// Its weighted share of the batch limit, rounded up to whole rows: of two equal
+    /// clients on 7 rows, either may hold 4 (the batch then goes one past the limit).
+    pub fair_rows: usize,
 }

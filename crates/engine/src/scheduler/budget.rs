@@ -1,5 +1,6 @@
 //! The two budgets of a step: tokens per forward pass (decode rows first, then prefill
-//! chunks in arrival order, vLLM's chunked prefill) and KV-cache blocks (the newest
+//! chunks in arrival order, vLLM's chunked prefill; under fair share a client within its
+//! share of rows first) and KV-cache blocks (the newest
 //! sequence is preempted, its cache dropped and recomputed later, while the planned pass
 //! would not fit). The plan computed here is the one the pass runs.
 
@@ -31,6 +32,11 @@ fn is_active(r: &Running) -> bool {
 impl Scheduler {
     /// Tokens each running sequence feeds in the next pass (0: not in it): one for every
     /// decoding sequence, then prompt chunks in arrival order with what the budget leaves.
+    /// Under fair share, while some client holds more than its weighted share of the
+    /// batch's rows, the prompts of the clients within theirs go first and may use the whole
+    /// token budget, past a TPOT target's prefill room: a light tenant's first token then
+    /// waits for one step, not for a prompt spread thin over many, and the heavy tenant's
+    /// time per output token pays one longer step per light request.
     /// Without chunked prefill a prompt runs whole or waits for a later pass.
     pub(super) fn plan_chunks(&self) -> Vec<usize> {
         let mut take = vec![0usize; self.running.len()];
@@ -41,11 +47,16 @@ impl Scheduler {
                 decode_rows += 1;
             }
         }
-        let mut budget = self.prefill_budget(decode_rows);
         let mut prefills: Vec<usize> =
             (0..self.running.len()).filter(|&i| take[i] == 0 && is_active(&self.running[i]) && self.running[i].seq.pending_len() > 0).collect();
-        prefills.sort_by_key(|&i| self.running[i].seq.id);
+        let within_share = if prefills.is_empty() { Vec::new() } else { self.clients_within_share() };
+        let goes_first = |i: usize| self.running[i].share.as_ref().is_some_and(|s| within_share.contains(&s.client));
+        prefills.sort_by_key(|&i| (!goes_first(i), self.running[i].seq.id));
+        let token_budget = self.cfg.max_num_batched_tokens.saturating_sub(decode_rows);
+        let mut room = self.prefill_budget(decode_rows);
+        let mut used = 0;
         for i in prefills {
+            let budget = if goes_first(i) { token_budget - used } else { room.min(token_budget - used) };
             let seq = &self.running[i].seq;
             // Every row of a prompt-logprobs prefill keeps its logits: bound them per pass.
             let cap = if seq.params().prompt_logprobs.is_some() { PROMPT_LOGPROBS_CHUNK } else { usize::MAX };
@@ -58,9 +69,21 @@ impl Scheduler {
                 0
             };
             take[i] = n;
-            budget -= n;
+            used += n;
+            room = room.saturating_sub(n);
         }
         take
+    }
+
+    /// Clients holding no more than their weighted share of the batch's rows while another
+    /// holds more: whose prompts go first ([`Self::plan_chunks`]). Empty without fair share,
+    /// with one client, or while every client is within its share.
+    fn clients_within_share(&self) -> Vec<std::sync::Arc<str>> {
+        let standings = self.row_standings(self.batch_limit(), None);
+        if !standings.iter().any(|c| c.rows > c.fair_rows) {
+            return Vec::new();
+        }
+        standings.into_iter().filter(|c| c.rows <= c.fair_rows).map(|c| c.client).collect()
     }
 
     /// Prompt tokens a pass with `decode_rows` decoding sequences may prefill: what the

@@ -7,7 +7,8 @@
 //! requests in fair-share order ([`fair`]: first come first served without clients) within
 //! the limits ([`admission`]: sequences, KV-cache
 //! blocks, adapter readiness from the [`crate::lora::LoraManager`]), plans the pass under
-//! the token budget with decode rows first and prefill chunks after, preempting the newest
+//! the token budget with decode rows first and prefill chunks after (under fair share, the
+//! prompts of clients within their share of rows first), preempting the newest
 //! sequence while the KV budget would overflow ([`budget`]), runs it with failures isolated
 //! to the adapter group that caused them ([`batch`]), and reports each request's new text,
 //! end or error as [`RequestOutput`]s.
@@ -21,6 +22,8 @@ mod gate;
 pub mod latency;
 mod merge;
 mod offline;
+#[cfg(test)]
+mod tests;
 
 pub use config::{defaults, SchedulerConfig};
 pub use fair::SchedulingPolicy;
