@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use super::budget::blocks;
 use super::{failed, RequestEvent, RequestId, RequestOutput, Running, Scheduler, SchedulingPolicy};
-use crate::engine::Engine;
 use super::fair::{W_OUTPUT, W_PROMPT};
+use crate::engine::Engine;
 use crate::input::FairShare;
 use crate::lora::Readiness;
 
@@ -144,29 +144,32 @@ impl Scheduler {
             return None;
         }
         let mut best: Option<(f64, usize)> = None;
-        let mut last: Option<(&FairShare, bool)> = None;
+        // Judged once per run of one client's requests: below its share, and the smallest
+        // counter among the other clients waiting.
+        let mut last: Option<(&FairShare, bool, f64)> = None;
         for (i, w) in self.waiting.iter().enumerate() {
             let Some(share) = w.request.share() else { continue };
             if passed.contains(&w.id) {
                 continue;
             }
-            let below = match last {
-                Some((s, below)) if s.client == share.client => below,
-                _ => self.row_standings(limit, Some(share)).iter().any(|c| c.client == share.client && c.rows < c.fair_rows),
+            let (below, others_min) = match last {
+                Some((s, below, others_min)) if s.client == share.client => (below, others_min),
+                _ => (
+                    self.row_standings(limit, Some(share)).iter().any(|c| c.client == share.client && c.rows < c.fair_rows),
+                    self.waiting
+                        .iter()
+                        .filter_map(|o| o.request.share())
+                        .filter(|o| o.client != share.client)
+                        .map(|o| self.fair.counter(Some(o)))
+                        .fold(f64::INFINITY, f64::min),
+                ),
             };
-            last = Some((share, below));
+            last = Some((share, below, others_min));
             let c = self.fair.counter(Some(share));
             if !below || best.is_some_and(|(bc, _)| c >= bc) {
                 continue;
             }
             let request_service = (W_PROMPT * w.request.prompt_ids().len() as f64 + W_OUTPUT * w.request.max_tokens() as f64) / share.weight;
-            let others_min = self
-                .waiting
-                .iter()
-                .filter_map(|o| o.request.share())
-                .filter(|o| o.client != share.client)
-                .map(|o| self.fair.counter(Some(o)))
-                .fold(f64::INFINITY, f64::min);
             if c <= others_min + request_service {
                 best = Some((c, i));
             }
