@@ -109,7 +109,7 @@ impl Scheduler {
             return out;
         }
         let mut weights: Vec<f64> = Vec::new();
-        for s in self.running.iter().filter_map(|r| r.share.as_ref()).chain(newcomer) {
+        for s in self.running.iter().filter_map(|r| r.share.as_ref()) {
             match out.iter().position(|c| c.client == s.client) {
                 Some(k) => out[k].rows += 1,
                 None => {
@@ -118,11 +118,9 @@ impl Scheduler {
                 }
             }
         }
-        if let Some(me) = newcomer {
-            // The newcomer was counted once above as if it already held a row.
-            if let Some(c) = out.iter_mut().find(|c| c.client == me.client) {
-                c.rows -= 1;
-            }
+        if let Some(me) = newcomer.filter(|me| !out.iter().any(|c| c.client == me.client)) {
+            out.push(RowStanding { client: me.client.clone(), rows: 0, fair_rows: 0 });
+            weights.push(me.weight);
         }
         let total: f64 = weights.iter().sum();
         for (c, w) in out.iter_mut().zip(&weights) {
